@@ -205,8 +205,12 @@ def conv2d_transpose_vjp(
 
 
 def relu(x: Array) -> Array:
-    """``max(x, 0)``."""
-    return jnp.maximum(x, 0)
+    """``max(x, 0)``, whose JAX derivative at ``x == 0`` is 0 like :func:`relu_vjp`.
+
+    ``jnp.maximum(x, 0)`` would differentiate to 0.5 at exact zeros (e.g. zero
+    backgrounds with zero biases), breaking Eq. 4a's ``real chain == jax.vjp``.
+    """
+    return jax.nn.relu(x)
 
 
 def relu_vjp(g: Array, x: Array) -> Array:
