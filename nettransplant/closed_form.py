@@ -1,0 +1,89 @@
+"""Closed-form single-conv adapter: the exact minimiser of the zero-sample objective.
+
+With one conv in the adapter and the 1st (identity) dummy at its ReLU,
+
+    D'_S = α β · P^T( G_h ⊗ flip_swap(W) )
+
+is linear in the kernel ``W`` (design insight 3), so ``‖α D'_S − D'_T‖²`` is a
+linear least-squares problem. The features are the im2col patches of ``G_h``
+(``k·k·M`` per position); each input channel of the conv is one right-hand
+side. One ridge-regularised solve of the ``(k²M) × (k²M)`` normal equations
+gives the optimum; biases do not enter ``D'`` and are set to zero.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nettransplant import layers as L
+from nettransplant.objectives import ChainCache, TransplantScalars
+from nettransplant.transplant import Transplant
+
+Array = jax.Array
+
+
+def _patches(g: Array, k: int) -> Array:
+    """``(B, h, w, M)`` → ``(B·h·w, k·k·M)`` SAME patches ordered ``(a, b, channel)``."""
+    pad = k // 2
+    gp = jnp.pad(g, ((0, 0), (pad, k - 1 - pad), (pad, k - 1 - pad), (0, 0)))
+    h, w = g.shape[1:3]
+    shifted = [gp[:, a: a + h, b: b + w, :] for a in range(k) for b in range(k)]
+    return jnp.stack(shifted, axis=3).reshape(-1, k * k * g.shape[-1])
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _normal_equations(k: int, perm: tuple[int, ...] | None, g_h: Array, d_t: Array,
+                      scale: Array) -> tuple[Array, Array]:
+    features = _patches(g_h, k)
+    target = d_t if perm is None else d_t[..., np.asarray(perm)]
+    target = target.reshape(-1, d_t.shape[-1]) / scale
+    gram = jnp.einsum("np,nq->pq", features, features, precision=jax.lax.Precision.HIGHEST)
+    rhs = jnp.einsum("np,nc->pc", features, target, precision=jax.lax.Precision.HIGHEST)
+    return gram, rhs
+
+
+def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
+                              scalars: TransplantScalars, *, ridge: float = 1e-6,
+                              chunk: int = 16) -> dict[str, dict[str, Array]]:
+    """Adapter params minimising ``E ‖α D'_S − D'_T‖²`` over the draws in ``cache``.
+
+    Args:
+      ridge: added to the normal equations' diagonal, relative to their mean
+        diagonal (keeps the solve well-posed when some patch directions are
+        never excited).
+      chunk: draws per accumulation step (bounds memory).
+    Returns:
+      ``{"adapter_conv1": {"kernel": (k, k, M, M), "bias": zeros(M)}}``.
+    Raises:
+      ValueError: for an adapter with more than one conv or a non-identity dummy.
+    """
+    adapter = transplant.adapter
+    if adapter.num_convs != 1:
+        raise ValueError(
+            f"the closed form holds for single-conv adapters, this one has {adapter.num_convs}")
+    dummies = L.resolve_dummies(transplant.adapter_dummy_relu, adapter.relu_names(), "Adapter")
+    if set(dummies.values()) != {"identity"}:
+        raise ValueError("the closed form needs the identity dummy at the adapter's ReLU, got "
+                         f"{dummies}")
+    k, m = adapter.kernel_size, adapter.channels
+    perm = adapter.permutation()
+    perm = None if perm is None else tuple(int(p) for p in perm)
+    scale = scalars.alpha * scalars.beta
+    gram = jnp.zeros((k * k * m, k * k * m), jnp.float32)
+    rhs = jnp.zeros((k * k * m, m), jnp.float32)
+    for start in range(0, cache.num_draws, chunk):
+        part = cache.take(np.arange(start, min(start + chunk, cache.num_draws)))
+        g, r = _normal_equations(k, perm, part.student_task_gradient, part.teacher_gradient,
+                                 scale)
+        gram, rhs = gram + g, rhs + r
+    gram64, rhs64 = np.asarray(gram, np.float64), np.asarray(rhs, np.float64)
+    gram64 += ridge * np.mean(np.diag(gram64)) * np.eye(gram64.shape[0])
+    solution = np.linalg.solve(gram64, rhs64)  # rows (a, b, c_out), columns c_in
+    # solution[a, b, c_out, c_in] is flip_swap(W); undo flip and swap.
+    flipped = solution.reshape(k, k, m, m)
+    kernel = np.swapaxes(flipped[::-1, ::-1], 2, 3).astype(np.float32)
+    return {"adapter_conv1": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((m,), jnp.float32)}}

@@ -1,0 +1,371 @@
+"""Pseudo-gradient draws, the cached frozen chains, the scalars α, β, λ and the objectives.
+
+Eq. 2-4 of the paper::
+
+    Loss(θ_h) = L_task(y_S, y*) + λ · ‖ α·D'_S − D'_T ‖²
+
+``D'_T = chain_{g_T}(G_y')`` and ``G_h = chain_{g_S}(G_y')`` do not depend on
+θ_h or on any image (design insight 1), so they are computed once per draw of
+``(G_y', x_rand)`` into a :class:`ChainCache`; a step only runs the adapter's
+chain ``D'_S = adapter_chain(θ_h, G_h)``.
+
+Four objectives share one API (:func:`objective_terms`):
+
+* ``direct-learn`` — the task loss only;
+* ``distill`` — cross-entropy between ``y_S`` and the teacher's ``y_T``;
+* ``back-distill`` — task loss + λ‖αD'_S − D'_T‖² (distillation only for 0 samples);
+* ``jacobian`` — Srinivas & Fleuret: task loss + output matching + the
+  per-example L2-normalised input-Jacobian loss with *real* gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from nettransplant.transplant import Transplant
+
+Array = jax.Array
+Method = Literal["direct-learn", "distill", "back-distill", "jacobian"]
+METHODS: tuple[str, ...] = ("direct-learn", "distill", "back-distill", "jacobian")
+
+
+# --------------------------------------------------------------------------- G_y', x_rand
+
+
+def output_gradient_shape(transplant: Transplant, *, image_size: int,
+                          score_size: int = 7) -> tuple[int, int, int]:
+    """Shape of one ``G_y'``.
+
+    Segmentation: the output, ``(H, W, num_classes)``. Classification: an
+    enlarged ``(S, S, num_outputs)`` score map (S = 7 in the paper), which the
+    fully convolutional task module back-propagates to an enlarged ``D'``.
+    """
+    module = transplant.student_task_module
+    if transplant.task == "segmentation":
+        return (image_size, image_size, module.num_classes)
+    return (score_size, score_size, module.num_outputs)
+
+
+def sample_output_gradients(key: Array, num_draws: int, shape: tuple[int, ...], *,
+                            first_index: int = 0) -> tuple[Array, Array]:
+    """Per-draw ``G_y' ~ U[-1, 1]^shape`` and per-draw keys of the ``x_rand`` masks.
+
+    Draw ``i`` depends only on ``(key, first_index + i)``, so a draw is the same
+    however the draws are batched; student and teacher use the same draw.
+
+    Returns:
+      ``(G (N, *shape) float32, mask_keys (N,) keys)``.
+    """
+    index = jnp.arange(first_index, first_index + num_draws)
+    draw_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    g = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), shape,
+                                              jnp.float32, -1.0, 1.0))(draw_keys)
+    mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(draw_keys)
+    return g, mask_keys
+
+
+# --------------------------------------------------------------------------- chain cache
+
+
+@flax.struct.dataclass
+class ChainCache:
+    """The frozen modules' pseudo chains for a bank of draws (all leading axes ``N``).
+
+    Attributes:
+      student_task_gradient: ``G_h = chain_{g_S}(G_y')``, ``(N, h, w, M)``.
+      teacher_gradient: ``D'_T = chain_{g_T}(G_y')``, ``(N, h, w, M)``.
+      mask_keys: ``(N,)`` keys of the draws' ``x_rand`` (the adapter may use them).
+    """
+
+    student_task_gradient: Array
+    teacher_gradient: Array
+    mask_keys: Array
+
+    @property
+    def num_draws(self) -> int:
+        return self.teacher_gradient.shape[0]
+
+    def take(self, index: Array) -> ChainCache:
+        return jax.tree.map(lambda a: a[index], self)
+
+
+@partial(jax.jit, static_argnums=0)
+def _chains(transplant: Transplant, frozen, g, mask_keys):
+    return (transplant.student_task_gradient(frozen, g, mask_keys),
+            transplant.teacher_gradient(frozen, g, mask_keys))
+
+
+def build_chain_cache(transplant: Transplant, frozen: Mapping, key: Array, num_draws: int,
+                      output_shape: tuple[int, ...], *, chunk: int = 16) -> ChainCache:
+    """Sample ``num_draws`` draws and run both frozen task modules' chains once.
+
+    Runs in chunks of ``chunk`` draws (one compiled shape; the last chunk is padded).
+    """
+    students, teachers, keys = [], [], []
+    for start in range(0, num_draws, chunk):
+        g, mask_keys = sample_output_gradients(key, chunk, output_shape, first_index=start)
+        g_h, d_t = _chains(transplant, frozen, g, mask_keys)
+        n = min(chunk, num_draws - start)
+        students.append(g_h[:n])
+        teachers.append(d_t[:n])
+        keys.append(mask_keys[:n])
+    return ChainCache(jnp.concatenate(students), jnp.concatenate(teachers),
+                      jnp.concatenate(keys))
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+@flax.struct.dataclass
+class TransplantScalars:
+    """α, β, λ — fixed before training and stored with the adapter.
+
+    ``beta``: re-scaling inside the adapter; ``alpha``: scale of ``D'_S`` in the
+    loss; ``lam``: weight of the distillation term.
+    """
+
+    alpha: Array
+    beta: Array
+    lam: Array
+
+    def as_dict(self) -> dict[str, float]:
+        return {"alpha": float(self.alpha), "beta": float(self.beta), "lambda": float(self.lam)}
+
+
+def mean_frobenius_norm(a: Array) -> Array:
+    """``E_i ‖a_i‖_F`` over the leading axis."""
+    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)))
+
+
+def estimate_beta(source_features: Array, target_features: Array) -> Array:
+    """``β = E_{I∈I_S} ‖f_S(I)‖_F / E_{I∈I_T} ‖f(I)‖_F`` (unlabelled images suffice).
+
+    Args:
+      source_features: ``f_S(I)`` on images of the categories ``g_S`` serves.
+      target_features: ``f(I)`` on images of the transplanted category.
+    """
+    denominator = mean_frobenius_norm(target_features)
+    if not bool(denominator > 0):
+        raise ValueError("cannot estimate beta: the target features are all zero")
+    return mean_frobenius_norm(source_features) / denominator
+
+
+def estimate_alpha(cache: ChainCache) -> Array:
+    """``α = E ‖D'_T‖_F / E ‖chain_{g_S}(G_y')‖_F``: the task modules' pseudo-gradient sizes."""
+    return mean_frobenius_norm(cache.teacher_gradient) / mean_frobenius_norm(
+        cache.student_task_gradient)
+
+
+def estimate_lambda(cache: ChainCache, lambda0: float) -> Array:
+    """``λ = λ0 / E ‖D'_T‖²_F``.
+
+    The paper writes ``λ = 10 / E[D'_T]`` (classification) or ``1 / E[D'_T]``
+    (segmentation) without saying which mean. Dividing by the mean squared norm
+    makes the distillation term of an adapter with ``D'_S = 0`` exactly ``λ0``
+    (and about ``2 λ0`` for an uncorrelated random adapter), whatever the size
+    of the maps, so ``λ0`` is comparable across tasks, widths and ``S``.
+    """
+    flat = cache.teacher_gradient.reshape(cache.num_draws, -1)
+    return lambda0 / jnp.mean(jnp.sum(jnp.square(flat), axis=1))
+
+
+def compute_scalars(cache: ChainCache, beta: Array | float, lambda0: float) -> TransplantScalars:
+    return TransplantScalars(alpha=jnp.asarray(estimate_alpha(cache), jnp.float32),
+                             beta=jnp.asarray(beta, jnp.float32),
+                             lam=jnp.asarray(estimate_lambda(cache, lambda0), jnp.float32))
+
+
+# --------------------------------------------------------------------------- data
+
+
+@flax.struct.dataclass
+class TransferData:
+    """Fixed images of a transplant run, stored as frozen features (padded to a fixed size).
+
+    Attributes:
+      features: ``x = f(I)``, ``(N, h, w, M)`` — ``f`` is frozen, so computed once.
+      labels: ``(N,)`` class ids (classification) or ``(N, H, W)`` (segmentation).
+      label_valid: ``(N,)`` 1 where the label may be used by the task loss.
+      valid: ``(N,)`` 1 for real images, 0 for padding.
+      teacher_outputs: ``y_T = g_T(x)``, frozen (``distill`` and ``jacobian``).
+      jacobian_projection: per-image random output weights ``P`` (``jacobian``).
+      teacher_jacobian: ``∇_x⟨P, g_T(x)⟩`` with real derivatives (``jacobian``).
+    """
+
+    features: Array
+    labels: Array
+    label_valid: Array
+    valid: Array
+    teacher_outputs: Array
+    jacobian_projection: Array
+    teacher_jacobian: Array
+
+    @property
+    def size(self) -> int:
+        return self.features.shape[0]
+
+    def take(self, index: Array) -> TransferData:
+        return jax.tree.map(lambda a: a[index], self)
+
+
+@partial(jax.jit, static_argnums=0)
+def _teacher_targets(transplant: Transplant, frozen, x, projection):
+    y_t, vjp = jax.vjp(lambda v: transplant.teacher_output(frozen, v), x)
+    return y_t, vjp(projection)[0]
+
+
+def make_transfer_data(transplant: Transplant, frozen: Mapping, features: Array,
+                       labels: Array, *, label_valid: Array | None = None,
+                       key: Array, pad_to: int | None = None, chunk: int = 64) -> TransferData:
+    """Cache the frozen quantities of a fixed image set (teacher outputs and Jacobians).
+
+    Args:
+      features: ``f(I)`` of the images, ``(N, h, w, M)``.
+      labels: ``(N,)`` or ``(N, H, W)`` int labels.
+      label_valid: ``(N,)``; default all 1 (every image labelled).
+      key: seeds the per-image Jacobian projections.
+      pad_to: pad to this many images (a fixed shape for every sample count).
+    """
+    n = features.shape[0]
+    pad_to = max(pad_to or n, n, 1)
+    label_valid = jnp.ones((n,), jnp.float32) if label_valid is None else label_valid
+    out_shape = jax.eval_shape(lambda v: transplant.teacher_output(frozen, v),
+                               jax.ShapeDtypeStruct((1, *features.shape[1:]), jnp.float32)).shape
+    pad = pad_to - n
+
+    def padded(a):
+        return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
+
+    features, labels, label_valid = padded(features), padded(labels), padded(label_valid)
+    projection = jax.random.uniform(key, (pad_to, *out_shape[1:]), jnp.float32, -1.0, 1.0)
+    outputs, jacobians = [], []
+    for start in range(0, pad_to, chunk):
+        stop = min(start + chunk, pad_to)
+        y_t, j_t = _teacher_targets(transplant, frozen, features[start:stop],
+                                    projection[start:stop])
+        outputs.append(y_t)
+        jacobians.append(j_t)
+    valid = padded(jnp.ones((n,), jnp.float32))
+    return TransferData(features, labels, label_valid.astype(jnp.float32), valid,
+                        jnp.concatenate(outputs), projection, jnp.concatenate(jacobians))
+
+
+# --------------------------------------------------------------------------- loss terms
+
+
+def _masked_mean(values: Array, weights: Array) -> Array:
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _logits(task: str, y: Array) -> Array:
+    # Classification scores are (B, S, S, K): the score of an image is the mean
+    # over the map (S = 1 at the training size).
+    return y if task == "segmentation" else jnp.mean(y, axis=(1, 2))
+
+
+def task_loss(task: str, y: Array, labels: Array, weights: Array) -> Array:
+    """Cross-entropy with the labels: sigmoid for one output, softmax otherwise; per pixel
+    for segmentation. ``weights`` ``(B,)`` mask padding and unlabelled images."""
+    logits = _logits(task, y)
+    if logits.shape[-1] == 1:
+        per_item = optax.sigmoid_binary_cross_entropy(logits[..., 0], labels.astype(jnp.float32))
+    else:
+        per_item = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    per_image = per_item.reshape(per_item.shape[0], -1).mean(axis=1)
+    return _masked_mean(per_image, weights)
+
+
+def distill_loss(task: str, y_student: Array, y_teacher: Array, weights: Array) -> Array:
+    """``CrossEntropy(y_S, y_T)``: the student fits the teacher's output distribution."""
+    s, t = _logits(task, y_student), _logits(task, y_teacher)
+    if s.shape[-1] == 1:
+        per_item = optax.sigmoid_binary_cross_entropy(s[..., 0], jax.nn.sigmoid(t[..., 0]))
+    else:
+        per_item = optax.softmax_cross_entropy(s, jax.nn.softmax(t))
+    per_image = per_item.reshape(per_item.shape[0], -1).mean(axis=1)
+    return _masked_mean(per_image, weights)
+
+
+def back_distill_term(transplant: Transplant, adapter_params, draws: ChainCache,
+                      scalars: TransplantScalars) -> Array:
+    """``λ · E ‖α·D'_S − D'_T‖²_F`` over a batch of cached draws (Eq. 3-4)."""
+    d_student = transplant.adapter_gradient(adapter_params, draws.student_task_gradient,
+                                            scalars.beta, draws.mask_keys)
+    diff = scalars.alpha * d_student - draws.teacher_gradient
+    return scalars.lam * jnp.mean(jnp.sum(jnp.square(diff.reshape(diff.shape[0], -1)), axis=1))
+
+
+def jacobian_term(transplant: Transplant, adapter_params, frozen, batch: TransferData,
+                  beta: Array) -> Array:
+    """Srinivas & Fleuret's loss on per-example L2-normalised input Jacobians.
+
+    ``E_i ‖ J_S,i/‖J_S,i‖ − J_T,i/‖J_T,i‖ ‖²`` with ``J = ∇_x⟨P_i, y(x)⟩`` the real
+    gradient of a random projection ``P_i`` of the output w.r.t. ``x`` (the
+    teacher's is cached). Its gradient w.r.t. θ_h is double back-propagation.
+    """
+    def student(v):
+        return transplant.student_output(adapter_params, frozen, v, beta)
+
+    _, vjp = jax.vjp(student, batch.features)
+    j_s = vjp(batch.jacobian_projection)[0]
+
+    def normalised(j):
+        flat = j.reshape(j.shape[0], -1)
+        return flat / (jnp.linalg.norm(flat, axis=1, keepdims=True) + 1e-12)
+
+    per_image = jnp.sum(jnp.square(normalised(j_s) - normalised(batch.teacher_jacobian)), axis=1)
+    return _masked_mean(per_image, batch.valid)
+
+
+@flax.struct.dataclass
+class ObjectiveWeights:
+    """Weights of the loss terms (``lambda0`` enters through ``TransplantScalars.lam``)."""
+
+    task: float = 1.0
+    jacobian: float = 1.0
+    output_matching: float = 1.0
+
+
+def objective_terms(method: Method, transplant: Transplant, adapter_params, frozen,
+                    scalars: TransplantScalars, batch: TransferData | None,
+                    draws: ChainCache | None,
+                    weights: ObjectiveWeights | None = None) -> dict[str, Array]:
+    """The loss terms of ``method`` on one batch; ``sum(values)`` is the loss.
+
+    Args:
+      batch: labelled/unlabelled images (None for zero-sample back-distillation).
+      draws: cached chains of a batch of ``G_y'`` draws (back-distill only).
+    Returns:
+      ``{"task": …, "back_distill": …, …}`` — only the terms ``method`` uses.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    weights = weights or ObjectiveWeights()
+    terms: dict[str, Array] = {}
+    if method == "back-distill":
+        if draws is None:
+            raise ValueError("back-distill needs cached pseudo-gradient draws")
+        terms["back_distill"] = back_distill_term(transplant, adapter_params, draws, scalars)
+        if batch is None:
+            return terms
+    if batch is None:
+        raise ValueError(f"{method} needs a batch of images")
+    y_s = transplant.student_output(adapter_params, frozen, batch.features, scalars.beta)
+    if method in ("direct-learn", "back-distill", "jacobian"):
+        terms["task"] = weights.task * task_loss(
+            transplant.task, y_s, batch.labels, batch.valid * batch.label_valid)
+    if method == "distill":
+        terms["distill"] = distill_loss(transplant.task, y_s, batch.teacher_outputs, batch.valid)
+    if method == "jacobian":
+        terms["output_matching"] = weights.output_matching * distill_loss(
+            transplant.task, y_s, batch.teacher_outputs, batch.valid)
+        terms["jacobian"] = weights.jacobian * jacobian_term(
+            transplant, adapter_params, frozen, batch, scalars.beta)
+    return terms
