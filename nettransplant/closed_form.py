@@ -35,26 +35,42 @@ def _patches(g: Array, k: int) -> Array:
     return jnp.stack(shifted, axis=3).reshape(-1, k * k * g.shape[-1])
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _normal_equations(k: int, perm: tuple[int, ...] | None, g_h: Array, d_t: Array,
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _normal_equations(k: int, perm: tuple[int, ...] | None, chunk: int, g_h: Array, d_t: Array,
                       scale: Array) -> tuple[Array, Array]:
-    features = _patches(g_h, k)
+    """``(Σ pᵀp, Σ pᵀt)`` over all draws, accumulated ``chunk`` draws at a time."""
+    n, m = g_h.shape[0], g_h.shape[-1]
     target = d_t if perm is None else d_t[..., np.asarray(perm)]
-    target = target.reshape(-1, d_t.shape[-1]) / scale
-    gram = jnp.einsum("np,nq->pq", features, features, precision=jax.lax.Precision.HIGHEST)
-    rhs = jnp.einsum("np,nc->pc", features, target, precision=jax.lax.Precision.HIGHEST)
-    return gram, rhs
+    target = target / scale
+    pad = (-n) % chunk  # zero draws add nothing to either sum
+    g_h = jnp.pad(g_h, ((0, pad),) + ((0, 0),) * 3).reshape(-1, chunk, *g_h.shape[1:])
+    target = jnp.pad(target, ((0, pad),) + ((0, 0),) * 3).reshape(-1, chunk, *target.shape[1:])
+
+    def accumulate(carry, part):
+        g, t = part
+        features = _patches(g, k)
+        t = t.reshape(-1, m)
+        gram = jnp.einsum("np,nq->pq", features, features, precision=jax.lax.Precision.HIGHEST)
+        rhs = jnp.einsum("np,nc->pc", features, t, precision=jax.lax.Precision.HIGHEST)
+        return (carry[0] + gram, carry[1] + rhs), None
+
+    init = (jnp.zeros((k * k * m, k * k * m), jnp.float32), jnp.zeros((k * k * m, m), jnp.float32))
+    return jax.lax.scan(accumulate, init, (g_h, target))[0]
 
 
 def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
                               scalars: TransplantScalars, *, ridge: float = 1e-6,
-                              chunk: int = 16) -> dict[str, dict[str, Array]]:
+                              num_draws: int | None = None,
+                              chunk: int = 8) -> dict[str, dict[str, Array]]:
     """Adapter params minimising ``E ‖α D'_S − D'_T‖²`` over the draws in ``cache``.
 
     Args:
       ridge: added to the normal equations' diagonal, relative to their mean
         diagonal (keeps the solve well-posed when some patch directions are
         never excited).
+      num_draws: use the first ``num_draws`` draws of the cache (all by default).
+        The system has only ``k²M`` unknowns per channel and every draw
+        contributes ``h·w`` equations, so a few dozen draws determine it.
       chunk: draws per accumulation step (bounds memory).
     Returns:
       ``{"adapter_conv1": {"kernel": (k, k, M, M), "bias": zeros(M)}}``.
@@ -69,17 +85,14 @@ def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
     if set(dummies.values()) != {"identity"}:
         raise ValueError("the closed form needs the identity dummy at the adapter's ReLU, got "
                          f"{dummies}")
+    if num_draws is not None and not 1 <= num_draws <= cache.num_draws:
+        raise ValueError(f"num_draws must be in [1, {cache.num_draws}], got {num_draws}")
     k, m = adapter.kernel_size, adapter.channels
     perm = adapter.permutation()
     perm = None if perm is None else tuple(int(p) for p in perm)
-    scale = scalars.alpha * scalars.beta
-    gram = jnp.zeros((k * k * m, k * k * m), jnp.float32)
-    rhs = jnp.zeros((k * k * m, m), jnp.float32)
-    for start in range(0, cache.num_draws, chunk):
-        part = cache.take(np.arange(start, min(start + chunk, cache.num_draws)))
-        g, r = _normal_equations(k, perm, part.student_task_gradient, part.teacher_gradient,
-                                 scale)
-        gram, rhs = gram + g, rhs + r
+    n = num_draws or cache.num_draws
+    gram, rhs = _normal_equations(k, perm, min(chunk, n), cache.student_task_gradient[:n],
+                                  cache.teacher_gradient[:n], scalars.alpha * scalars.beta)
     gram64, rhs64 = np.asarray(gram, np.float64), np.asarray(rhs, np.float64)
     gram64 += ridge * np.mean(np.diag(gram64)) * np.eye(gram64.shape[0])
     solution = np.linalg.solve(gram64, rhs64)  # rows (a, b, c_out), columns c_in
