@@ -18,6 +18,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import FrozenDict
 
 from nettransplant import layers as L
 from nettransplant import ops
@@ -61,6 +62,11 @@ class Transplant:
     positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION
 
     def __post_init__(self):
+        # A per-layer dummy map must stay hashable: the transplant is a jit static argument.
+        for name in ("task_dummy_relu", "adapter_dummy_relu"):
+            spec = getattr(self, name)
+            if isinstance(spec, Mapping):
+                object.__setattr__(self, name, FrozenDict(spec))
         f_out = L.output_channels(self.category_module.layers(),
                                   self.category_module.input_channels())
         pieces = {
