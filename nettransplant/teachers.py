@@ -1,0 +1,133 @@
+"""Teacher training: one category module with a classification and a segmentation task module.
+
+The two task modules share the category module (paper Fig. 4a) and are trained
+jointly: ``loss = BCE(classification) + CE(segmentation, per pixel)``. A
+generic (e.g. leave-one-out) task module is trained the same way on the union
+of several categories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from nettransplant.modules import Teacher
+from nettransplant.objectives import task_loss
+from nettransplant.train import IndexStream
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+
+@flax.struct.dataclass
+class TeacherTrainState:
+    step: Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def create_teacher_state(teacher: Teacher, key: Array, image_size: int,
+                         optimizer: optax.GradientTransformation) -> TeacherTrainState:
+    """Fresh teacher parameters (seeded) and optimizer state."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    params = teacher.init({"params": key}, images)["params"]
+    return TeacherTrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation):
+    """Jitted ``step(state, key, cls_images, cls_labels, seg_images, seg_masks)``."""
+
+    def loss_fn(params, key, cls_images, cls_labels, seg_images, seg_masks):
+        variables = {"params": params}
+        rngs = {"dropout": key}
+        y_cls = teacher.apply(variables, cls_images, train=True, rngs=rngs,
+                              method=_classification_forward)
+        y_seg = teacher.apply(variables, seg_images, train=True, rngs=rngs,
+                              method=_segmentation_forward)
+        ones_cls = jnp.ones((cls_images.shape[0],), jnp.float32)
+        ones_seg = jnp.ones((seg_images.shape[0],), jnp.float32)
+        terms = {"classification": task_loss("classification", y_cls, cls_labels, ones_cls),
+                 "segmentation": task_loss("segmentation", y_seg, seg_masks, ones_seg)}
+        return sum(terms.values()), terms
+
+    @partial(jax.jit, donate_argnums=0)
+    def step(state: TeacherTrainState, key, cls_images, cls_labels, seg_images, seg_masks):
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, key, cls_images, cls_labels, seg_images, seg_masks)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = TeacherTrainState(state.step + finite.astype(jnp.int32),
+                                      keep(params, state.params),
+                                      keep(opt_state, state.opt_state))
+        return new_state, {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+
+    return step
+
+
+def _classification_forward(teacher: Teacher, images, train=False):
+    x, _ = teacher.category_module(images, train=train)
+    return teacher.classification_module(x, train=train)[0]
+
+
+def _segmentation_forward(teacher: Teacher, images, train=False):
+    x, _ = teacher.category_module(images, train=train)
+    return teacher.segmentation_module(x, train=train)[0]
+
+
+def train_teacher(teacher: Teacher, state: TeacherTrainState, *, cls_images: np.ndarray,
+                  cls_labels: np.ndarray, seg_images: np.ndarray, seg_masks: np.ndarray,
+                  optimizer: optax.GradientTransformation, num_steps: int, batch_size: int,
+                  seed: int, progress: bool | str = True,
+                  ) -> tuple[TeacherTrainState, list[dict[str, float]]]:
+    """Train from ``state`` for ``num_steps - state.step`` more steps (resumable).
+
+    Batches are drawn by a seeded stream, replayed deterministically from step 0
+    when resuming, so an interrupted and resumed run equals an uninterrupted one.
+    """
+    step_fn = make_teacher_step(teacher, optimizer)
+    cls_stream = IndexStream(len(cls_labels), batch_size, seed)
+    seg_stream = IndexStream(len(seg_masks), batch_size, seed + 1)
+    start = int(state.step)
+    for _ in range(start):  # replay the index streams up to the resumed step
+        cls_stream.next()
+        seg_stream.next()
+    key = jax.random.key(seed)
+    history = []
+    desc = progress if isinstance(progress, str) else "train teacher"
+    bar = tqdm(range(start, num_steps), desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for i in bar:
+        ci, si = cls_stream.next(), seg_stream.next()
+        state, metrics = step_fn(state, jax.random.fold_in(key, i), cls_images[ci],
+                                 cls_labels[ci], seg_images[si], seg_masks[si])
+        if not bool(metrics["finite"]):
+            raise FloatingPointError(
+                f"teacher training met a non-finite loss at step {i}; the last good state "
+                f"has {int(state.step)} updates")
+        if i % 50 == 0 or i == num_steps - 1:
+            values = {k: float(v) for k, v in metrics.items() if k != "finite"}
+            values["step"] = i
+            history.append(values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+    return state, history
+
+
+def classification_scores(teacher: Teacher, params: Params, images: Array) -> Array:
+    """Teacher classification score maps ``(B, S, S, K)`` in evaluation mode."""
+    return teacher.apply({"params": params}, images, method=_classification_forward)
+
+
+def segmentation_scores(teacher: Teacher, params: Params, images: Array) -> Array:
+    """Teacher segmentation scores ``(B, H, W, C)`` in evaluation mode."""
+    return teacher.apply({"params": params}, images, method=_segmentation_forward)
