@@ -64,7 +64,7 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation)
             state.params, key, cls_images, cls_labels, seg_images, seg_masks)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_state = TeacherTrainState(state.step + finite.astype(jnp.int32),

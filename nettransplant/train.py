@@ -127,7 +127,7 @@ def make_train_step(transplant: Transplant, method: Method,
             state.params, frozen, scalars, batch, draw_batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Never commit a non-finite update: the caller keeps the last good state.
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
@@ -135,7 +135,7 @@ def make_train_step(transplant: Transplant, method: Method,
                                       params=keep(params, state.params),
                                       opt_state=keep(opt_state, state.opt_state))
         metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
-                   "param_norm": optax.global_norm(new_state.params), "finite": finite}
+                   "param_norm": optax.tree.norm(new_state.params), "finite": finite}
         return new_state, metrics
 
     return step
