@@ -185,6 +185,11 @@ class _SequentialModule(nn.Module):
 
         Depends only on the kernels, ``g`` and the ``x_rand`` masks drawn from
         ``mask_keys`` (``(B,)`` per-image keys) — never on input features or biases.
+        The input size is inferred from ``g`` assuming every pool divides its
+        input exactly (inputs whose sides are multiples of 16 for the task
+        modules); on other sizes the dropped trailing rows are not represented.
+        With ``random_mask`` on a 1×1 map, ``round(0.2 · 1) = 0`` positions are
+        positive: use enlarged maps (S > 1) with that dummy above fc6.
         """
         _check_features(g, self.output_channels(), type(self).__name__, "output gradients")
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), type(self).__name__)

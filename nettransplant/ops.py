@@ -65,7 +65,10 @@ def resolve_padding(
         return tuple(tuple(p) for p in pads)  # type: ignore[return-value]
     if isinstance(padding, int):
         return ((padding, padding), (padding, padding))
-    pairs = tuple(tuple(int(v) for v in p) for p in padding)
+    try:
+        pairs = tuple(tuple(int(v) for v in p) for p in padding)
+    except TypeError:
+        pairs = ()
     if len(pairs) != 2 or any(len(p) != 2 for p in pairs):
         raise ValueError(f"explicit padding must be two (low, high) pairs, got {padding!r}")
     return pairs  # type: ignore[return-value]
