@@ -75,7 +75,8 @@ def voc_classification(category: str, split: str = "train", *, size: int = 224,
     if len(pos) == 0 or len(neg_pool) == 0:
         raise ValueError(f"voc/2012 {split} has {len(pos)} images with {category} and "
                          f"{len(neg_pool)} without: cannot build a balanced view")
-    neg = rng.choice(neg_pool, size=min(len(pos), len(neg_pool)), replace=False)
+    pos = pos[: len(neg_pool)]  # balanced: as many negatives as positives
+    neg = rng.choice(neg_pool, size=len(pos), replace=False)
     rows = np.concatenate([pos, neg])
     images = np.stack([vgg_geometry(np.asarray(source[int(i)]["image"]), size=size)[0]
                        for i in rows])
