@@ -21,6 +21,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.5
     config.model.num_classes = 2  # segmentation: background / object
 
+    # Teachers: category module + classification + segmentation task modules.
+    config.teacher = ml_collections.ConfigDict()
+    config.teacher.num_steps = 600
+    config.teacher.batch_size = 32
+    config.teacher.learning_rate = 1e-3
+
     # Back-distillation (paper Sec. 3; DESIGN.md §2).
     config.transplant = ml_collections.ConfigDict()
     config.transplant.score_size = 7  # S of the enlarged classification G_y'
@@ -45,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.adapters.exp3 = (1, 1)
 
     if arg == "quick":
+        config.teacher.num_steps = 60
         config.transplant.num_draws = 32
         config.transplant.num_steps = 20
     elif arg:
