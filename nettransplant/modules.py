@@ -223,19 +223,11 @@ class CategoryModule(_SequentialModule):
         return self.in_channels
 
 
-class ClassificationTaskModule(_SequentialModule):
-    """The rest of VGG-16, fully convolutional: conv2_1 … pool5, fc6, fc7, fc8.
-
-    fc6 is a ``fc6_kernel``² VALID conv (7×7 at 224² input), fc7/fc8 are 1×1
-    convs, so the module runs on enlarged inputs and returns a score map.
-
-    ``(B, h, w, 64·width)`` → ``(B, S, S, num_outputs)`` with
-    ``S = floor(h / 16) - fc6_kernel + 1`` (``S = 1`` at the training size).
-    """
+class _TaskModuleFields(nn.Module):
+    """Fields shared by the task modules: what sits above pool1 at a width and input size."""
 
     width: float = 1.0
     input_size: int = FULL_SCALE_INPUT
-    num_outputs: int = 1
     dropout_rate: float = 0.5
     fc6_kernel: int | None = None
     in_channels: int | None = None
@@ -247,6 +239,19 @@ class ClassificationTaskModule(_SequentialModule):
     @nn.nowrap
     def fc6_size(self) -> int:
         return self.fc6_kernel or default_fc6_kernel(self.input_size)
+
+
+class ClassificationTaskModule(_TaskModuleFields, _SequentialModule):
+    """The rest of VGG-16, fully convolutional: conv2_1 … pool5, fc6, fc7, fc8.
+
+    fc6 is a ``fc6_kernel``² VALID conv (7×7 at 224² input), fc7/fc8 are 1×1
+    convs, so the module runs on enlarged inputs and returns a score map.
+
+    ``(B, h, w, 64·width)`` → ``(B, S, S, num_outputs)`` with
+    ``S = floor(h / 16) - fc6_kernel + 1`` (``S = 1`` at the training size).
+    """
+
+    num_outputs: int = 1
 
     @nn.nowrap
     def layers(self) -> tuple[L.Layer, ...]:
@@ -283,7 +288,7 @@ class ClassificationTaskModule(_SequentialModule):
 FCN_UPSAMPLING = (("upscore2", 2), ("upscore_pool4", 2), ("upscore8", 8))
 
 
-class SegmentationTaskModule(nn.Module):
+class SegmentationTaskModule(_TaskModuleFields):
     """FCN-8s on VGG-16's trunk above pool1.
 
     conv2_1 … pool5, fc6 (``fc6_kernel``² SAME), fc7, score_fr; 2× up-sampling
@@ -295,22 +300,13 @@ class SegmentationTaskModule(nn.Module):
     ``(B, 2h, 2w, num_classes)`` (the image size).
     """
 
-    width: float = 1.0
-    input_size: int = FULL_SCALE_INPUT
     num_classes: int = 2
-    dropout_rate: float = 0.5
-    fc6_kernel: int | None = None
-    in_channels: int | None = None
-
-    @nn.nowrap
-    def input_channels(self) -> int:
-        return self.in_channels or category_channels(self.width)
 
     @nn.nowrap
     def stages(self) -> tuple[tuple[L.Layer, ...], ...]:
         """Three stacks: → pool3, → pool4, → score_fr (fc6…score_fr after pool5)."""
         fc = scaled_channels(VGG16_FC_WIDTH, self.width)
-        fc6 = self.fc6_kernel or default_fc6_kernel(self.input_size)
+        fc6 = self.fc6_size()
         to_pool3 = vgg_block_layers(2, self.width) + vgg_block_layers(3, self.width)
         to_pool4 = vgg_block_layers(4, self.width)
         to_score = vgg_block_layers(5, self.width) + (
