@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,25 +20,18 @@ from tqdm.auto import tqdm
 
 from nettransplant.modules import Teacher
 from nettransplant.objectives import task_loss
-from nettransplant.train import IndexStream
+from nettransplant.train import IndexStream, TrainState, guarded_update
 
 Array = jax.Array
 Params = Mapping[str, Any]
 
 
-@flax.struct.dataclass
-class TeacherTrainState:
-    step: Array
-    params: Params
-    opt_state: optax.OptState
-
-
 def create_teacher_state(teacher: Teacher, key: Array, image_size: int,
-                         optimizer: optax.GradientTransformation) -> TeacherTrainState:
+                         optimizer: optax.GradientTransformation) -> TrainState:
     """Fresh teacher parameters (seeded) and optimizer state."""
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     params = teacher.init({"params": key}, images)["params"]
-    return TeacherTrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
 def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation):
@@ -59,17 +51,10 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation)
         return sum(terms.values()), terms
 
     @partial(jax.jit, donate_argnums=0)
-    def step(state: TeacherTrainState, key, cls_images, cls_labels, seg_images, seg_masks):
+    def step(state: TrainState, key, cls_images, cls_labels, seg_images, seg_masks):
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, key, cls_images, cls_labels, seg_images, seg_masks)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        new_state = TeacherTrainState(state.step + finite.astype(jnp.int32),
-                                      keep(params, state.params),
-                                      keep(opt_state, state.opt_state))
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer)
         return new_state, {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
 
     return step
@@ -85,11 +70,11 @@ def _segmentation_forward(teacher: Teacher, images, train=False):
     return teacher.segmentation_module(x, train=train)[0]
 
 
-def train_teacher(teacher: Teacher, state: TeacherTrainState, *, cls_images: np.ndarray,
+def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray,
                   cls_labels: np.ndarray, seg_images: np.ndarray, seg_masks: np.ndarray,
                   optimizer: optax.GradientTransformation, num_steps: int, batch_size: int,
                   seed: int, progress: bool | str = True,
-                  ) -> tuple[TeacherTrainState, list[dict[str, float]]]:
+                  ) -> tuple[TrainState, list[dict[str, float]]]:
     """Train from ``state`` for ``num_steps - state.step`` more steps (resumable).
 
     Batches are drawn by a seeded stream, replayed deterministically from step 0

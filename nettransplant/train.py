@@ -39,12 +39,32 @@ Params = Mapping[str, Any]
 
 
 @flax.struct.dataclass
-class AdapterTrainState:
-    """``step`` counts applied (finite) updates; ``params`` are θ_h only."""
+class TrainState:
+    """``step`` counts applied (finite) updates; ``params`` are the learned ones only."""
 
     step: Array
     params: Params
     opt_state: optax.OptState
+
+
+AdapterTrainState = TrainState  # θ_h only
+
+
+def guarded_update(state: TrainState, grads: Params, loss: Array,
+                   optimizer: optax.GradientTransformation) -> tuple[TrainState, Array, Array]:
+    """Apply one optimizer update unless the loss or the gradient is not finite.
+
+    Returns ``(new_state, grad_norm, finite)``; with ``finite`` False the state
+    is returned unchanged, so the caller always holds the last good state.
+    """
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    return (TrainState(step=state.step + finite.astype(jnp.int32),
+                       params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state)), grad_norm, finite)
 
 
 def create_train_state(adapter_params: Params,
@@ -125,15 +145,7 @@ def make_train_step(transplant: Transplant, method: Method,
         draw_batch = None if draws is None else draws.take(draw_index)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, frozen, scalars, batch, draw_batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Never commit a non-finite update: the caller keeps the last good state.
-        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        new_state = AdapterTrainState(step=state.step + finite.astype(jnp.int32),
-                                      params=keep(params, state.params),
-                                      opt_state=keep(opt_state, state.opt_state))
+        new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer)
         metrics = {"loss": loss, **terms, "grad_norm": grad_norm,
                    "param_norm": optax.tree.norm(new_state.params), "finite": finite}
         return new_state, metrics

@@ -1,0 +1,58 @@
+"""Teacher training: resuming equals not stopping; metrics."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from nettransplant import evaluation, modules, teachers
+
+
+@pytest.fixture(scope="module")
+def setup():
+    teacher = modules.make_teacher(width=1 / 16, input_size=32)
+    rng = np.random.default_rng(0)
+    arrays = dict(cls_images=rng.normal(size=(40, 32, 32, 3)).astype(np.float32),
+                  cls_labels=rng.integers(0, 2, 40),
+                  seg_images=rng.normal(size=(40, 32, 32, 3)).astype(np.float32),
+                  seg_masks=rng.integers(0, 2, (40, 32, 32)).astype(np.int32))
+    return teacher, arrays
+
+
+def _train(teacher, arrays, state, num_steps, optimizer):
+    return teachers.train_teacher(teacher, state, optimizer=optimizer, num_steps=num_steps,
+                                  batch_size=8, seed=3, progress=False, **arrays)[0]
+
+
+def test_resumed_teacher_training_ends_with_the_same_parameters(setup):
+    teacher, arrays = setup
+    optimizer = optax.adam(1e-3)
+
+    def fresh():
+        return teachers.create_teacher_state(teacher, jax.random.key(0), 32, optimizer)
+
+    straight = _train(teacher, arrays, fresh(), 6, optimizer)
+    halfway = _train(teacher, arrays, fresh(), 3, optimizer)
+    assert int(halfway.step) == 3
+    resumed = _train(teacher, arrays, halfway, 6, optimizer)
+    assert int(resumed.step) == 6
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scores = teachers.classification_scores(teacher, resumed.params, arrays["cls_images"][:4])
+    assert scores.shape == (4, 1, 1, 1)
+    seg = teachers.segmentation_scores(teacher, resumed.params, arrays["seg_images"][:4])
+    assert seg.shape == (4, 32, 32, 2)
+
+
+def test_metrics_are_percentages_with_clear_errors():
+    labels = np.array([1, 0, 1, 1])
+    scores = np.array([2.0, -1.0, -0.5, 3.0]).reshape(4, 1, 1, 1)
+    predicted = np.asarray(evaluation.predict_classes(scores))
+    assert evaluation.classification_error(predicted, labels) == 25.0
+    masks = np.zeros((2, 4, 4), np.int64)
+    assert evaluation.pixel_accuracy(np.zeros_like(masks), masks) == 100.0
+    with pytest.raises(ValueError, match="differ"):
+        evaluation.pixel_accuracy(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+    applied = evaluation.batched_apply(lambda x: x * 2, np.arange(10.0), batch_size=4)
+    np.testing.assert_array_equal(applied, np.arange(10.0) * 2)
