@@ -1,11 +1,17 @@
 """``animal_silhouettes``: the embedded benchmark as a TFDS dataset that builds offline.
 
-Each example is an RGB image (``image_size`` configurable, 32 by default), the
-class label (one of :data:`CATEGORIES`), a binary segmentation mask and the
-index of the source silhouette. The split is fixed: per class, a seeded
-permutation puts 800 images in ``train`` and 200 in ``test`` (seed 0, whatever
-the compositing seed). Built in ``array_record`` format with raw (zlib) tensors,
-so neither building nor reading needs TensorFlow.
+Each example is an RGB image (``image_size`` configurable: 32 by default, 64
+and 224 predefined, any size >= 16 on request), the class label (one of
+:data:`CATEGORIES`), a binary segmentation mask and the index of the source
+silhouette (see :mod:`nettransplant.data.composite` for how images are made).
+The split is fixed: per class, a seeded permutation puts 800 images in
+``train`` and 200 in ``test`` (split seed 0, whatever the compositing seed).
+
+Built in ``array_record`` format with raw (zlib) tensors, so neither building
+nor reading needs TensorFlow; the build is offline and cached under
+``data_dir`` (default ``$NETTRANSPLANT_DATA_DIR`` or ``~/tensorflow_datasets``)
+in ``animal_silhouettes/<size>px_seed<seed>/<version>``. Examples are
+bit-identical for a seed (given the numpy version and CPU family).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from nettransplant.data.animal_mnist import CATEGORIES, load_animal_mnist
-from nettransplant.data.composite import composite
+from nettransplant.data.composite import composite_batch, silhouette_supports
 
 TRAIN_PER_CLASS = 800
 SPLIT_SEED = 0
@@ -46,8 +52,10 @@ class AnimalSilhouettesConfig(tfds.core.BuilderConfig):
     """Image size and compositing seed of the embedded benchmark."""
 
     def __init__(self, *, image_size: int = 32, seed: int = 0):
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        if not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         super().__init__(name=f"{image_size}px_seed{seed}",
                          description=f"{image_size}×{image_size} composites, seed {seed}")
         self.image_size = image_size
@@ -57,8 +65,12 @@ class AnimalSilhouettesConfig(tfds.core.BuilderConfig):
 class AnimalSilhouettes(tfds.core.GeneratorBasedBuilder):
     """Composited animal-mnist silhouettes for classification and segmentation."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [AnimalSilhouettesConfig(image_size=32, seed=0)]
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Striped objects on flat-blob clutter.",
+        "2.0.0": "One texture family for object and clutter; hole-filled animal masks.",
+    }
+    BUILDER_CONFIGS = [AnimalSilhouettesConfig(image_size=s, seed=0) for s in (32, 64, 224)]
 
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size
@@ -73,21 +85,30 @@ class AnimalSilhouettes(tfds.core.GeneratorBasedBuilder):
                 "index": tfds.features.Scalar(dtype=np.int64),
             }),
             supervised_keys=("image", "label"),
+            # Written in generation order (sorted by source index), which skips
+            # the shuffling pass; readers shuffle with their own seed.
+            disable_shuffling=True,
             homepage="https://pypi.org/project/animal-mnist/",
         )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing is downloaded
         images, labels = load_animal_mnist()
-        return {name: self._generate_examples(images, labels, idx)
+        supports = silhouette_supports(images)
+        return {name: self._generate_examples(supports, labels, idx)
                 for name, idx in split_indices(labels).items()}
 
-    def _generate_examples(self, images, labels, indices):
+    def _generate_examples(self, supports, labels, indices):
         cfg = self.builder_config
-        for i in indices:
-            rng = np.random.default_rng([cfg.seed, int(i)])
-            image, mask = composite(images[i], cfg.image_size, rng)
-            yield int(i), {"image": image, "mask": mask, "label": int(labels[i]), "index": int(i)}
+        # Example i is drawn from its own generator, seeded (seed, i); batches
+        # of about a million pixels are rendered at once.
+        chunk = max(1, 2**20 // cfg.image_size**2)
+        for start in range(0, len(indices), chunk):
+            rows = [int(i) for i in indices[start: start + chunk]]
+            images, masks = composite_batch(supports[rows], cfg.image_size,
+                                            [[cfg.seed, i] for i in rows])
+            for i, image, mask in zip(rows, images, masks, strict=True):
+                yield i, {"image": image, "mask": mask, "label": int(labels[i]), "index": i}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +139,17 @@ class ImageSet:
 
 def build_silhouettes(image_size: int = 32, seed: int = 0,
                       data_dir: str | Path | None = None) -> AnimalSilhouettes:
-    """Build (once, offline) and return the TFDS builder of the embedded dataset."""
+    """Builds the embedded dataset (once, offline) and returns its TFDS builder.
+
+    Args:
+      image_size: side of the square images (>= 16).
+      seed: compositing seed (>= 0).
+      data_dir: TFDS data dir; default :func:`default_data_dir`.
+
+    Returns:
+      The prepared builder; ``builder.as_data_source()`` gives TF-free
+      random access to ``{"train", "test"}``.
+    """
     config = AnimalSilhouettesConfig(image_size=image_size, seed=seed)
     if config.name in AnimalSilhouettes.builder_configs:  # TFDS wants listed configs by name
         config = config.name
@@ -128,21 +159,44 @@ def build_silhouettes(image_size: int = 32, seed: int = 0,
     return builder
 
 
+def _read_split(source) -> ImageSet:
+    examples = source.__getitems__(list(range(len(source))))
+    index = np.array([int(e["index"]) for e in examples], np.int64)
+    order = np.argsort(index, kind="stable")
+    labels = np.array([int(examples[i]["label"]) for i in order], np.int64)
+    split = ImageSet(
+        images=np.stack([examples[i]["image"] for i in order]),
+        labels=labels,
+        masks=np.stack([examples[i]["mask"] for i in order]),
+        categories=labels.copy(),
+        index=index[order])
+    for field in dataclasses.fields(split):
+        getattr(split, field.name).flags.writeable = False  # shared by every caller
+    return split
+
+
 @functools.lru_cache(maxsize=4)
+def _load_splits(image_size: int, seed: int, data_dir: str | None) -> tuple[tuple[str, ImageSet],
+                                                                           ...]:
+    builder = build_silhouettes(image_size, seed, data_dir)
+    return tuple((name, _read_split(source))
+                 for name, source in sorted(builder.as_data_source().items()))
+
+
 def load_silhouettes(image_size: int = 32, seed: int = 0,
                      data_dir: str | Path | None = None) -> dict[str, ImageSet]:
-    """``{"train": ImageSet, "test": ImageSet}``, built on first use, ordered by ``index``."""
-    builder = build_silhouettes(image_size, seed, data_dir)
-    splits = {}
-    for name, source in builder.as_data_source().items():
-        examples = [source[i] for i in range(len(source))]
-        order = np.argsort([int(e["index"]) for e in examples])
-        examples = [examples[i] for i in order]
-        labels = np.array([e["label"] for e in examples], np.int64)
-        splits[name] = ImageSet(
-            images=np.stack([e["image"] for e in examples]),
-            labels=labels,
-            masks=np.stack([e["mask"] for e in examples]),
-            categories=labels.copy(),
-            index=np.array([e["index"] for e in examples], np.int64))
-    return splits
+    """The embedded dataset's splits, built on first use (offline, about 5 s at 32²).
+
+    Args:
+      image_size: side S of the square images.
+      seed: compositing seed (the train/test split does not depend on it).
+      data_dir: TFDS data dir; default :func:`default_data_dir`.
+
+    Returns:
+      ``{"train": ImageSet, "test": ImageSet}`` (8000 and 2000 examples),
+      rows ordered by source index: ``images (N, S, S, 3) uint8``, ``masks
+      (N, S, S) uint8`` in {0, 1}, ``labels`` = ``categories`` ``(N,)`` int64
+      indexing :data:`CATEGORIES`. Arrays are read-only and cached in memory.
+    """
+    key = None if data_dir is None else str(data_dir)
+    return dict(_load_splits(image_size, seed, key))
