@@ -72,6 +72,10 @@ class AnimalSilhouettes(tfds.core.GeneratorBasedBuilder):
     }
     BUILDER_CONFIGS = [AnimalSilhouettesConfig(image_size=s, seed=0) for s in (32, 64, 224)]
 
+    def __init__(self, **kwargs):
+        kwargs.setdefault("file_format", "array_record")  # written and read without TensorFlow
+        super().__init__(**kwargs)
+
     def _info(self) -> tfds.core.DatasetInfo:
         s = self.builder_config.image_size
         zlib = tfds.features.Encoding.ZLIB
@@ -116,11 +120,16 @@ class ImageSet:
     """Arrays of one split or view (leading axis N).
 
     Attributes:
-      images: ``(N, H, W, 3)`` uint8 RGB.
-      labels: ``(N,)`` int64 — a category index, or a task label in a view.
-      masks: ``(N, H, W)`` uint8 in {0, 1} (None for classification-only data).
-      categories: ``(N,)`` int64 category index of each image's object.
-      index: ``(N,)`` int64 id of the source silhouette.
+      images: ``(N, H, W, 3)`` uint8 RGB (:func:`~nettransplant.data.normalize_images`
+        makes the network input).
+      labels: ``(N,)`` int64 — the category index in a split; the task label
+        in a view (1 / 0 in classification views, 1 in segmentation views).
+      masks: ``(N, H, W)`` uint8, 1 object / 0 background (255 = ignore where a
+        paper-scale loader keeps void pixels); None for classification-only data.
+      categories: ``(N,)`` int64 category index of each image's object (-1 for
+        the negatives of a VOC classification view).
+      index: ``(N,)`` int64 id of the source example (the silhouette's index in
+        animal-mnist, or the row of a TFDS split); disjoint between splits.
     """
 
     images: np.ndarray
@@ -133,6 +142,7 @@ class ImageSet:
         return self.images.shape[0]
 
     def take(self, rows: np.ndarray) -> ImageSet:
+        """The rows ``rows`` (an index array or boolean mask) of every field."""
         return ImageSet(*(None if a is None else a[rows]
                           for a in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
@@ -153,8 +163,7 @@ def build_silhouettes(image_size: int = 32, seed: int = 0,
     config = AnimalSilhouettesConfig(image_size=image_size, seed=seed)
     if config.name in AnimalSilhouettes.builder_configs:  # TFDS wants listed configs by name
         config = config.name
-    builder = AnimalSilhouettes(config=config, data_dir=str(data_dir or default_data_dir()),
-                                file_format="array_record")
+    builder = AnimalSilhouettes(config=config, data_dir=str(data_dir or default_data_dir()))
     builder.download_and_prepare()
     return builder
 
@@ -185,7 +194,7 @@ def _load_splits(image_size: int, seed: int, data_dir: str | None) -> tuple[tupl
 
 def load_silhouettes(image_size: int = 32, seed: int = 0,
                      data_dir: str | Path | None = None) -> dict[str, ImageSet]:
-    """The embedded dataset's splits, built on first use (offline, about 5 s at 32²).
+    """The embedded dataset's splits, built on first use (offline, 5-7 s at 32²).
 
     Args:
       image_size: side S of the square images.
