@@ -85,3 +85,17 @@ def test_a_consumer_that_stops_early_releases_the_producer_thread():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before
+
+
+def test_batches_shard_over_the_devices_along_the_batch_axis():
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()
+    sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
+    batch_size = 2 * len(devices)
+    for batch in pipeline.iterate_batches(_arrays(), batch_size, device_count=len(devices)):
+        on_devices = jax.device_put(batch, sharding)
+        assert on_devices["x"].shape == (batch_size, 1)
+        assert on_devices["x"].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(on_devices["y"]), batch["y"])

@@ -47,11 +47,11 @@ class DataFileError(ValueError):
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: str):
+    def __init__(self, file: io.BytesIO, source: str):
         super().__init__(file)
         self._source = source
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> object:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise DataFileError(
                 f"{self._source} refers to {module}.{name}; only numpy arrays are allowed, "

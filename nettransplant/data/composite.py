@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,6 +42,7 @@ BLOTCH_PERIOD = (8.0, 16.0)  # pixels at 32², scaled with the image side
 NOISE_STD = 12.0  # Gaussian noise, 0..255 units
 NOISE_GRID = 32  # noise is drawn on a 32×32 grid and scaled up with the image
 
+Seed = int | Sequence[int] | np.random.Generator  # what np.random.default_rng accepts
 FLAT, STRIPES, BLOTCHES = 0, 1, 2  # texture kinds
 _MAX_BLOBS = NUM_BLOBS[1] - 1
 # Regions: 0 the background base, 1.._MAX_BLOBS the ellipses (later ones on
@@ -233,8 +235,8 @@ def render_scenes(draws: SceneDraws) -> tuple[np.ndarray, np.ndarray]:
     return images, (alpha > 0.5).astype(np.uint8)
 
 
-def composite_batch(supports: np.ndarray, size: int, seeds: list) -> tuple[np.ndarray,
-                                                                           np.ndarray]:
+def composite_batch(supports: np.ndarray, size: int, seeds: Sequence[Seed]
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Examples ``i`` drawn from ``np.random.default_rng(seeds[i])``.
 
     Args:
@@ -255,7 +257,7 @@ def composite_batch(supports: np.ndarray, size: int, seeds: list) -> tuple[np.nd
     return render_scenes(SceneDraws.stack(draws))
 
 
-def composite(silhouette: np.ndarray, size: int, seed) -> tuple[np.ndarray, np.ndarray]:
+def composite(silhouette: np.ndarray, size: int, seed: Seed) -> tuple[np.ndarray, np.ndarray]:
     """One example from a 28×28 uint8 silhouette (white animal on black).
 
     Args:
