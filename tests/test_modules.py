@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from chain_assertions import assert_relatively_close
 
 from nettransplant import layers as L
 from nettransplant import modules as M
@@ -48,13 +49,7 @@ TEACHER = M.make_teacher(width=WIDTH, input_size=IMAGE)
 EXP2_DUMMIES = {"default": "identity", "relu2_1": "random_mask"}
 
 
-def assert_close(actual, expected, tol: float = CHAIN_TOL) -> None:
-    """``max |actual - expected| <= tol · max |expected|``, against a non-zero reference."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    chex.assert_equal_shape([actual, expected])
-    scale = float(np.abs(expected).max())
-    assert scale > 0, "the reference is identically zero: the comparison would prove nothing"
-    chex.assert_trees_all_close(actual, expected, rtol=0.0, atol=tol * scale)
+assert_close = functools.partial(assert_relatively_close, tol=CHAIN_TOL)
 
 
 def uniform(seed: int, shape) -> jax.Array:

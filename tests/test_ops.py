@@ -8,6 +8,8 @@ identity). Each equivalence runs jitted and un-jitted (``chex.variants``).
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from chain_assertions import assert_relatively_close
 
 from nettransplant import layers as L
 from nettransplant import ops
@@ -26,13 +29,7 @@ from nettransplant import ops
 OP_TOL = 1e-6
 
 
-def assert_close(actual, expected, tol: float = OP_TOL) -> None:
-    """``max |actual - expected| <= tol · max |expected|``, against a non-zero reference."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    chex.assert_equal_shape([actual, expected])
-    scale = float(np.abs(expected).max())
-    assert scale > 0, "the reference is identically zero: the comparison would prove nothing"
-    chex.assert_trees_all_close(actual, expected, rtol=0.0, atol=tol * scale)
+assert_close = functools.partial(assert_relatively_close, tol=OP_TOL)
 
 
 def normal(seed: int, shape, scale: float = 1.0) -> jax.Array:
