@@ -317,8 +317,10 @@ def jacobian_term(transplant: Transplant, adapter_params, frozen, batch: Transfe
     j_s = vjp(batch.jacobian_projection)[0]
 
     def normalised(j):
+        # sqrt(‖j‖² + ε): finite gradient where a Jacobian is exactly 0 (padding
+        # rows, or ReLUs that block everything), where ‖j‖ itself has none.
         flat = j.reshape(j.shape[0], -1)
-        return flat / (jnp.linalg.norm(flat, axis=1, keepdims=True) + 1e-12)
+        return flat / jnp.sqrt(jnp.sum(jnp.square(flat), axis=1, keepdims=True) + 1e-12)
 
     per_image = jnp.sum(jnp.square(normalised(j_s) - normalised(batch.teacher_jacobian)), axis=1)
     return _masked_mean(per_image, batch.valid)

@@ -8,7 +8,7 @@ of several categories.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -74,13 +74,24 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
                   cls_labels: np.ndarray, seg_images: np.ndarray, seg_masks: np.ndarray,
                   optimizer: optax.GradientTransformation, num_steps: int, batch_size: int,
                   seed: int, progress: bool | str = True,
+                  history: list[dict[str, float]] | None = None,
+                  checkpoint_every: int = 0,
+                  on_checkpoint: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
+                  step_fn: Callable | None = None,
                   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Train from ``state`` for ``num_steps - state.step`` more steps (resumable).
 
     Batches are drawn by a seeded stream, replayed deterministically from step 0
     when resuming, so an interrupted and resumed run equals an uninterrupted one.
+
+    Args:
+      history: the metrics logged before ``state`` (resuming); extended in place.
+      checkpoint_every: call ``on_checkpoint(state, history)`` after every this
+        many steps (not after the last: the caller saves the final state).
+      step_fn: a step from :func:`make_teacher_step` for this teacher and
+        optimizer, to reuse one compilation across teachers of one shape.
     """
-    step_fn = make_teacher_step(teacher, optimizer)
+    step_fn = step_fn or make_teacher_step(teacher, optimizer)
     cls_stream = IndexStream(len(cls_labels), batch_size, seed)
     seg_stream = IndexStream(len(seg_masks), batch_size, seed + 1)
     start = int(state.step)
@@ -88,7 +99,7 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
         cls_stream.next()
         seg_stream.next()
     key = jax.random.key(seed)
-    history = []
+    history = [] if history is None else history
     desc = progress if isinstance(progress, str) else "train teacher"
     bar = tqdm(range(start, num_steps), desc=desc, disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -105,7 +116,33 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
             values["step"] = i
             history.append(values)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
+        done = i + 1
+        if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 \
+                and done < num_steps:
+            on_checkpoint(state, history)
     return state, history
+
+
+def transfer_backbone(teacher: Teacher, backbone_params: Params, key: Array,
+                      image_size: int) -> dict[str, Any]:
+    """Initialise ``teacher`` from a pre-trained backbone (the paper's ImageNet initialisation).
+
+    Every parameter whose path and shape exist in ``backbone_params`` is copied;
+    the rest (e.g. an ``fc8`` with a different number of outputs) keep their
+    fresh seeded initialisation. Copied leaves are new buffers, so training the
+    result (which donates its state) leaves ``backbone_params`` intact.
+    """
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    fresh = teacher.init({"params": key}, images)["params"]
+    flat_backbone = {path: leaf for path, leaf in
+                     jax.tree_util.tree_flatten_with_path(backbone_params)[0]}
+
+    def pick(path, leaf):
+        source = flat_backbone.get(path)
+        return jnp.array(source, copy=True) if source is not None and source.shape == leaf.shape \
+            else leaf
+
+    return jax.tree_util.tree_map_with_path(pick, fresh)
 
 
 def classification_scores(teacher: Teacher, params: Params, images: Array) -> Array:

@@ -1,0 +1,521 @@
+"""The paper's experiments end to end: teachers, Exps. 1-3, Table 4, tables and plots.
+
+    python -m launch.reproduce --workdir workdir/reproduce
+    python -m launch.reproduce --workdir W --config configs/silhouettes.py:quick
+    python -m launch.reproduce --workdir W --config.generic_category=elephant
+
+Stages (each shows a progress bar with rate and ETA):
+
+1. A shared backbone (10-way classification + segmentation of every category),
+   then per-category teachers fine-tuned from it, and the leave-one-out
+   generic modules of Table 4. Each is an orbax checkpoint under
+   ``W/teachers/`` with its metadata (category, config, metrics, curve). A
+   re-run reuses every checkpoint whose configuration matches; an interrupted
+   teacher resumes from ``W/teachers/<name>.partial`` and ends with the same
+   parameters as an uninterrupted run.
+2. Transplants: Exp. 1 (adapters inside each teacher), Exp. 2/3 (to the
+   generic category's classification / segmentation module), Table 4 (to the
+   leave-one-out modules), every method and sample count of the config.
+3. ``W/results.json`` (layout in the README), ``W/results.md`` (paper-format
+   tables with the paper's numbers, and the claims checked), ``W/fig5_pca.png``,
+   ``W/learning_curves.png`` (+ ``.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+import configs
+from nettransplant import checkpoint, data, evaluation, experiments, modules, report, teachers
+from nettransplant.adapter import Adapter
+from nettransplant.transplant import Transplant
+
+_DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                          "experiment config (a configs/*.py file[:variant])")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce", "where everything is written")
+
+EXPERIMENTS = ("exp1", "exp2", "exp3", "table4")
+
+
+def validate_config(config) -> None:
+    """Fail early, naming the config field, on categories or experiments that cannot run."""
+    def known(field, names):
+        bad = [n for n in names if n not in data.CATEGORIES]
+        if bad:
+            raise ValueError(f"config.{field}: unknown categories {bad}; the dataset has "
+                             f"{list(data.CATEGORIES)}")
+
+    known("categories", config.categories)
+    known("target_categories", config.target_categories)
+    known("generic_category", [config.generic_category])
+    if config.generic_category in config.target_categories:
+        raise ValueError(f"config.generic_category={config.generic_category!r} is also in "
+                         f"config.target_categories {list(config.target_categories)}: a category "
+                         "transplanted to its own task module is Exp. 1")
+    bad = [e for e in config.experiments if e not in EXPERIMENTS]
+    if bad:
+        raise ValueError(f"config.experiments: unknown {bad}; choose from {list(EXPERIMENTS)}")
+    if "table4" in config.experiments:
+        not_mammal = [c for c in config.target_categories if c not in data.MAMMALS]
+        if not_mammal:
+            raise ValueError(f"config.target_categories: Table 4's leave-one-out modules hold "
+                             f"out a mammal, got {not_mammal}")
+    counts = [int(n) for n in config.sample_counts]
+    if any(n < 0 for n in counts) or sorted(set(counts)) != counts:
+        raise ValueError(f"config.sample_counts must be increasing and >= 0, got {counts}")
+
+
+# ----------------------------------------------------------------------------- teachers
+
+
+class TeacherZoo:
+    """Trains, checkpoints and reuses the backbone, category teachers and generic modules."""
+
+    def __init__(self, config, workdir: Path, splits: dict, progress: bool):
+        self.config, self.splits, self.progress = config, splits, progress
+        self.root = workdir / "teachers"
+        self.root.mkdir(parents=True, exist_ok=True)
+        m = config.model
+        self.teacher = modules.make_teacher(width=m.width, input_size=m.image_size,
+                                            dropout_rate=m.dropout_rate,
+                                            num_classes=m.num_classes)
+        self.metrics: dict[str, dict] = {}
+        self.curves: dict[str, list] = {}
+        self._backbone = None
+        self._steps: dict = {}
+
+    def _fingerprint(self, name: str, extra: dict) -> str:
+        c = self.config
+        spec = {"name": name, "seed": c.seed, "data": c.data, "model": c.model.to_dict(),
+                "pretrain": c.pretrain.to_dict(), "teacher": c.teacher.to_dict(), **extra}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _train(self, name: str, teacher: modules.Teacher, init_params, *, cls_images, cls_labels,
+               seg_images, seg_masks, num_steps: int, learning_rate: float, seed: int,
+               metrics_fn, extra: dict):
+        """Train (or reuse, or resume) one teacher; returns its parameters."""
+        final, partial = self.root / name, self.root / f"{name}.partial"
+        fingerprint = self._fingerprint(name, extra)
+        if (teacher, learning_rate) not in self._steps:  # one compilation per shape
+            optimizer = optax.adam(learning_rate)
+            self._steps[teacher, learning_rate] = (
+                optimizer, teachers.make_teacher_step(teacher, optimizer))
+        optimizer, step_fn = self._steps[teacher, learning_rate]
+        if checkpoint.is_checkpoint(final):
+            meta = checkpoint.load_metadata(final)
+            if meta.get("fingerprint") == fingerprint:
+                params, meta = checkpoint.load_checkpoint(final, target=init_params)
+                self.metrics[name], self.curves[name] = meta["metrics"], meta["history"]
+                return params
+            tqdm.write(f"{final}: trained with another configuration; training again")
+        state = teachers.TrainState(jnp.zeros((), jnp.int32), init_params,
+                                    optimizer.init(init_params))
+        history: list = []
+        if checkpoint.is_checkpoint(partial):
+            meta = checkpoint.load_metadata(partial)
+            if meta.get("fingerprint") == fingerprint:
+                saved, meta = checkpoint.load_checkpoint(partial, target=_as_tree(state))
+                state = teachers.TrainState(saved["step"], saved["params"], saved["opt_state"])
+                history = meta["history"]
+                tqdm.write(f"{name}: resuming at step {int(state.step)} of {num_steps}")
+
+        def save_partial(s, h):
+            checkpoint.save_checkpoint(partial, _as_tree(s),
+                                       {"fingerprint": fingerprint, "history": h},
+                                       overwrite=True)
+
+        state, history = teachers.train_teacher(
+            teacher, state, cls_images=cls_images, cls_labels=cls_labels,
+            seg_images=seg_images, seg_masks=seg_masks, optimizer=optimizer,
+            num_steps=num_steps, batch_size=self.config.teacher.batch_size, seed=seed,
+            progress=f"teacher {name}" if self.progress else False, history=history,
+            checkpoint_every=self.config.teacher.checkpoint_every, on_checkpoint=save_partial,
+            step_fn=step_fn)
+        metrics = metrics_fn(teacher, state.params)
+        checkpoint.save_checkpoint(final, state.params, {
+            "fingerprint": fingerprint, "name": name, **extra, "metrics": metrics,
+            "history": history, "config": self.config.to_dict()}, overwrite=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        self.metrics[name], self.curves[name] = metrics, history
+        return state.params
+
+    def backbone(self):
+        """The shared 10-way backbone (the stand-in for ImageNet pre-training)."""
+        if self._backbone is None:
+            c, m = self.config, self.config.model
+            net = modules.make_teacher(width=m.width, input_size=m.image_size,
+                                       num_outputs=len(data.CATEGORIES),
+                                       dropout_rate=m.dropout_rate, num_classes=m.num_classes)
+            train = self.splits["train"]
+            images = data.normalize_images(train.images)
+            init = net.init({"params": jax.random.key(c.seed)},
+                            jnp.zeros((1, m.image_size, m.image_size, 3)))["params"]
+
+            def metrics(net, params):
+                test = self.splits["test"]
+                scores = evaluation.batched_apply(
+                    lambda im: teachers.classification_scores(net, params, im),
+                    data.normalize_images(test.images))
+                predicted = np.asarray(scores).reshape(len(test), -1).argmax(-1)
+                return {"accuracy_10way": float(100 * np.mean(predicted == test.categories)),
+                        "seg_pixel_acc": _seg_acc(net, params, test)}
+
+            self._backbone = self._train(
+                "backbone", net, init, cls_images=images,
+                cls_labels=train.categories.astype(np.int32), seg_images=images,
+                seg_masks=train.masks.astype(np.int32), num_steps=c.pretrain.num_steps,
+                learning_rate=c.pretrain.learning_rate, seed=c.seed, metrics_fn=metrics,
+                extra={"categories": list(data.CATEGORIES), "kind": "backbone"})
+        return self._backbone
+
+    def _init(self, name: str):
+        key = jax.random.fold_in(jax.random.key(self.config.seed), _stable_hash(name))
+        return teachers.transfer_backbone(self.teacher, self.backbone(), key,
+                                          self.config.model.image_size)
+
+    def category(self, category: str):
+        """The teacher of one category: "category vs random images" + its segmentation."""
+        c = self.config
+        train, test = self.splits["train"], self.splits["test"]
+        cls = data.binary_classification(train, [category], seed=c.seed)
+        seg = data.segmentation(train, [category], seed=c.seed)
+
+        def metrics(net, params):
+            view = data.binary_classification(test, [category], seed=c.seed)
+            return {"cls_error": _cls_error(net, params, view),
+                    "seg_pixel_acc": _seg_acc(net, params, data.segmentation(test, [category]))}
+
+        return self._train(
+            category, self.teacher, self._init(category),
+            cls_images=data.normalize_images(cls.images), cls_labels=cls.labels,
+            seg_images=data.normalize_images(seg.images), seg_masks=seg.masks.astype(np.int32),
+            num_steps=c.teacher.num_steps, learning_rate=c.teacher.learning_rate,
+            seed=c.seed + _stable_hash(category) % 1000, metrics_fn=metrics,
+            extra={"category": category, "kind": "category"})
+
+    def leave_one_out(self, held_out: str):
+        """Table 4's generic module: every other mammal + the dissimilar categories.
+
+        Classification is "any of those categories vs object-free scenes" (no
+        category is left to draw negatives from); segmentation covers them all.
+        """
+        c, size = self.config, self.config.model.image_size
+        categories = data.leave_one_out_categories(held_out)
+        n = c.teacher.generic_images
+        train, test = self.splits["train"], self.splits["test"]
+        positives = data.positive_set(train, categories, num_images=n, seed=c.seed)
+        scenes = data.background_scenes(n, size, seed=c.seed + 101)
+        cls_images = np.concatenate([positives.images, scenes])
+        cls_labels = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.int32)
+
+        def metrics(net, params):
+            m = min(len(test), 400)
+            pos = data.positive_set(test, categories, num_images=m, seed=c.seed)
+            view = data.ImageSet(
+                np.concatenate([pos.images, data.background_scenes(m, size, seed=c.seed + 202)]),
+                np.concatenate([np.ones(m), np.zeros(m)]).astype(np.int64), None, None, None)
+            return {"cls_error": _cls_error(net, params, view),
+                    "seg_pixel_acc": _seg_acc(net, params, pos)}
+
+        name = f"generic_without_{held_out}"
+        return self._train(
+            name, self.teacher, self._init(name),
+            cls_images=data.normalize_images(cls_images), cls_labels=cls_labels,
+            seg_images=data.normalize_images(positives.images),
+            seg_masks=positives.masks.astype(np.int32), num_steps=c.teacher.num_steps,
+            learning_rate=c.teacher.learning_rate, seed=c.seed + _stable_hash(name) % 1000,
+            metrics_fn=metrics,
+            extra={"categories": list(categories), "held_out": held_out, "kind": "generic"})
+
+
+def _as_tree(state: teachers.TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _stable_hash(name: str) -> int:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:7], 16)
+
+
+def _cls_error(net, params, view) -> float:
+    scores = evaluation.batched_apply(lambda im: teachers.classification_scores(net, params, im),
+                                      data.normalize_images(view.images))
+    return evaluation.classification_error(evaluation.predict_classes(scores), view.labels)
+
+
+def _seg_acc(net, params, view) -> float:
+    predicted = evaluation.batched_apply(
+        lambda im: jnp.argmax(teachers.segmentation_scores(net, params, im), -1),
+        data.normalize_images(view.images))
+    return evaluation.pixel_accuracy(predicted, view.masks)
+
+
+# ----------------------------------------------------------------------------- transplants
+
+
+class Runner:
+    """Builds each transplant problem and runs its methods over the sample counts."""
+
+    def __init__(self, config, zoo: TeacherZoo, splits: dict, bar: tqdm):
+        self.config, self.zoo, self.splits, self.bar = config, zoo, splits, bar
+        tc = config.transplant
+        self.steps = experiments.StepCache(optax.adam(tc.learning_rate))
+        self.channels = modules.category_channels(config.model.width)
+        self.pad_to = max(tc.batch_size, max(config.sample_counts))
+        self.curves: dict = {}
+        self.fig5: dict = {}
+
+    def _adapter(self, spec) -> Adapter:
+        num_convs, kernel = spec
+        return Adapter(self.channels, num_convs, kernel, reorder_seed=self.config.seed)
+
+    def _beta(self, f_source, source_categories, f_target, target_category) -> float:
+        """β = E_S‖f_S(I)‖ / E_T‖f(I)‖ on unlabelled train images (paper Sec. 3)."""
+        c = self.config
+        n = c.transplant.beta_images
+        source = data.unlabelled_images(self.splits["train"], source_categories, n, seed=c.seed)
+        target = data.unlabelled_images(self.splits["train"], [target_category], n, seed=c.seed)
+        t = self.zoo.teacher
+        fs = experiments.features(self._plain(t), f_source, data.normalize_images(source))
+        ft = experiments.features(self._plain(t), f_target, data.normalize_images(target))
+        from nettransplant import objectives
+        return float(objectives.estimate_beta(fs, ft))
+
+    def _plain(self, teacher) -> Transplant:
+        cls = teacher.classification_module
+        return Transplant(teacher.category_module, Adapter(self.channels, 1, 1), cls, cls)
+
+    def run(self, experiment: str, task: str, adapter_spec, protocol: str, target: str,
+            student: dict, teacher: dict, beta: float, counts, curve_key: str):
+        """All methods × ``counts`` for one target category; returns ``{method: {n: %}}``."""
+        c, tc = self.config, self.config.transplant
+        module = "segmentation_module" if task == "segmentation" else "classification_module"
+        task_module = getattr(self.zoo.teacher, module)
+        transplant = Transplant(
+            category_module=self.zoo.teacher.category_module,
+            adapter=self._adapter(adapter_spec), student_task_module=task_module,
+            teacher_task_module=task_module, task_dummy_relu=experiments.task_dummies(
+                protocol, task_module), adapter_dummy_relu="identity",
+            positive_fraction=tc.positive_fraction)
+        frozen = {"category_module": teacher["category_module"],
+                  "student_task_module": student[module],
+                  "teacher_task_module": teacher[module]}
+        test = self.splits["test"]
+        if task == "segmentation":
+            view = data.segmentation(test, [target], seed=c.seed)
+            test_targets = view.masks
+        else:
+            view = data.binary_classification(test, [target], seed=c.seed)
+            test_targets = view.labels
+        key = jax.random.fold_in(jax.random.key(c.seed), _stable_hash(f"{experiment}/{target}"))
+        lambda0 = (tc.lambda0_segmentation if task == "segmentation"
+                   else tc.lambda0_classification)
+        problem = experiments.make_problem(
+            transplant, frozen, key=key, beta=beta, lambda0=lambda0, num_draws=tc.num_draws,
+            image_size=c.model.image_size, score_size=tc.score_size,
+            test_images=data.normalize_images(view.images), test_targets=test_targets)
+        solution = experiments.zero_sample_solution(problem, ridge=tc.closed_form_ridge,
+                                                    num_draws=tc.closed_form_draws)
+        train = self.splits["train"]
+        pool = (data.segmentation(train, [target], seed=c.seed) if task == "segmentation"
+                else data.binary_classification(train, [target], seed=c.seed))
+        out: dict = {}
+        for n in counts:
+            shots = data.few_shot(pool, n, seed=c.seed)
+            targets = shots.masks.astype(np.int32) if task == "segmentation" else shots.labels
+            transfer = None
+            if n:
+                transfer = experiments.transfer_data(
+                    problem, data.normalize_images(shots.images), targets,
+                    key=jax.random.fold_in(key, n), pad_to=self.pad_to)
+            for method in experiments.methods_for(task):
+                if n == 0 and method != "back-distill":
+                    continue
+                self.bar.set_postfix_str(f"{experiment} {target} {method} n={n}")
+                if method == "back-distill" and n == 0 and solution is not None:
+                    params, history = solution, []
+                else:
+                    init = (solution if method == "back-distill" and solution is not None
+                            else problem.adapter_init)
+                    params, history = experiments.fit(
+                        problem, method, self.steps, data=transfer, num_samples=n, init=init,
+                        num_steps=tc.num_steps, batch_size=tc.batch_size,
+                        draws_per_step=tc.draws_per_step, seed=c.seed + n,
+                        log_every=tc.log_every)
+                out.setdefault(method, {})[str(n)] = experiments.evaluate(problem, params)
+                if history:
+                    self.curves.setdefault(curve_key, {}).setdefault(method, {}).setdefault(
+                        str(n), []).append([h["loss"] for h in history])
+                if experiment == "exp1_3conv" and target == c.categories[0] and \
+                        method in ("back-distill", "direct-learn") and n == _fig5_count(c):
+                    self.fig5[method] = experiments.hidden_features(problem, params)
+                self.bar.update()
+        return out, problem.live_draw_fraction
+
+
+def _fig5_count(config) -> int:
+    positive = [n for n in config.sample_counts if n > 0]
+    return 20 if 20 in positive else (positive[0] if positive else 0)
+
+
+def _num_runs(config) -> int:
+    counts = list(config.sample_counts)
+    labelled = [n for n in counts if n > 0]
+    cls, seg = len(experiments.CLASSIFICATION_METHODS), len(experiments.SEGMENTATION_METHODS)
+    per_cls = (0 in counts) + cls * len(labelled)
+    per_seg = (0 in counts) + seg * len(labelled)
+    per_cls_transfer = cls * len(labelled)
+    total = 0
+    if "exp1" in config.experiments:
+        total += 2 * len(config.categories) * per_cls
+    targets = len(config.target_categories)
+    if "exp2" in config.experiments:
+        total += targets * per_cls_transfer
+    if "exp3" in config.experiments:
+        total += targets * per_seg
+    if "table4" in config.experiments:
+        total += targets * (per_cls_transfer + seg * len(_table4_seg_counts(config)))
+    return total
+
+
+def _table4_seg_counts(config) -> list[int]:
+    """The paper's Table 4 segmentation uses 10 and 20 samples."""
+    chosen = [n for n in config.sample_counts if n in (10, 20)]
+    return chosen or [n for n in config.sample_counts if n > 0][:2]
+
+
+def _with_avg(per_category: dict) -> dict:
+    """``{category: {method: {n: v}}}`` → ``{method: {n: {category: v, "avg": mean}}}``."""
+    out: dict = {}
+    for category, methods in per_category.items():
+        for method, cells in methods.items():
+            for n, value in cells.items():
+                out.setdefault(method, {}).setdefault(n, {})[category] = value
+    for cells in out.values():
+        for row in cells.values():
+            row["avg"] = float(np.mean(list(row.values())))
+    return out
+
+
+def run(config, workdir: Path, progress: bool = True) -> dict:
+    """Everything; returns the ``results.json`` dict."""
+    validate_config(config)
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    m = config.model
+    splits = data.load_silhouettes(m.image_size, config.seed)
+    zoo = TeacherZoo(config, workdir, splits, progress)
+    needed = list(dict.fromkeys([*config.categories, config.generic_category,
+                                 *config.target_categories]))
+    generic_needed = "table4" in config.experiments
+    stage = tqdm(total=1 + len(needed) + generic_needed * len(config.target_categories),
+                 desc="teachers", disable=not progress, dynamic_ncols=True)
+    zoo.backbone()
+    stage.update()
+    params = {}
+    for category in needed:
+        stage.set_postfix_str(category)
+        params[category] = zoo.category(category)
+        stage.update()
+    generic = {}
+    if generic_needed:
+        for category in config.target_categories:
+            stage.set_postfix_str(f"generic without {category}")
+            generic[category] = zoo.leave_one_out(category)
+            stage.update()
+    stage.close()
+
+    results: dict = {"teachers": {c: zoo.metrics[c] for c in needed},
+                     "backbone": zoo.metrics["backbone"],
+                     "generic_modules": {c: zoo.metrics[f"generic_without_{c}"]
+                                         for c in generic},
+                     "config": config.to_dict()}
+    live: dict = {}
+    bar = tqdm(total=_num_runs(config), desc="transplants", disable=not progress,
+               dynamic_ncols=True)
+    runner = Runner(config, zoo, splits, bar)
+    counts = [int(n) for n in config.sample_counts]
+    labelled = [n for n in counts if n > 0]
+    generic_cat = config.generic_category
+
+    if "exp1" in config.experiments:
+        results["exp1"] = {}
+        for name, spec in (("1conv", config.adapters.exp1_1conv),
+                           ("3conv", config.adapters.exp1_3conv)):
+            cells = {}
+            for category in config.categories:
+                t = params[category]
+                cells[category], live[f"exp1_{name}/{category}"] = runner.run(
+                    f"exp1_{name}", "classification", spec, "exp1", category, t, t, 1.0, counts,
+                    f"exp1_{name}")
+            results["exp1"][name] = _with_avg(cells)
+
+    def transfer(experiment, task, spec, protocol, student_of, source_categories_of, counts_):
+        cells = {}
+        for category in config.target_categories:
+            student = student_of(category)
+            beta = runner._beta(student["category_module"], source_categories_of(category),
+                                params[category]["category_module"], category)
+            cells[category], live[f"{experiment}/{category}"] = runner.run(
+                experiment, task, spec, protocol, category, student, params[category], beta,
+                counts_, experiment)
+        return _with_avg(cells)
+
+    if "exp2" in config.experiments:
+        results["exp2"] = transfer("exp2", "classification", config.adapters.exp2, "exp2",
+                                   lambda c: params[generic_cat], lambda c: [generic_cat],
+                                   labelled)
+    if "exp3" in config.experiments:
+        results["exp3"] = transfer("exp3", "segmentation", config.adapters.exp3, "exp3",
+                                   lambda c: params[generic_cat], lambda c: [generic_cat], counts)
+    if "table4" in config.experiments:
+        results["table4"] = {
+            "classification": transfer(
+                "table4_classification", "classification", config.adapters.exp2, "exp2",
+                lambda c: generic[c], data.leave_one_out_categories, labelled),
+            "segmentation": transfer(
+                "table4_segmentation", "segmentation", config.adapters.exp3, "exp3",
+                lambda c: generic[c], data.leave_one_out_categories,
+                _table4_seg_counts(config)),
+        }
+    bar.close()
+    results["live_draw_fraction"] = live
+    results["runtime_s"] = time.perf_counter() - start
+
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    (workdir / "results.md").write_text(report.results_markdown(results))
+    curves = {"teachers": zoo.curves, "transplants": runner.curves}
+    (workdir / "learning_curves.json").write_text(json.dumps(curves))
+    report.plot_learning_curves(curves, workdir / "learning_curves.png")
+    if len(runner.fig5) == 2:
+        report.plot_fig5(runner.fig5, workdir / "fig5_pca.png",
+                         title=f"Exp. 1, 3-conv adapter, {config.categories[0]}, "
+                               f"{_fig5_count(config)} samples")
+    return results
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    workdir = Path(_WORKDIR.value)
+    results = run(_CONFIG.value, workdir, progress=True)
+    print(report.summary(results))
+    print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.json, "
+          f"results.md, fig5_pca.png, learning_curves.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

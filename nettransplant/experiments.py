@@ -1,0 +1,231 @@
+"""One transplant problem and its runs: the unit the paper's experiments are made of.
+
+A :class:`TransplantProblem` fixes everything that does not change between
+methods and sample counts: the wiring (target category module → adapter →
+student task module, with the target's teacher task module as the reference),
+the frozen parameters, α/β/λ, the cached bank of pseudo-gradient draws
+(dead draws dropped), the test set as frozen features, and the adapter's
+random initialisation. :func:`fit` learns one adapter with one method from N
+labelled samples; :func:`evaluate` scores it on the test set.
+
+Which ReLU dummies the pseudo chains use follows the paper (DESIGN.md §2):
+:func:`task_dummies`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nettransplant import closed_form, evaluation, objectives
+from nettransplant import train as train_lib
+from nettransplant.layers import DummySpec
+from nettransplant.transplant import TaskModule, Transplant
+
+Array = jax.Array
+Params = Mapping[str, Any]
+
+CLASSIFICATION_METHODS = ("back-distill", "direct-learn", "jacobian")
+SEGMENTATION_METHODS = ("back-distill", "direct-learn", "distill", "jacobian")
+
+
+def task_dummies(protocol: str, module: TaskModule) -> DummySpec:
+    """The task modules' ReLU dummies of an experiment (paper Sec. 4).
+
+    ``"exp1"``: the 2nd dummy (random ``x_rand`` mask) everywhere; ``"exp2"``:
+    the 1st (identity) everywhere but the lowest ReLU of the task module, which
+    takes the 2nd; ``"exp3"``: the 1st everywhere. The adapter always uses the
+    1st. Table 4 uses Exp. 2's (classification) and Exp. 3's (segmentation).
+    """
+    if protocol == "exp1":
+        return "random_mask"
+    if protocol == "exp2":
+        return {"default": "identity", module.relu_names()[0]: "random_mask"}
+    if protocol == "exp3":
+        return "identity"
+    raise ValueError(f"unknown protocol {protocol!r}; expected 'exp1', 'exp2' or 'exp3'")
+
+
+def methods_for(task: str) -> tuple[str, ...]:
+    return SEGMENTATION_METHODS if task == "segmentation" else CLASSIFICATION_METHODS
+
+
+def drop_dead_draws(cache: objectives.ChainCache, num_draws: int) -> objectives.ChainCache:
+    """Keep ``num_draws`` draws whose teacher pseudo-gradient is not identically zero.
+
+    On small maps a random ``x_rand`` mask can block every path (``D'_T = 0``);
+    such a draw carries no information and dilutes α and λ. Live draws are
+    repeated in order if fewer than ``num_draws`` survive, so the bank keeps
+    one shape.
+    """
+    norms = np.asarray(jnp.sum(jnp.abs(cache.teacher_gradient.reshape(cache.num_draws, -1)),
+                               axis=1))
+    live = np.flatnonzero(norms > 0)
+    if live.size == 0:
+        raise ValueError(f"all {cache.num_draws} pseudo-gradient draws are zero: the task "
+                         "module's dummy masks block every path; use a larger score_size or a "
+                         "larger positive_fraction")
+    return cache.take(jnp.asarray(live[np.arange(num_draws) % live.size]))
+
+
+@dataclasses.dataclass
+class TransplantProblem:
+    """Everything fixed for one transplant, shared by its methods and sample counts.
+
+    Attributes:
+      transplant: the wiring (static).
+      frozen: ``category_module`` (the target's ``f``), ``student_task_module``
+        (``g_S``) and ``teacher_task_module`` (``g_T``) parameters.
+      scalars: α, β, λ.
+      cache: the bank of draws (``G_h``, ``D'_T``), dead draws dropped.
+      adapter_init: the seeded random adapter every trained method starts from.
+      test_features: ``f(I)`` of the test images.
+      test_targets: test labels ``(N,)`` or masks ``(N, H, W)``.
+      live_draw_fraction: the share of sampled draws with ``D'_T ≠ 0``.
+    """
+
+    transplant: Transplant
+    frozen: Params
+    scalars: objectives.TransplantScalars
+    cache: objectives.ChainCache
+    adapter_init: Params
+    test_features: Array
+    test_targets: np.ndarray
+    live_draw_fraction: float
+
+    @property
+    def task(self) -> str:
+        return self.transplant.task
+
+
+def features(transplant: Transplant, category_params: Params, images: np.ndarray) -> Array:
+    """``f(I)`` of normalised images, in chunks."""
+    return evaluation.batched_apply(
+        lambda im: _features(transplant, category_params, im), images)
+
+
+@partial(jax.jit, static_argnums=0)
+def _features(transplant, category_params, images):
+    return transplant.features({"category_module": category_params}, images)
+
+
+def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: float,
+                 lambda0: float, num_draws: int, image_size: int, score_size: int,
+                 test_images: np.ndarray, test_targets: np.ndarray) -> TransplantProblem:
+    """Sample and cache the draws, fix α/β/λ, and store the test set as features.
+
+    Args:
+      key: seeds the draws (oversampled 1.5× so dropping dead ones keeps ``num_draws``
+        distinct draws in the common case) and the adapter initialisation.
+      beta: the re-scaling (1 when ``f`` is the teacher's own).
+      test_images: normalised test images ``(N, H, W, 3)``.
+    """
+    k_draws, k_init = jax.random.split(key)
+    shape = objectives.output_gradient_shape(transplant, image_size=image_size,
+                                             score_size=score_size)
+    sampled = objectives.build_chain_cache(transplant, frozen, k_draws,
+                                           (3 * num_draws + 1) // 2, shape)
+    live = float(np.mean(np.asarray(jnp.any(
+        sampled.teacher_gradient.reshape(sampled.num_draws, -1) != 0, axis=1))))
+    cache = drop_dead_draws(sampled, num_draws)
+    scalars = objectives.compute_scalars(cache, beta, lambda0)
+    x0 = jnp.zeros((1, image_size // 2, image_size // 2, transplant.adapter.channels))
+    adapter_init = transplant.adapter.init(k_init, x0)["params"]
+    test_x = features(transplant, frozen["category_module"], test_images)
+    return TransplantProblem(transplant, frozen, scalars, cache, adapter_init, test_x,
+                             np.asarray(test_targets), live)
+
+
+def zero_sample_solution(problem: TransplantProblem, *, ridge: float, num_draws: int
+                         ) -> Params | None:
+    """The exact optimum of the zero-sample objective for single-conv adapters, else None."""
+    if problem.transplant.adapter.num_convs != 1:
+        return None
+    return closed_form.solve_single_conv_adapter(
+        problem.transplant, problem.cache, problem.scalars, ridge=ridge,
+        num_draws=min(num_draws, problem.cache.num_draws))
+
+
+def transfer_data(problem: TransplantProblem, images: np.ndarray, targets: np.ndarray, *,
+                  key: Array, pad_to: int) -> objectives.TransferData:
+    """The labelled samples of a run as frozen features, teacher outputs and Jacobians."""
+    x = features(problem.transplant, problem.frozen["category_module"], images)
+    return objectives.make_transfer_data(problem.transplant, problem.frozen, x,
+                                         jnp.asarray(targets), key=key, pad_to=pad_to)
+
+
+class StepCache:
+    """One jitted train step per (transplant, method): problems of one shape share it."""
+
+    def __init__(self, optimizer: optax.GradientTransformation):
+        self.optimizer = optimizer
+        self._steps: dict[tuple, train_lib.StepFn] = {}
+
+    def __call__(self, transplant: Transplant, method: str) -> train_lib.StepFn:
+        key = (transplant, method)
+        if key not in self._steps:
+            self._steps[key] = train_lib.make_train_step(transplant, method, self.optimizer)
+        return self._steps[key]
+
+
+def fit(problem: TransplantProblem, method: str, steps: StepCache, *,
+        data: objectives.TransferData | None, num_samples: int, init: Params,
+        num_steps: int, batch_size: int, draws_per_step: int, seed: int,
+        log_every: int = 10, progress: bool | str = False
+        ) -> tuple[Params, list[dict[str, float]]]:
+    """Learn the adapter with ``method`` from ``num_samples`` labelled samples.
+
+    Zero-sample back-distillation passes ``data=None``. Returns the adapter
+    parameters and the logged training metrics.
+    """
+    if num_samples == 0 and method != "back-distill":
+        raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
+    draws = problem.cache if method == "back-distill" else None
+    state = train_lib.create_train_state(init, steps.optimizer)
+    state, history = train_lib.train_adapter(
+        steps(problem.transplant, method), state, problem.frozen, problem.scalars,
+        num_steps=num_steps, data=data if num_samples else None, num_samples=num_samples,
+        batch_size=batch_size, draws=draws, draws_per_step=draws_per_step, seed=seed,
+        progress=progress, log_every=log_every)
+    return state.params, history
+
+
+@partial(jax.jit, static_argnums=0)
+def _student_predictions(transplant: Transplant, adapter_params, frozen, beta, x):
+    y = transplant.student_output(adapter_params, frozen, x, beta)
+    if transplant.task == "segmentation":
+        return jnp.argmax(y, axis=-1)
+    return evaluation.predict_classes(y)
+
+
+def evaluate(problem: TransplantProblem, adapter_params: Params) -> float:
+    """Test classification error (%) or segmentation pixel accuracy (%)."""
+    predictions = evaluation.batched_apply(
+        lambda x: _student_predictions(problem.transplant, adapter_params, problem.frozen,
+                                       problem.scalars.beta, x), problem.test_features)
+    if problem.task == "segmentation":
+        return evaluation.pixel_accuracy(predictions, problem.test_targets)
+    return evaluation.classification_error(predictions, problem.test_targets)
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _hidden(transplant: Transplant, adapter_params, frozen, beta, x, layer):
+    h, _ = transplant.adapter.apply({"params": adapter_params}, x, beta=beta)
+    _, inter = transplant.student_task_module.apply(
+        {"params": frozen["student_task_module"]}, h)
+    return inter[layer].reshape(x.shape[0], -1)
+
+
+def hidden_features(problem: TransplantProblem, adapter_params: Params,
+                    layer: str = "relu7") -> np.ndarray:
+    """The student's top hidden features (default ``relu7``) on the test images, ``(N, D)``."""
+    return np.asarray(evaluation.batched_apply(
+        lambda x: _hidden(problem.transplant, adapter_params, problem.frozen,
+                          problem.scalars.beta, x, layer), problem.test_features))

@@ -1,0 +1,235 @@
+"""Paper-format tables (ours beside the paper's), the claims checked, and the plots.
+
+:func:`results_markdown` renders ``results.json`` like the paper's Tables 2-4:
+one row per (samples, method), one column per category plus the average, each
+cell ``ours (paper)``. :func:`claims` checks the paper's headline claims on our
+numbers. :func:`plot_fig5` and :func:`plot_learning_curves` draw the figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nettransplant import paper_results
+
+METHOD_ORDER = ("direct-learn", "distill", "jacobian", "back-distill")
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def table(ours: Mapping, paper: Mapping | None, metric: str) -> str:
+    """One paper-style table: rows (samples ↓, method), columns categories + avg."""
+    paper = paper or {}
+    columns: list[str] = []
+    counts: set[int] = set()
+    for cells in ours.values():
+        for n, row in cells.items():
+            counts.add(int(n))
+            columns += [c for c in row if c not in columns and c != "avg"]
+    columns.append("avg")
+    lines = [f"| samples | method | {' | '.join(columns)} |",
+             "|---|---|" + "---|" * len(columns)]
+    for n in sorted(counts, reverse=True):
+        for method in [m for m in METHOD_ORDER if m in ours] + sorted(
+                m for m in ours if m not in METHOD_ORDER):
+            row = ours[method].get(str(n))
+            if row is None:
+                continue
+            ref = paper.get(method, {}).get(str(n), {})
+            cells = [_fmt(row.get(c)) + (f" ({ref[c]:.1f})" if c in ref else "")
+                     for c in columns]
+            name = f"**{method}**" if method == "back-distill" else method
+            lines.append(f"| {n} | {name} | {' | '.join(cells)} |")
+    return f"{metric}; cells: ours (paper).\n\n" + "\n".join(lines)
+
+
+def _avg(results: Mapping, *path) -> float | None:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node.get("avg") if isinstance(node, Mapping) else None
+
+
+def claims(results: Mapping) -> list[dict[str, Any]]:
+    """The paper's claims the embedded run checks; each with our numbers and a verdict."""
+    out = []
+    teachers = results.get("teachers", {})
+    exp1_cats = [c for c in (results.get("config", {}).get("categories") or teachers)
+                 if c in teachers]
+    if "exp1" in results and exp1_cats:
+        teacher_avg = float(np.mean([teachers[c]["cls_error"] for c in exp1_cats]))
+        bd0 = _avg(results, "exp1", "1conv", "back-distill", "0")
+        if bd0 is not None:
+            out.append({"claim": "Exp. 1, 1-conv, 0 samples: back-distill error ≤ teachers' "
+                                 "average + 2 points",
+                        "ours": f"{bd0:.1f} vs teachers {teacher_avg:.1f}",
+                        "holds": bd0 <= teacher_avg + 2})
+    checks = [("exp1", ("1conv",), ("10", "20"), "Exp. 1, 1-conv", 5, "error"),
+              ("exp1", ("3conv",), ("10", "20"), "Exp. 1, 3-conv", 5, "error"),
+              ("exp2", (), ("20", "50"), "Exp. 2", 5, "error"),
+              ("exp3", (), ("10", "20"), "Exp. 3", 3, "accuracy")]
+    for key, sub, counts, label, margin, kind in checks:
+        for n in counts:
+            bd = _avg(results, key, *sub, "back-distill", n)
+            dl = _avg(results, key, *sub, "direct-learn", n)
+            if bd is None or dl is None:
+                continue
+            if kind == "error":
+                text = f"{label}, {n} samples: back-distill error ≤ direct-learn − {margin}"
+                holds = bd <= dl - margin
+            else:
+                text = f"{label}, {n} samples: back-distill pixel accuracy ≥ direct-learn + {margin}"
+                holds = bd >= dl + margin
+            out.append({"claim": text, "ours": f"{bd:.1f} vs {dl:.1f}", "holds": holds})
+    return out
+
+
+def results_markdown(results: Mapping) -> str:
+    """``results.md``: teachers, Tables 2-4 with the paper's numbers, claims, runtime."""
+    parts = ["# Network transplanting on the embedded benchmark", ""]
+    teachers = results.get("teachers", {})
+    if teachers:
+        parts += ["## Teachers", "",
+                  "| category | classification error % | segmentation pixel accuracy % |",
+                  "|---|---|---|"]
+        for c, m in teachers.items():
+            ref_e = paper_results.TEACHERS["cls_error"].get(c)
+            ref_a = paper_results.TEACHERS["seg_pixel_acc"].get(c)
+            parts.append(f"| {c} | {m['cls_error']:.1f}" + (f" ({ref_e})" if ref_e else "")
+                         + f" | {m['seg_pixel_acc']:.1f}" + (f" ({ref_a})" if ref_a else "")
+                         + " |")
+        parts.append("")
+    if "backbone" in results:
+        b = results["backbone"]
+        parts += [f"Shared backbone (10-way + segmentation, every teacher's initialisation): "
+                  f"{b['accuracy_10way']:.1f} % 10-way test accuracy, "
+                  f"{b['seg_pixel_acc']:.1f} % pixel accuracy.", ""]
+    for key, label in (("exp1", "Table 2 — Exp. 1: adapters inside each teacher"),):
+        if key in results:
+            for name, adapter in (("1conv", "one conv layer (3×3)"),
+                                  ("3conv", "three conv layers (3×3)")):
+                if name in results[key]:
+                    parts += [f"## {label}, {adapter}", "",
+                              table(results[key][name], paper_results.EXP1.get(name),
+                                    "Classification error %"), ""]
+    if "exp2" in results:
+        parts += ["## Table 3 (top) — Exp. 2: to the generic classification module", "",
+                  table(results["exp2"], paper_results.EXP2, "Classification error %"), ""]
+    if "exp3" in results:
+        parts += ["## Table 3 (bottom) — Exp. 3: to the generic segmentation module", "",
+                  table(results["exp3"], paper_results.EXP3, "Pixel accuracy %"), ""]
+    if "table4" in results:
+        g = results.get("generic_modules", {})
+        parts += ["## Table 4 — to leave-one-out modules (other mammals + dissimilar)", ""]
+        if g:
+            parts += ["Generic modules (held-out category: classification error on "
+                      "\"training category vs object-free scene\", pixel accuracy): "
+                      + "; ".join(f"{c}: {m['cls_error']:.1f} / {m['seg_pixel_acc']:.1f}"
+                                  for c, m in g.items()), ""]
+        for task, metric in (("classification", "Classification error %"),
+                             ("segmentation", "Pixel accuracy %")):
+            if task in results["table4"]:
+                parts += [f"### {task}", "", table(results["table4"][task],
+                                                   paper_results.TABLE4[task], metric), ""]
+    checked = claims(results)
+    if checked:
+        parts += ["## The paper's claims on this benchmark", "",
+                  "| claim | ours | holds |", "|---|---|---|"]
+        parts += [f"| {c['claim']} | {c['ours']} | {'yes' if c['holds'] else '**no**'} |"
+                  for c in checked]
+        parts.append("")
+    if "runtime_s" in results:
+        parts += [f"Runtime: {results['runtime_s']:.0f} s.", ""]
+    return "\n".join(parts)
+
+
+def summary(results: Mapping) -> str:
+    """A short console summary: teacher averages and the claims."""
+    lines = []
+    teachers = results.get("teachers", {})
+    if teachers:
+        lines.append("teachers: " + ", ".join(
+            f"{c} {m['cls_error']:.1f} % / {m['seg_pixel_acc']:.1f} %"
+            for c, m in teachers.items()))
+    for c in claims(results):
+        lines.append(f"[{'holds' if c['holds'] else 'FAILS'}] {c['claim']}: {c['ours']}")
+    return "\n".join(lines)
+
+
+def _pca(features: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    centred = features - features.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt[:k], s[:k]
+
+
+def plot_fig5(features: Mapping[str, np.ndarray], path: Path, title: str = "") -> None:
+    """Paper Fig. 5: top hidden features projected on their first two principal components.
+
+    One PCA is fitted on both methods' features together so the axes (and
+    hence the spread) are comparable.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in ("back-distill", "direct-learn") if m in features]
+    stacked = np.concatenate([features[m] for m in names])
+    axes, _ = _pca(stacked)
+    mean = stacked.mean(axis=0)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, colour in zip(names, ("tab:red", "tab:blue"), strict=False):
+        z = (features[name] - mean) @ axes.T
+        spread = float(np.sqrt((z ** 2).sum(axis=1)).mean())
+        ax.scatter(z[:, 0], z[:, 1], s=8, alpha=0.6, color=colour,
+                   label=f"{name} (mean radius {spread:.2f})")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title or "top hidden features")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_learning_curves(curves: Mapping, path: Path) -> None:
+    """Teacher losses and, per experiment, each method's mean training loss per sample count."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    transplants = curves.get("transplants", {})
+    panels = 1 + len(transplants)
+    cols = min(panels, 3)
+    rows = (panels + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    ax = axes[0][0]
+    for name, history in curves.get("teachers", {}).items():
+        if history:
+            ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
+    ax.set_title("teachers: training loss")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6)
+    styles = {"back-distill": "-", "direct-learn": "--", "distill": ":", "jacobian": "-."}
+    for i, (experiment, methods) in enumerate(transplants.items(), start=1):
+        ax = axes[i // cols][i % cols]
+        for method, by_count in methods.items():
+            for n, runs in sorted(by_count.items(), key=lambda kv: int(kv[0])):
+                mean = np.mean(np.asarray(runs, np.float64), axis=0)
+                ax.plot(mean, styles.get(method, "-"), label=f"{method} n={n}")
+        ax.set_yscale("log")
+        ax.set_title(f"{experiment}: mean loss over categories")
+        ax.set_xlabel("logged step")
+        ax.legend(fontsize=5, ncol=2)
+    for j in range(panels, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
