@@ -43,14 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The shared backbone every teacher starts from (10-way classification of
     # all categories + segmentation).
     config.pretrain = ml_collections.ConfigDict()
-    config.pretrain.num_steps = 1500
+    config.pretrain.num_steps = 600
     config.pretrain.batch_size = 32
     config.pretrain.learning_rate = 3e-4
 
     # Teachers: category module + classification + segmentation task modules,
     # fine-tuned per category (and per leave-one-out category set).
     config.teacher = ml_collections.ConfigDict()
-    config.teacher.num_steps = 300
+    config.teacher.num_steps = 200
     config.teacher.batch_size = 32
     config.teacher.learning_rate = 3e-4
     config.teacher.checkpoint_every = 100  # steps between resumable checkpoints
@@ -61,19 +61,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant = ml_collections.ConfigDict()
     config.transplant.score_size = 7  # S of the enlarged classification G_y'
     config.transplant.positive_fraction = 0.2  # x_rand: 20 % positive entries
-    config.transplant.num_draws = 128  # cached (G_y', x_rand) bank per transplant
-    config.transplant.draws_per_step = 8
+    config.transplant.num_draws = 64  # cached (G_y', x_rand) bank per transplant
+    config.transplant.draws_per_step = 4
     config.transplant.batch_size = 32  # labelled images per step (padded, masked)
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
-    config.transplant.learning_rate = 1e-3
-    config.transplant.num_steps = 300
+    config.transplant.learning_rate = 3e-3
+    config.transplant.num_steps = 100
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,
     # h·w equations per draw, so a few dozen draws pin the solution down.
     config.transplant.closed_form_draws = 16
     config.transplant.beta_images = 200  # unlabelled images per side for β
-    config.transplant.log_every = 10  # learning-curve resolution (steps)
+    config.transplant.log_every = 5  # learning-curve resolution (steps)
 
     # Adapters per experiment: (num_convs, kernel_size).
     config.adapters = ml_collections.ConfigDict()

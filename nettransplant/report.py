@@ -86,7 +86,8 @@ def claims(results: Mapping) -> list[dict[str, Any]]:
                 text = f"{label}, {n} samples: back-distill error ≤ direct-learn − {margin}"
                 holds = bd <= dl - margin
             else:
-                text = f"{label}, {n} samples: back-distill pixel accuracy ≥ direct-learn + {margin}"
+                text = (f"{label}, {n} samples: back-distill pixel accuracy ≥ "
+                        f"direct-learn + {margin}")
                 holds = bd >= dl + margin
             out.append({"claim": text, "ours": f"{bd:.1f} vs {dl:.1f}", "holds": holds})
     return out

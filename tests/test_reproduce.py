@@ -1,0 +1,153 @@
+"""The main job: `launch.reproduce` on the quick config, teacher reuse and resume, reports."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import silhouettes
+from launch import reproduce
+from nettransplant import checkpoint, experiments, objectives, report, teachers
+
+METHODS = {"back-distill", "direct-learn", "distill", "jacobian"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reproduce")
+    config = silhouettes.get_config("quick")
+    return workdir, config, reproduce.run(config, workdir, progress=False)
+
+
+def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
+    workdir, config, results = quick_run
+    for name in ("results.json", "results.md", "fig5_pca.png", "learning_curves.png",
+                 "learning_curves.json"):
+        assert (workdir / name).is_file(), name
+    assert json.loads((workdir / "results.json").read_text())["exp1"] == results["exp1"]
+    assert set(results["teachers"]) == {"cat", "dog"}
+    for metrics in results["teachers"].values():
+        assert 0 <= metrics["cls_error"] <= 100 and 0 <= metrics["seg_pixel_acc"] <= 100
+    for adapter in ("1conv", "3conv"):
+        cells = results["exp1"][adapter]
+        assert set(cells) <= METHODS and set(cells["back-distill"]) == {"0", "10"}
+        assert set(cells["back-distill"]["10"]) == {"cat", "dog", "avg"}
+        assert "0" not in cells["direct-learn"]
+    assert set(results["exp2"]) == {"back-distill", "direct-learn", "jacobian"}
+    assert set(results["exp3"]) == METHODS
+    assert set(results["table4"]) == {"classification", "segmentation"}
+    assert set(results["table4"]["segmentation"]["distill"]["10"]) == {"cat", "avg"}
+    assert results["runtime_s"] > 0
+    md = (workdir / "results.md").read_text()
+    assert "Table 2" in md and "Table 3" in md and "Table 4" in md and "(1.6)" in md
+
+
+def test_zero_sample_single_conv_adapter_reproduces_its_teacher(quick_run):
+    # Exp. 1's ideal adapter undoes the reorder exactly; the closed form finds it.
+    _, _, results = quick_run
+    for category, metrics in results["teachers"].items():
+        assert results["exp1"]["1conv"]["back-distill"]["0"][category] == pytest.approx(
+            metrics["cls_error"], abs=0.5)
+
+
+def test_rerun_reuses_the_teacher_checkpoints(quick_run, monkeypatch):
+    workdir, config, results = quick_run
+    config = silhouettes.get_config("quick")
+    config.experiments = ()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished teacher was trained again")
+
+    monkeypatch.setattr(teachers, "train_teacher", forbidden)
+    again = reproduce.run(config, workdir, progress=False)
+    assert again["teachers"] == results["teachers"]
+    assert not list((workdir / "teachers").glob("*.partial"))
+    meta = checkpoint.load_metadata(workdir / "teachers" / "cat")
+    assert meta["category"] == "cat" and meta["metrics"] == results["teachers"]["cat"]
+    assert meta["config"]["teacher"]["num_steps"] == config.teacher.num_steps
+
+
+def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path, monkeypatch):
+    config = silhouettes.get_config("quick")
+    config.experiments = ()
+    config.categories, config.target_categories = ("cat",), ()
+    config.generic_category = "dog"
+    splits = reproduce.data.load_silhouettes(config.model.image_size, config.seed)
+    straight = reproduce.TeacherZoo(config, tmp_path / "a", splits, progress=False)
+    expected = straight.category("cat")
+
+    original = teachers.train_teacher
+
+    def interrupted(*args, on_checkpoint, **kwargs):
+        def save_then_crash(state, history):
+            on_checkpoint(state, history)
+            raise KeyboardInterrupt
+
+        return original(*args, on_checkpoint=save_then_crash, **kwargs)
+
+    zoo = reproduce.TeacherZoo(config, tmp_path / "b", splits, progress=False)
+    zoo.backbone()
+    monkeypatch.setattr(teachers, "train_teacher", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.category("cat")
+    assert checkpoint.is_checkpoint(tmp_path / "b" / "teachers" / "cat.partial")
+    assert not (tmp_path / "b" / "teachers" / "cat").exists()
+    monkeypatch.setattr(teachers, "train_teacher", original)
+    resumed = reproduce.TeacherZoo(config, tmp_path / "b", splits, progress=False).category("cat")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 expected, resumed)
+    assert not (tmp_path / "b" / "teachers" / "cat.partial").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("generic_category", "cat", "config.generic_category"),
+    ("target_categories", ("cat", "unicorn"), "config.target_categories"),
+    ("experiments", ("exp9",), "config.experiments"),
+    ("sample_counts", (20, 10), "config.sample_counts"),
+])
+def test_bad_configs_fail_naming_the_field(field, value, message):
+    config = silhouettes.get_config()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        reproduce.validate_config(config)
+
+
+def test_dead_draws_are_dropped_and_the_bank_keeps_its_size():
+    teacher = jnp.stack([jnp.zeros((2, 2)), jnp.ones((2, 2)), jnp.zeros((2, 2)),
+                         2 * jnp.ones((2, 2))])
+    cache = objectives.ChainCache(teacher + 10, teacher, jnp.arange(4))
+    kept = experiments.drop_dead_draws(cache, 4)
+    np.testing.assert_array_equal(kept.mask_keys, [1, 3, 1, 3])
+    with pytest.raises(ValueError, match="all 4"):
+        experiments.drop_dead_draws(objectives.ChainCache(teacher, 0 * teacher, None), 2)
+
+
+def test_experiment_dummies_follow_the_paper():
+    from nettransplant.modules import ClassificationTaskModule
+    module = ClassificationTaskModule(width=0.125, input_size=32)
+    assert experiments.task_dummies("exp1", module) == "random_mask"
+    exp2 = experiments.task_dummies("exp2", module)
+    assert exp2 == {"default": "identity", module.relu_names()[0]: "random_mask"}
+    assert experiments.task_dummies("exp3", module) == "identity"
+
+
+def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
+    row = {"cat": 3.0, "cow": 5.0, "avg": 4.0}
+    results = {
+        "teachers": {"cat": {"cls_error": 3.0, "seg_pixel_acc": 90.0},
+                     "cow": {"cls_error": 5.0, "seg_pixel_acc": 91.0}},
+        "config": {"categories": ["cat", "cow"]},
+        "exp1": {"1conv": {"back-distill": {"0": row, "10": row},
+                           "direct-learn": {"10": {"cat": 20.0, "cow": 30.0, "avg": 25.0}}}},
+        "exp3": {"back-distill": {"10": {"cat": 80.0, "avg": 80.0}},
+                 "direct-learn": {"10": {"cat": 78.0, "avg": 78.0}}},
+    }
+    md = report.results_markdown(results)
+    assert "| 10 | **back-distill** | 3.0 (1.6) | 5.0 (0.5) | 4.0 (1.6) |" in md
+    verdicts = {c["claim"]: c["holds"] for c in report.claims(results)}
+    assert verdicts["Exp. 1, 1-conv, 0 samples: back-distill error ≤ teachers' average + 2 "
+                    "points"]
+    assert verdicts["Exp. 1, 1-conv, 10 samples: back-distill error ≤ direct-learn − 5"]
+    assert not verdicts["Exp. 3, 10 samples: back-distill pixel accuracy ≥ direct-learn + 3"]
