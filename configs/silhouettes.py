@@ -43,14 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The shared backbone every teacher starts from (10-way classification of
     # all categories + segmentation).
     config.pretrain = ml_collections.ConfigDict()
-    config.pretrain.num_steps = 600
+    config.pretrain.num_steps = 1500
     config.pretrain.batch_size = 32
     config.pretrain.learning_rate = 3e-4
 
     # Teachers: category module + classification + segmentation task modules,
     # fine-tuned per category (and per leave-one-out category set).
     config.teacher = ml_collections.ConfigDict()
-    config.teacher.num_steps = 200
+    config.teacher.num_steps = 300
     config.teacher.batch_size = 32
     config.teacher.learning_rate = 3e-4
     config.teacher.checkpoint_every = 100  # steps between resumable checkpoints
@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
     config.transplant.learning_rate = 3e-3
-    config.transplant.num_steps = 100
+    config.transplant.num_steps = 60
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,
     # h·w equations per draw, so a few dozen draws pin the solution down.

@@ -167,7 +167,7 @@ class TeacherZoo:
             def metrics(net, params):
                 test = self.splits["test"]
                 scores = evaluation.batched_apply(
-                    lambda im: teachers.classification_scores(net, params, im),
+                    lambda im: _classification_scores(net, params, im),
                     data.normalize_images(test.images))
                 predicted = np.asarray(scores).reshape(len(test), -1).argmax(-1)
                 return {"accuracy_10way": float(100 * np.mean(predicted == test.categories)),
@@ -249,15 +249,19 @@ def _stable_hash(name: str) -> int:
     return int(hashlib.sha256(name.encode()).hexdigest()[:7], 16)
 
 
+_classification_scores = jax.jit(teachers.classification_scores, static_argnums=0)
+_segmentation_scores = jax.jit(teachers.segmentation_scores, static_argnums=0)
+
+
 def _cls_error(net, params, view) -> float:
-    scores = evaluation.batched_apply(lambda im: teachers.classification_scores(net, params, im),
+    scores = evaluation.batched_apply(lambda im: _classification_scores(net, params, im),
                                       data.normalize_images(view.images))
     return evaluation.classification_error(evaluation.predict_classes(scores), view.labels)
 
 
 def _seg_acc(net, params, view) -> float:
     predicted = evaluation.batched_apply(
-        lambda im: jnp.argmax(teachers.segmentation_scores(net, params, im), -1),
+        lambda im: jnp.argmax(_segmentation_scores(net, params, im), -1),
         data.normalize_images(view.images))
     return evaluation.pixel_accuracy(predicted, view.masks)
 
