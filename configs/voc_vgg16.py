@@ -11,6 +11,7 @@ from configs import silhouettes
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = silhouettes.get_config()
+    config.data = "voc_sbd"  # VOC 2012 classification + VOC/SBD segmentation
     config.model.width = 1.0
     config.model.image_size = 224
     config.transplant.num_draws = 512

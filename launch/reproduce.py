@@ -58,6 +58,11 @@ def validate_config(config) -> None:
             raise ValueError(f"config.{field}: unknown categories {bad}; the dataset has "
                              f"{list(data.CATEGORIES)}")
 
+    if config.data != "silhouettes":
+        raise ValueError(
+            f"config.data={config.data!r}: launch.reproduce runs the embedded 'silhouettes' "
+            "benchmark; the paper-scale loaders (nettransplant.data.paper_scale) are not wired "
+            "into it yet")
     known("categories", config.categories)
     known("target_categories", config.target_categories)
     known("generic_category", [config.generic_category])

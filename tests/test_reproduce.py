@@ -106,6 +106,7 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path
     ("target_categories", ("cat", "unicorn"), "config.target_categories"),
     ("experiments", ("exp9",), "config.experiments"),
     ("sample_counts", (20, 10), "config.sample_counts"),
+    ("data", "voc_sbd", "config.data"),
 ])
 def test_bad_configs_fail_naming_the_field(field, value, message):
     config = silhouettes.get_config()
