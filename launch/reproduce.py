@@ -38,7 +38,8 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import configs
-from nettransplant import checkpoint, data, evaluation, experiments, modules, report, teachers
+from nettransplant import (checkpoint, data, evaluation, experiments, modules, objectives, report,
+                           teachers)
 from nettransplant.adapter import Adapter
 from nettransplant.transplant import Transplant
 
@@ -299,7 +300,6 @@ class Runner:
         t = self.zoo.teacher
         fs = experiments.features(self._plain(t), f_source, data.normalize_images(source))
         ft = experiments.features(self._plain(t), f_target, data.normalize_images(target))
-        from nettransplant import objectives
         return float(objectives.estimate_beta(fs, ft))
 
     def _plain(self, teacher) -> Transplant:
