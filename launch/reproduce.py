@@ -38,8 +38,16 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import configs
-from nettransplant import (checkpoint, data, evaluation, experiments, modules, objectives, report,
-                           teachers)
+from nettransplant import (
+    checkpoint,
+    data,
+    evaluation,
+    experiments,
+    modules,
+    objectives,
+    report,
+    teachers,
+)
 from nettransplant.adapter import Adapter
 from nettransplant.transplant import Transplant
 
