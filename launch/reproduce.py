@@ -305,14 +305,10 @@ class Runner:
         n = c.transplant.beta_images
         source = data.unlabelled_images(self.splits["train"], source_categories, n, seed=c.seed)
         target = data.unlabelled_images(self.splits["train"], [target_category], n, seed=c.seed)
-        t = self.zoo.teacher
-        fs = experiments.features(self._plain(t), f_source, data.normalize_images(source))
-        ft = experiments.features(self._plain(t), f_target, data.normalize_images(target))
+        f = self.zoo.teacher.category_module
+        fs = experiments.features(f, f_source, data.normalize_images(source))
+        ft = experiments.features(f, f_target, data.normalize_images(target))
         return float(objectives.estimate_beta(fs, ft))
-
-    def _plain(self, teacher) -> Transplant:
-        cls = teacher.classification_module
-        return Transplant(teacher.category_module, Adapter(self.channels, 1, 1), cls, cls)
 
     def run(self, experiment: str, task: str, adapter_spec, protocol: str, target: str,
             student: dict, teacher: dict, beta: float, counts, curve_key: str):

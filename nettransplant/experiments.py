@@ -27,6 +27,7 @@ import optax
 from nettransplant import closed_form, evaluation, objectives
 from nettransplant import train as train_lib
 from nettransplant.layers import DummySpec
+from nettransplant.modules import CategoryModule
 from nettransplant.transplant import TaskModule, Transplant
 
 Array = jax.Array
@@ -105,15 +106,16 @@ class TransplantProblem:
         return self.transplant.task
 
 
-def features(transplant: Transplant, category_params: Params, images: np.ndarray) -> Array:
+def features(category_module: CategoryModule, category_params: Params,
+             images: np.ndarray) -> Array:
     """``f(I)`` of normalised images, in chunks."""
     return evaluation.batched_apply(
-        lambda im: _features(transplant, category_params, im), images)
+        lambda im: _features(category_module, category_params, im), images)
 
 
 @partial(jax.jit, static_argnums=0)
-def _features(transplant, category_params, images):
-    return transplant.features({"category_module": category_params}, images)
+def _features(category_module, category_params, images):
+    return category_module.apply({"params": category_params}, images)[0]
 
 
 def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: float,
@@ -138,7 +140,7 @@ def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: fl
     scalars = objectives.compute_scalars(cache, beta, lambda0)
     x0 = jnp.zeros((1, image_size // 2, image_size // 2, transplant.adapter.channels))
     adapter_init = transplant.adapter.init(k_init, x0)["params"]
-    test_x = features(transplant, frozen["category_module"], test_images)
+    test_x = features(transplant.category_module, frozen["category_module"], test_images)
     return TransplantProblem(transplant, frozen, scalars, cache, adapter_init, test_x,
                              np.asarray(test_targets), live)
 
@@ -156,7 +158,8 @@ def zero_sample_solution(problem: TransplantProblem, *, ridge: float, num_draws:
 def transfer_data(problem: TransplantProblem, images: np.ndarray, targets: np.ndarray, *,
                   key: Array, pad_to: int) -> objectives.TransferData:
     """The labelled samples of a run as frozen features, teacher outputs and Jacobians."""
-    x = features(problem.transplant, problem.frozen["category_module"], images)
+    x = features(problem.transplant.category_module, problem.frozen["category_module"],
+                 images)
     return objectives.make_transfer_data(problem.transplant, problem.frozen, x,
                                          jnp.asarray(targets), key=key, pad_to=pad_to)
 
