@@ -6,9 +6,10 @@
 
 Stages (each shows a progress bar with rate and ETA):
 
-1. A shared backbone (10-way classification + segmentation of every category),
-   then per-category teachers fine-tuned from it, and the leave-one-out
-   generic modules of Table 4. Each is an orbax checkpoint under
+1. Per-category teachers, trained on their training silhouettes composited in
+   several scenes (``config.teacher.renderings``), optionally from a shared
+   backbone (``config.pretrain``: 10-way classification + segmentation of every
+   category), and the leave-one-out generic modules of Table 4. Each is an orbax checkpoint under
    ``W/teachers/`` with its metadata (category, config, metrics, curve). A
    re-run reuses every checkpoint whose configuration matches; an interrupted
    teacher resumes from ``W/teachers/<name>.partial`` and ends with the same
@@ -87,6 +88,11 @@ def validate_config(config) -> None:
         if not_mammal:
             raise ValueError(f"config.target_categories: Table 4's leave-one-out modules hold "
                              f"out a mammal, got {not_mammal}")
+    for field, value, low in (("pretrain.num_steps", config.pretrain.num_steps, 0),
+                              ("teacher.num_steps", config.teacher.num_steps, 1),
+                              ("teacher.renderings", config.teacher.renderings, 1)):
+        if int(value) < low:
+            raise ValueError(f"config.{field} must be >= {low}, got {value}")
     counts = [int(n) for n in config.sample_counts]
     if any(n < 0 for n in counts) or sorted(set(counts)) != counts:
         raise ValueError(f"config.sample_counts must be increasing and >= 0, got {counts}")
@@ -113,7 +119,8 @@ class TeacherZoo:
 
     def _fingerprint(self, name: str, extra: dict) -> str:
         c = self.config
-        spec = {"name": name, "seed": c.seed, "data": c.data, "model": c.model.to_dict(),
+        spec = {"name": name, "seed": c.seed, "data": c.data,
+                "data_version": str(data.AnimalSilhouettes.VERSION), "model": c.model.to_dict(),
                 "pretrain": c.pretrain.to_dict(), "teacher": c.teacher.to_dict(), **extra}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -196,16 +203,31 @@ class TeacherZoo:
         return self._backbone
 
     def _init(self, name: str):
+        """A teacher's initialisation: the backbone's layers, if there is one, else random."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), _stable_hash(name))
-        return teachers.transfer_backbone(self.teacher, self.backbone(), key,
-                                          self.config.model.image_size)
+        size = self.config.model.image_size
+        if self.config.pretrain.num_steps == 0:
+            return self.teacher.init({"params": key}, jnp.zeros((1, size, size, 3)))["params"]
+        return teachers.transfer_backbone(self.teacher, self.backbone(), key, size)
+
+    def _rendered(self, view: data.ImageSet) -> data.ImageSet:
+        """``view`` in ``config.teacher.renderings`` renderings: the stored one + fresh scenes.
+
+        The same training silhouettes in new colours, textures, clutter and
+        placement: the teachers' data augmentation (no test silhouette is used).
+        """
+        c = self.config
+        copies = [view] + [data.rerender(view, _RENDERING_SEED + c.seed * 100 + k)
+                           for k in range(1, c.teacher.renderings)]
+        return data.ImageSet(*(np.concatenate([getattr(v, f) for v in copies])
+                               for f in ("images", "labels", "masks", "categories", "index")))
 
     def category(self, category: str):
         """The teacher of one category: "category vs random images" + its segmentation."""
         c = self.config
         train, test = self.splits["train"], self.splits["test"]
-        cls = data.binary_classification(train, [category], seed=c.seed)
-        seg = data.segmentation(train, [category], seed=c.seed)
+        cls = self._rendered(data.binary_classification(train, [category], seed=c.seed))
+        seg = self._rendered(data.segmentation(train, [category], seed=c.seed))
 
         def metrics(net, params):
             view = data.binary_classification(test, [category], seed=c.seed)
@@ -230,10 +252,12 @@ class TeacherZoo:
         categories = data.leave_one_out_categories(held_out)
         n = c.teacher.generic_images
         train, test = self.splits["train"], self.splits["test"]
-        positives = data.positive_set(train, categories, num_images=n, seed=c.seed)
-        scenes = data.background_scenes(n, size, seed=c.seed + 101)
+        positives = self._rendered(
+            data.positive_set(train, categories, num_images=n, seed=c.seed))
+        scenes = data.background_scenes(len(positives), size, seed=c.seed + 101)
         cls_images = np.concatenate([positives.images, scenes])
-        cls_labels = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.int32)
+        cls_labels = np.concatenate([np.ones(len(positives)),
+                                     np.zeros(len(positives))]).astype(np.int32)
 
         def metrics(net, params):
             m = min(len(test), 400)
@@ -253,6 +277,9 @@ class TeacherZoo:
             learning_rate=c.teacher.learning_rate, seed=c.seed + _stable_hash(name) % 1000,
             metrics_fn=metrics,
             extra={"categories": list(categories), "held_out": held_out, "kind": "generic"})
+
+
+_RENDERING_SEED = 1000  # compositing seeds of the teachers' extra renderings start here
 
 
 def _as_tree(state: teachers.TrainState) -> dict:
@@ -435,7 +462,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     generic_needed = "table4" in config.experiments
     stage = tqdm(total=1 + len(needed) + generic_needed * len(config.target_categories),
                  desc="teachers", disable=not progress, dynamic_ncols=True)
-    zoo.backbone()
+    if config.pretrain.num_steps:
+        zoo.backbone()
     stage.update()
     params = {}
     for category in needed:
@@ -451,7 +479,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     stage.close()
 
     results: dict = {"teachers": {c: zoo.metrics[c] for c in needed},
-                     "backbone": zoo.metrics["backbone"],
+                     **({"backbone": zoo.metrics["backbone"]} if "backbone" in zoo.metrics
+                        else {}),
                      "generic_modules": {c: zoo.metrics[f"generic_without_{c}"]
                                          for c in generic},
                      "config": config.to_dict()}

@@ -6,6 +6,7 @@ import socket
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from launch import data_report
 from nettransplant import data
@@ -103,6 +104,35 @@ def test_compositing_works_at_larger_sizes_and_rows_do_not_depend_on_the_batch(s
     alone_image, alone_mask = composite.composite_batch(supports[3:4], size, seeds[3:4])
     assert alone_image[0].tobytes() == batch_images[3].tobytes()
     assert alone_mask[0].tobytes() == batch_masks[3].tobytes()
+
+
+def test_rerender_composites_the_same_silhouettes_in_fresh_scenes(splits):
+    view = splits["train"].take(np.arange(0, 8000, 500))
+    same = data.rerender(view, 0)  # the dataset's own compositing seed
+    np.testing.assert_array_equal(same.images, view.images)
+    np.testing.assert_array_equal(same.masks, view.masks)
+    fresh = data.rerender(view, 5)
+    np.testing.assert_array_equal(fresh.index, view.index)
+    np.testing.assert_array_equal(fresh.labels, view.labels)
+    assert not np.array_equal(fresh.images, view.images)
+    np.testing.assert_array_equal(fresh.images, data.rerender(view, 5).images)
+    with pytest.raises(ValueError, match="seed"):
+        data.rerender(view, -1)
+
+
+def test_contours_are_dark_on_the_animal_and_on_the_clutter():
+    images, _ = data.load_animal_mnist()
+    supports = composite.silhouette_supports(images[::500])
+    rendered, masks = composite.composite_batch(supports, 32, [[0, i] for i in range(20)])
+    luminance = rendered.astype(np.float32).mean(-1)
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)  # 4-connected, within an image
+    objects = masks.astype(bool)
+    interior = ndimage.binary_erosion(np.pad(objects, ((0, 0), (1, 1), (1, 1))), cross)
+    border = objects & ~interior[:, 1:-1, 1:-1]
+    assert luminance[border].mean() < composite.OUTLINE_LEVEL + 2 * composite.NOISE_STD
+    dark_outside = (luminance < 30) & ~masks.astype(bool)
+    assert dark_outside.sum() > 0.5 * border.sum()  # clutter edges are drawn as well
 
 
 def test_masks_cover_the_whole_animal_including_a_zebras_dark_stripes():

@@ -88,7 +88,6 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path
         return original(*args, on_checkpoint=save_then_crash, **kwargs)
 
     zoo = reproduce.TeacherZoo(config, tmp_path / "b", splits, progress=False)
-    zoo.backbone()
     monkeypatch.setattr(teachers, "train_teacher", interrupted)
     with pytest.raises(KeyboardInterrupt):
         zoo.category("cat")
@@ -107,10 +106,16 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path
     ("experiments", ("exp9",), "config.experiments"),
     ("sample_counts", (20, 10), "config.sample_counts"),
     ("data", "voc_sbd", "config.data"),
+    ("teacher.renderings", 0, "config.teacher.renderings"),
+    ("pretrain.num_steps", -1, "config.pretrain.num_steps"),
 ])
 def test_bad_configs_fail_naming_the_field(field, value, message):
     config = silhouettes.get_config()
-    setattr(config, field, value)
+    *parents, leaf = field.split(".")
+    target = config
+    for parent in parents:
+        target = getattr(target, parent)
+    setattr(target, leaf, value)
     with pytest.raises(ValueError, match=message):
         reproduce.validate_config(config)
 

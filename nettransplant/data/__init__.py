@@ -31,6 +31,7 @@ from nettransplant.data.silhouettes import (
     build_silhouettes,
     default_data_dir,
     load_silhouettes,
+    rerender,
 )
 from nettransplant.data.tasks import (
     IMAGENET_MEAN,
@@ -50,6 +51,6 @@ __all__ = [
     "SAMPLE_COUNTS", "AnimalSilhouettes", "DataFileError", "ImageSet", "background_scenes",
     "binary_classification", "build_silhouettes", "default_data_dir", "few_shot",
     "iterate_batches", "leave_one_out_categories", "load_animal_mnist", "load_silhouettes",
-    "majority_baseline", "normalize_images", "positive_set", "segmentation",
+    "majority_baseline", "normalize_images", "positive_set", "rerender", "segmentation",
     "threshold_baseline", "unlabelled_images",
 ]

@@ -11,7 +11,12 @@ The object is the silhouette's support (pixels above :data:`SUPPORT_THRESHOLD`,
 closed and hole-filled, so a zebra's dark stripes and an elephant's eye belong
 to the animal) cropped to its bounding box, rescaled so that its longer side is
 :data:`SCALE_RANGE` of the image side, and placed at a random position. Its
-edge is anti-aliased; the mask is where its alpha exceeds 1/2. Gaussian noise
+edge is anti-aliased; the mask is where its alpha exceeds 1/2. Every region's
+contour is drawn dark (:data:`OUTLINE_WIDTH` pixels at 32²), as a cartoon
+draws it: the clutter ellipses' visible edges and the mask's inner border.
+Contours carry the shapes, which random colours and textures otherwise leave
+for a network to find in a few thousand examples; since the clutter has them
+too, a dark pixel says "an edge", not "the animal". Gaussian noise
 goes on top, one value per pixel at 32² (at larger sizes each noise value covers
 a block, like every other feature of the scene, which also keeps the dataset
 compressible).
@@ -41,6 +46,8 @@ STRIPE_AMPLITUDE = (40.0, 80.0)  # 0..255 units
 BLOTCH_PERIOD = (8.0, 16.0)  # pixels at 32², scaled with the image side
 NOISE_STD = 12.0  # Gaussian noise, 0..255 units
 NOISE_GRID = 32  # noise is drawn on a 32×32 grid and scaled up with the image
+OUTLINE_WIDTH = 1  # pixels at 32² (scaled with the image side) of the object's dark contour
+OUTLINE_LEVEL = 0.0  # 0..255, every channel, before noise
 
 Seed = int | Sequence[int] | np.random.Generator  # what np.random.default_rng accepts
 FLAT, STRIPES, BLOTCHES = 0, 1, 2  # texture kinds
@@ -231,8 +238,35 @@ def render_scenes(draws: SceneDraws) -> tuple[np.ndarray, np.ndarray]:
     channels = [bg + alpha * (fg - bg) + NOISE_STD * noise[..., c]
                 for c, (bg, fg) in enumerate(zip(background, foreground, strict=True))]
     image = np.stack(channels, axis=-1)
+    masks = alpha > 0.5
+    width = max(1, round(OUTLINE_WIDTH * size / 32))
+    outline = _inner_border(masks, width) | (_region_edges(region, width) & ~masks)
+    image[outline] = OUTLINE_LEVEL + NOISE_STD * noise[outline]
     images = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    return images, (alpha > 0.5).astype(np.uint8)
+    return images, masks.astype(np.uint8)
+
+
+def _region_edges(region: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of an ``(N, S, S)`` region map within ``width`` of a pixel of another region.
+
+    A pixel is marked where the region below or to the right (up to ``width``
+    pixels away) differs, so an edge is ``width`` pixels wide.
+    """
+    edges = np.zeros(region.shape, bool)
+    for d in range(1, width + 1):
+        edges[:, :-d] |= region[:, :-d] != region[:, d:]
+        edges[:, :, :-d] |= region[:, :, :-d] != region[:, :, d:]
+    return edges
+
+
+def _inner_border(masks: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of each ``(N, S, S)`` mask within ``width`` (4-connected steps) of its outside."""
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    # Outside the image counts as outside the object: pad with background.
+    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
+    eroded = ndimage.binary_erosion(padded, structure=in_plane, iterations=width)
+    return masks & ~eroded[:, 1:-1, 1:-1]
 
 
 def composite_batch(supports: np.ndarray, size: int, seeds: Sequence[Seed]
