@@ -9,8 +9,8 @@ Stages (each shows a progress bar with rate and ETA):
 1. Per-category teachers, trained on their training silhouettes composited in
    several scenes (``config.teacher.renderings``), optionally from a shared
    backbone (``config.pretrain``: 10-way classification + segmentation of every
-   category), and the leave-one-out generic modules of Table 4. Each is an orbax checkpoint under
-   ``W/teachers/`` with its metadata (category, config, metrics, curve). A
+   category), and the leave-one-out generic modules of Table 4. Each is an
+   orbax checkpoint under ``W/teachers/`` with its metadata (category, config, metrics, curve). A
    re-run reuses every checkpoint whose configuration matches; an interrupted
    teacher resumes from ``W/teachers/<name>.partial`` and ends with the same
    parameters as an uninterrupted run.
@@ -24,6 +24,7 @@ Stages (each shows a progress bar with rate and ETA):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -219,8 +220,8 @@ class TeacherZoo:
         c = self.config
         copies = [view] + [data.rerender(view, _RENDERING_SEED + c.seed * 100 + k)
                            for k in range(1, c.teacher.renderings)]
-        return data.ImageSet(*(np.concatenate([getattr(v, f) for v in copies])
-                               for f in ("images", "labels", "masks", "categories", "index")))
+        return data.ImageSet(*(np.concatenate([getattr(v, f.name) for v in copies])
+                               for f in dataclasses.fields(data.ImageSet)))
 
     def category(self, category: str):
         """The teacher of one category: "category vs random images" + its segmentation."""
