@@ -51,10 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Teachers: category module + classification + segmentation task modules,
     # trained jointly per category (and per leave-one-out category set).
     config.teacher = ml_collections.ConfigDict()
-    config.teacher.num_steps = 600
-    config.teacher.batch_size = 32
+    config.teacher.num_steps = 1000
+    config.teacher.batch_size = 32  # classification images per step
+    config.teacher.seg_batch_size = 16  # segmentation images per step (each costs ~2×)
     config.teacher.learning_rate = 3e-4
-    config.teacher.checkpoint_every = 200  # steps between resumable checkpoints
+    config.teacher.checkpoint_every = 250  # steps between resumable checkpoints
     # Augmentation: the training silhouettes composited in this many scenes
     # (the stored images + fresh renderings, nettransplant.data.rerender).
     config.teacher.renderings = 8

@@ -91,7 +91,9 @@ def validate_config(config) -> None:
                              f"out a mammal, got {not_mammal}")
     for field, value, low in (("pretrain.num_steps", config.pretrain.num_steps, 0),
                               ("teacher.num_steps", config.teacher.num_steps, 1),
-                              ("teacher.renderings", config.teacher.renderings, 1)):
+                              ("teacher.renderings", config.teacher.renderings, 1),
+                              ("teacher.batch_size", config.teacher.batch_size, 1),
+                              ("teacher.seg_batch_size", config.teacher.seg_batch_size, 1)):
         if int(value) < low:
             raise ValueError(f"config.{field} must be >= {low}, got {value}")
     counts = [int(n) for n in config.sample_counts]
@@ -162,7 +164,8 @@ class TeacherZoo:
         state, history = teachers.train_teacher(
             teacher, state, cls_images=cls_images, cls_labels=cls_labels,
             seg_images=seg_images, seg_masks=seg_masks, optimizer=optimizer,
-            num_steps=num_steps, batch_size=self.config.teacher.batch_size, seed=seed,
+            num_steps=num_steps, batch_size=self.config.teacher.batch_size,
+            seg_batch_size=self.config.teacher.seg_batch_size, seed=seed,
             progress=f"teacher {name}" if self.progress else False, history=history,
             checkpoint_every=self.config.teacher.checkpoint_every, on_checkpoint=save_partial,
             step_fn=step_fn)
@@ -322,6 +325,9 @@ class Runner:
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
         self.fig5: dict = {}
+        # {experiment: {target: back-distillation loss of the warm start / λ0}}: the
+        # share of the teacher's pseudo-gradient the best single conv leaves unexplained.
+        self.residual: dict = {}
 
     def _adapter(self, spec) -> Adapter:
         num_convs, kernel = spec
@@ -367,8 +373,11 @@ class Runner:
             transplant, frozen, key=key, beta=beta, lambda0=lambda0, num_draws=tc.num_draws,
             image_size=c.model.image_size, score_size=tc.score_size,
             test_images=data.normalize_images(view.images), test_targets=test_targets)
-        solution = experiments.zero_sample_solution(problem, ridge=tc.closed_form_ridge,
-                                                    num_draws=tc.closed_form_draws)
+        warm_start, exact = experiments.zero_sample_solution(
+            problem, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws)
+        self.residual.setdefault(experiment, {})[target] = float(
+            objectives.back_distill_term(transplant, warm_start, problem.cache,
+                                         problem.scalars)) / lambda0
         train = self.splits["train"]
         pool = (data.segmentation(train, [target], seed=c.seed) if task == "segmentation"
                 else data.binary_classification(train, [target], seed=c.seed))
@@ -385,11 +394,10 @@ class Runner:
                 if n == 0 and method != "back-distill":
                     continue
                 self.bar.set_postfix_str(f"{experiment} {target} {method} n={n}")
-                if method == "back-distill" and n == 0 and solution is not None:
-                    params, history = solution, []
+                if method == "back-distill" and n == 0 and exact:
+                    params, history = warm_start, []
                 else:
-                    init = (solution if method == "back-distill" and solution is not None
-                            else problem.adapter_init)
+                    init = warm_start if method == "back-distill" else problem.adapter_init
                     params, history = experiments.fit(
                         problem, method, self.steps, data=transfer, num_samples=n, init=init,
                         num_steps=tc.num_steps, batch_size=tc.batch_size,
@@ -535,6 +543,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
         }
     bar.close()
     results["live_draw_fraction"] = live
+    results["warm_start_residual"] = {
+        e: {**r, "avg": float(np.mean(list(r.values())))} for e, r in runner.residual.items()}
     results["runtime_s"] = time.perf_counter() - start
 
     (workdir / "results.json").write_text(json.dumps(results, indent=2))

@@ -13,6 +13,7 @@ gives the optimum; biases do not enter ``D'`` and are set to zero.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -100,3 +101,24 @@ def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
     flipped = solution.reshape(k, k, m, m)
     kernel = np.swapaxes(flipped[::-1, ::-1], 2, 3).astype(np.float32)
     return {"adapter_conv1": {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((m,), jnp.float32)}}
+
+
+def warm_start_adapter(transplant: Transplant, cache: ChainCache, scalars: TransplantScalars,
+                       *, ridge: float = 1e-6, num_draws: int | None = None
+                       ) -> dict[str, dict[str, Array]]:
+    """The single-conv optimum embedded in an adapter of any depth.
+
+    The first conv gets the closed form of the same adapter cut to one conv;
+    every later conv is an identity (centre tap ``I``, zero bias). A later conv
+    reads a ReLU output (≥ 0), so identity + ReLU passes it unchanged, and with
+    the identity dummy its pseudo-chain is the identity too: forward map and
+    ``D'_S`` equal the single-conv optimum's. For a single-conv adapter this is
+    :func:`solve_single_conv_adapter`; for deeper ones it is a starting point
+    whose zero-sample loss is already the single-conv minimum.
+    """
+    adapter = transplant.adapter
+    single = dataclasses.replace(transplant, adapter=adapter.clone(num_convs=1))
+    first = solve_single_conv_adapter(single, cache, scalars, ridge=ridge, num_draws=num_draws)
+    params = adapter.ideal_params(1.0)  # identities after the first conv
+    params["adapter_conv1"] = first["adapter_conv1"]
+    return params

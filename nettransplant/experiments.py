@@ -146,13 +146,17 @@ def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: fl
 
 
 def zero_sample_solution(problem: TransplantProblem, *, ridge: float, num_draws: int
-                         ) -> Params | None:
-    """The exact optimum of the zero-sample objective for single-conv adapters, else None."""
-    if problem.transplant.adapter.num_convs != 1:
-        return None
-    return closed_form.solve_single_conv_adapter(
+                         ) -> tuple[Params, bool]:
+    """Back-distillation's starting point and whether it is the exact zero-sample optimum.
+
+    Single-conv adapters: the closed form (exact). Deeper adapters: the closed
+    form in the first conv and identities after it (``closed_form.warm_start_adapter``),
+    which gradient descent then refines.
+    """
+    params = closed_form.warm_start_adapter(
         problem.transplant, problem.cache, problem.scalars, ridge=ridge,
         num_draws=min(num_draws, problem.cache.num_draws))
+    return params, problem.transplant.adapter.num_convs == 1
 
 
 def transfer_data(problem: TransplantProblem, images: np.ndarray, targets: np.ndarray, *,

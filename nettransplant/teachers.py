@@ -78,6 +78,7 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
                   checkpoint_every: int = 0,
                   on_checkpoint: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
                   step_fn: Callable | None = None,
+                  seg_batch_size: int | None = None,
                   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Train from ``state`` for ``num_steps - state.step`` more steps (resumable).
 
@@ -90,10 +91,12 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
         many steps (not after the last: the caller saves the final state).
       step_fn: a step from :func:`make_teacher_step` for this teacher and
         optimizer, to reuse one compilation across teachers of one shape.
+      seg_batch_size: segmentation images per step (default ``batch_size``);
+        a segmentation image costs about twice a classification image here.
     """
     step_fn = step_fn or make_teacher_step(teacher, optimizer)
     cls_stream = IndexStream(len(cls_labels), batch_size, seed)
-    seg_stream = IndexStream(len(seg_masks), batch_size, seed + 1)
+    seg_stream = IndexStream(len(seg_masks), seg_batch_size or batch_size, seed + 1)
     start = int(state.step)
     for _ in range(start):  # replay the index streams up to the resumed step
         cls_stream.next()

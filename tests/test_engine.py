@@ -612,6 +612,26 @@ def test_closed_form_refuses_multi_conv_and_non_identity_adapters():
         C.solve_single_conv_adapter(masked, s.cache, s.scalars)
 
 
+def test_warm_start_embeds_the_single_conv_optimum_in_a_deep_adapter():
+    # Independent check: the 3-conv warm start and the 1-conv closed form agree on the
+    # forward map (real ReLUs), on D'_S and on the zero-sample loss.
+    s = transfer()
+    deep = C.warm_start_adapter(EXP1_DEEP, s.cache, s.scalars)
+    single = C.solve_single_conv_adapter(EXP1, s.cache, s.scalars)
+    assert sorted(deep) == ["adapter_conv1", "adapter_conv2", "adapter_conv3"]
+    chex.assert_trees_all_equal(deep["adapter_conv1"], single["adapter_conv1"])
+    x = EXP1.features(s.frozen, images(7, batch=2))
+    assert_close(EXP1_DEEP.student_output(deep, s.frozen, x, s.scalars.beta),
+                 EXP1.student_output(single, s.frozen, x, s.scalars.beta), 1e-5)
+    g = s.cache.student_task_gradient[:2]
+    assert_close(EXP1_DEEP.adapter_gradient(deep, g, s.scalars.beta, s.cache.mask_keys[:2]),
+                 EXP1.adapter_gradient(single, g, s.scalars.beta, s.cache.mask_keys[:2]), 1e-6)
+    assert float(O.back_distill_term(EXP1_DEEP, deep, s.cache, s.scalars)) == pytest.approx(
+        float(O.back_distill_term(EXP1, single, s.cache, s.scalars)), rel=1e-5)
+    # For a single-conv adapter the warm start is the closed form itself.
+    chex.assert_trees_all_equal(C.warm_start_adapter(EXP1, s.cache, s.scalars), single)
+
+
 # ================================================================= gradient of the loss
 
 

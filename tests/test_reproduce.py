@@ -40,6 +40,12 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     assert set(results["table4"]) == {"classification", "segmentation"}
     assert set(results["table4"]["segmentation"]["distill"]["10"]) == {"cat", "avg"}
     assert results["runtime_s"] > 0
+    residual = results["warm_start_residual"]
+    assert set(residual) == {"exp1_1conv", "exp1_3conv", "exp2", "exp3",
+                             "table4_classification", "table4_segmentation"}
+    assert all(r >= 0 for cells in residual.values() for r in cells.values())
+    # Exp. 1: a single conv undoes the reorder exactly, at any adapter depth.
+    assert residual["exp1_1conv"]["avg"] < 1e-3 and residual["exp1_3conv"]["avg"] < 1e-3
     md = (workdir / "results.md").read_text()
     assert "Table 2" in md and "Table 3" in md and "Table 4" in md and "(1.6)" in md
 
@@ -107,6 +113,7 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path
     ("sample_counts", (20, 10), "config.sample_counts"),
     ("data", "voc_sbd", "config.data"),
     ("teacher.renderings", 0, "config.teacher.renderings"),
+    ("teacher.seg_batch_size", 0, "config.teacher.seg_batch_size"),
     ("pretrain.num_steps", -1, "config.pretrain.num_steps"),
 ])
 def test_bad_configs_fail_naming_the_field(field, value, message):
@@ -157,3 +164,10 @@ def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
                     "points"]
     assert verdicts["Exp. 1, 1-conv, 10 samples: back-distill error ≤ direct-learn − 5"]
     assert not verdicts["Exp. 3, 10 samples: back-distill pixel accuracy ≥ direct-learn + 3"]
+    results["config"]["generic_category"] = "cow"
+    results["exp2"] = {"back-distill": {"20": {"cat": 40.0, "avg": 40.0}}}
+    results["warm_start_residual"] = {"exp1_1conv": {"cat": 0.0, "avg": 0.0},
+                                      "exp2": {"cat": 0.9, "avg": 0.9}}
+    findings = "\n".join(report.findings(results))
+    assert "exp1_1conv 0.00, exp2 0.90" in findings
+    assert "nearly unrelated to the targets' (0.90" in findings

@@ -21,7 +21,25 @@ def setup():
 
 def _train(teacher, arrays, state, num_steps, optimizer):
     return teachers.train_teacher(teacher, state, optimizer=optimizer, num_steps=num_steps,
-                                  batch_size=8, seed=3, progress=False, **arrays)[0]
+                                  batch_size=8, seg_batch_size=4, seed=3, progress=False,
+                                  **arrays)[0]
+
+
+def test_classification_and_segmentation_batches_have_their_own_sizes(setup):
+    teacher, arrays = setup
+    shapes = []
+
+    def recording_step(state, key, cls_images, cls_labels, seg_images, seg_masks):
+        shapes.append((cls_images.shape, cls_labels.shape, seg_images.shape, seg_masks.shape))
+        return state, {"finite": True, "loss": 0.0}
+
+    state = teachers.TrainState(np.int32(0), None, None)
+    for seg_batch_size, expected in ((None, 8), (4, 4)):
+        shapes.clear()
+        teachers.train_teacher(teacher, state, optimizer=None, num_steps=2, batch_size=8,
+                               seg_batch_size=seg_batch_size, seed=0, progress=False,
+                               step_fn=recording_step, **arrays)
+        assert shapes == [((8, 32, 32, 3), (8,), (expected, 32, 32, 3), (expected, 32, 32))] * 2
 
 
 def test_resumed_teacher_training_ends_with_the_same_parameters(setup):
