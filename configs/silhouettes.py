@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.teacher.batch_size = 32  # classification images per step
     config.teacher.seg_batch_size = 16  # segmentation images per step (each costs ~2×)
     config.teacher.learning_rate = 3e-4
-    config.teacher.checkpoint_every = 250  # steps between resumable checkpoints
+    config.teacher.checkpoint_every = 500  # steps between resumable checkpoints
     # Augmentation: the training silhouettes composited in this many scenes
     # (the stored images + fresh renderings, nettransplant.data.rerender).
     config.teacher.renderings = 8
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
     config.transplant.learning_rate = 3e-3
-    config.transplant.num_steps = 45
+    config.transplant.num_steps = 35
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,
     # h·w equations per draw, so a few dozen draws pin the solution down.

@@ -164,6 +164,11 @@ def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
                     "points"]
     assert verdicts["Exp. 1, 1-conv, 10 samples: back-distill error ≤ direct-learn − 5"]
     assert not verdicts["Exp. 3, 10 samples: back-distill pixel accuracy ≥ direct-learn + 3"]
+    ours = {c["claim"]: c["ours"] for c in report.claims(results)}
+    assert ours["Exp. 1, 1-conv, 10 samples: back-distill error ≤ direct-learn − 5"] == \
+        "4.0 vs 25.0 (per category: 2 of 2)"
+    assert ours["Exp. 3, 10 samples: back-distill pixel accuracy ≥ direct-learn + 3"].endswith(
+        "(per category: 0 of 1)")
     results["config"]["generic_category"] = "cow"
     results["exp2"] = {"back-distill": {"20": {"cat": 40.0, "avg": 40.0}}}
     results["warm_start_residual"] = {"exp1_1conv": {"cat": 0.0, "avg": 0.0},
