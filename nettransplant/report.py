@@ -203,6 +203,17 @@ def findings(results: Mapping) -> list[str]:
                 "of their pseudo-gradients unexplained), so back-distillation has little to "
                 "transfer and the labelled samples drive every method.")
         lines.append(text)
+    exp3, exp3_residual = results.get("exp3", {}), results.get("warm_start_residual", {}).get(
+        "exp3", {})
+    counts = sorted((n for n in exp3.get("direct-learn", {}) if n != "0"), key=int)
+    if counts and exp3_residual:
+        n = counts[0]
+        gains = sorted(((exp3["back-distill"][n][c] - exp3["direct-learn"][n][c], c)
+                        for c in exp3["direct-learn"][n] if c != "avg"), reverse=True)
+        lines.append(
+            f"Exp. 3, {n} samples, back-distill's pixel-accuracy gain over direct-learn per "
+            "category (with the share its warm start leaves unexplained): " + ", ".join(
+                f"{c} {gain:+.1f} ({exp3_residual[c]:.2f})" for gain, c in gains) + ".")
     bd3, dl3 = (_avg(results, "exp1", "3conv", m, "20") for m in ("back-distill", "direct-learn"))
     zero3 = _avg(results, "exp1", "3conv", "back-distill", "0")
     if zero3 is not None:

@@ -176,3 +176,6 @@ def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
     findings = "\n".join(report.findings(results))
     assert "exp1_1conv 0.00, exp2 0.90" in findings
     assert "nearly unrelated to the targets' (0.90" in findings
+    results["warm_start_residual"]["exp3"] = {"cat": 0.4, "avg": 0.4}
+    assert "category (with the share its warm start leaves unexplained): cat +2.0 (0.40)." in \
+        "\n".join(report.findings(results))
