@@ -49,13 +49,19 @@ def table(ours: Mapping, paper: Mapping | None, metric: str) -> str:
     return f"{metric}; cells: ours (paper).\n\n" + "\n".join(lines)
 
 
-def _avg(results: Mapping, *path) -> float | None:
+def _cells(results: Mapping, *path) -> Mapping | None:
+    """``results[path[0]][path[1]]…``, or None where a key is missing."""
     node: Any = results
     for key in path:
         if not isinstance(node, Mapping) or key not in node:
             return None
         node = node[key]
-    return node.get("avg") if isinstance(node, Mapping) else None
+    return node if isinstance(node, Mapping) else None
+
+
+def _avg(results: Mapping, *path) -> float | None:
+    node = _cells(results, *path)
+    return None if node is None else node.get("avg")
 
 
 def _beats(kind: str, back_distill: float, direct: float, margin: float) -> bool:
@@ -94,10 +100,8 @@ def claims(results: Mapping) -> list[dict[str, Any]]:
             else:
                 text = (f"{label}, {n} samples: back-distill pixel accuracy ≥ "
                         f"direct-learn + {margin}")
-            node = results[key]
-            for part in sub:
-                node = node[part]
-            b_cells, d_cells = node["back-distill"][n], node["direct-learn"][n]
+            b_cells = _cells(results, key, *sub, "back-distill", n)
+            d_cells = _cells(results, key, *sub, "direct-learn", n)
             cats = [c for c in b_cells if c != "avg" and c in d_cells]
             per = sum(_beats(kind, b_cells[c], d_cells[c], margin) for c in cats)
             out.append({"claim": text, "holds": _beats(kind, bd, dl, margin),
