@@ -124,13 +124,21 @@ class TeacherZoo:
         c = self.config
         spec = {"name": name, "seed": c.seed, "data": c.data,
                 "data_version": str(data.AnimalSilhouettes.VERSION), "model": c.model.to_dict(),
-                "pretrain": c.pretrain.to_dict(), "teacher": c.teacher.to_dict(), **extra}
+                "pretrain": c.pretrain.to_dict(), **extra}
+        if name != "backbone":  # the backbone does not depend on how teachers are trained
+            spec["teacher"] = c.teacher.to_dict()
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def _train(self, name: str, teacher: modules.Teacher, init_params, *, cls_images, cls_labels,
                seg_images, seg_masks, num_steps: int, learning_rate: float, seed: int,
-               metrics_fn, extra: dict):
-        """Train (or reuse, or resume) one teacher; returns its parameters."""
+               metrics_fn, extra: dict, batch_sizes: tuple[int, int] | None = None):
+        """Train (or reuse, or resume) one teacher; returns its parameters.
+
+        ``batch_sizes``: (classification, segmentation) images per step; default
+        the teachers' (``config.teacher``).
+        """
+        cls_batch, seg_batch = batch_sizes or (self.config.teacher.batch_size,
+                                               self.config.teacher.seg_batch_size)
         final, partial = self.root / name, self.root / f"{name}.partial"
         fingerprint = self._fingerprint(name, extra)
         if (teacher, learning_rate) not in self._steps:  # one compilation per shape
@@ -164,8 +172,7 @@ class TeacherZoo:
         state, history = teachers.train_teacher(
             teacher, state, cls_images=cls_images, cls_labels=cls_labels,
             seg_images=seg_images, seg_masks=seg_masks, optimizer=optimizer,
-            num_steps=num_steps, batch_size=self.config.teacher.batch_size,
-            seg_batch_size=self.config.teacher.seg_batch_size, seed=seed,
+            num_steps=num_steps, batch_size=cls_batch, seg_batch_size=seg_batch, seed=seed,
             progress=f"teacher {name}" if self.progress else False, history=history,
             checkpoint_every=self.config.teacher.checkpoint_every, on_checkpoint=save_partial,
             step_fn=step_fn)
@@ -203,7 +210,8 @@ class TeacherZoo:
                 cls_labels=train.categories.astype(np.int32), seg_images=images,
                 seg_masks=train.masks.astype(np.int32), num_steps=c.pretrain.num_steps,
                 learning_rate=c.pretrain.learning_rate, seed=c.seed, metrics_fn=metrics,
-                extra={"categories": list(data.CATEGORIES), "kind": "backbone"})
+                extra={"categories": list(data.CATEGORIES), "kind": "backbone"},
+                batch_sizes=(c.pretrain.batch_size, c.pretrain.batch_size))
         return self._backbone
 
     def _init(self, name: str):
@@ -344,9 +352,13 @@ class Runner:
         ft = experiments.features(f, f_target, data.normalize_images(target))
         return float(objectives.estimate_beta(fs, ft))
 
-    def run(self, experiment: str, task: str, adapter_spec, protocol: str, target: str,
-            student: dict, teacher: dict, beta: float, counts, curve_key: str):
-        """All methods × ``counts`` for one target category; returns ``{method: {n: %}}``."""
+    def problem(self, experiment: str, task: str, adapter_spec, protocol: str, target: str,
+                student: dict, teacher: dict, beta: float):
+        """One transplant problem, back-distillation's warm start and its residual.
+
+        Returns ``(transplant, problem, warm_start, exact, residual)``; ``residual``
+        is the back-distillation loss of the warm start / λ0.
+        """
         c, tc = self.config, self.config.transplant
         module = "segmentation_module" if task == "segmentation" else "classification_module"
         task_module = getattr(self.zoo.teacher, module)
@@ -366,7 +378,7 @@ class Runner:
         else:
             view = data.binary_classification(test, [target], seed=c.seed)
             test_targets = view.labels
-        key = jax.random.fold_in(jax.random.key(c.seed), _stable_hash(f"{experiment}/{target}"))
+        key = _problem_key(c, experiment, target)
         lambda0 = (tc.lambda0_segmentation if task == "segmentation"
                    else tc.lambda0_classification)
         problem = experiments.make_problem(
@@ -375,9 +387,18 @@ class Runner:
             test_images=data.normalize_images(view.images), test_targets=test_targets)
         warm_start, exact = experiments.zero_sample_solution(
             problem, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws)
-        self.residual.setdefault(experiment, {})[target] = float(
-            objectives.back_distill_term(transplant, warm_start, problem.cache,
-                                         problem.scalars)) / lambda0
+        residual = float(objectives.back_distill_term(transplant, warm_start, problem.cache,
+                                                      problem.scalars)) / lambda0
+        return transplant, problem, warm_start, exact, residual
+
+    def run(self, experiment: str, task: str, adapter_spec, protocol: str, target: str,
+            student: dict, teacher: dict, beta: float, counts, curve_key: str):
+        """All methods × ``counts`` for one target category; returns ``{method: {n: %}}``."""
+        c, tc = self.config, self.config.transplant
+        _, problem, warm_start, exact, residual = self.problem(
+            experiment, task, adapter_spec, protocol, target, student, teacher, beta)
+        self.residual.setdefault(experiment, {})[target] = residual
+        key = _problem_key(c, experiment, target)
         train = self.splits["train"]
         pool = (data.segmentation(train, [target], seed=c.seed) if task == "segmentation"
                 else data.binary_classification(train, [target], seed=c.seed))
@@ -412,6 +433,31 @@ class Runner:
                     self.fig5[method] = experiments.hidden_features(problem, params)
                 self.bar.update()
         return out, problem.live_draw_fraction
+
+    def head_swap(self, student: dict, teacher: dict, target: str, beta: float) -> dict:
+        """Exp. 2's diagnostic: are the two classification heads (fc8) what differs?
+
+        Returns the cosine between the student's and the teacher's fc8 kernels
+        and Exp. 2's warm-start residual with the teacher's own fc8 swapped into
+        the student's classification module (everything below fc8 stays the
+        student's). A residual that falls from near 1 to near 0 with the swap
+        says the lower task layers are related and only the heads are not.
+        """
+        c = self.config
+        a, b = (np.ravel(np.asarray(p["classification_module"]["fc8"]["kernel"]))
+                for p in (student, teacher))
+        swapped = {**student, "classification_module": {
+            **student["classification_module"],
+            "fc8": teacher["classification_module"]["fc8"]}}
+        self.bar.set_postfix_str(f"exp2 head swap {target}")
+        *_, residual = self.problem("exp2", "classification", c.adapters.exp2, "exp2", target,
+                                    swapped, teacher, beta)  # Exp. 2's draws
+        return {"fc8_cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+                "residual_with_own_head": residual}
+
+
+def _problem_key(config, experiment: str, target: str):
+    return jax.random.fold_in(jax.random.key(config.seed), _stable_hash(f"{experiment}/{target}"))
 
 
 def _fig5_count(config) -> int:
@@ -513,12 +559,15 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
                     f"exp1_{name}")
             results["exp1"][name] = _with_avg(cells)
 
+    betas: dict = {}
+
     def transfer(experiment, task, spec, protocol, student_of, source_categories_of, counts_):
         cells = {}
         for category in config.target_categories:
             student = student_of(category)
-            beta = runner._beta(student["category_module"], source_categories_of(category),
-                                params[category]["category_module"], category)
+            beta = betas[experiment, category] = runner._beta(
+                student["category_module"], source_categories_of(category),
+                params[category]["category_module"], category)
             cells[category], live[f"{experiment}/{category}"] = runner.run(
                 experiment, task, spec, protocol, category, student, params[category], beta,
                 counts_, experiment)
@@ -528,6 +577,11 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
         results["exp2"] = transfer("exp2", "classification", config.adapters.exp2, "exp2",
                                    lambda c: params[generic_cat], lambda c: [generic_cat],
                                    labelled)
+        swaps = {c: runner.head_swap(params[generic_cat], params[c], c, betas["exp2", c])
+                 for c in config.target_categories}
+        results["exp2_head_swap"] = {
+            **swaps, "avg": {k: float(np.mean([v[k] for v in swaps.values()]))
+                             for k in ("fc8_cosine", "residual_with_own_head")}}
     if "exp3" in config.experiments:
         results["exp3"] = transfer("exp3", "segmentation", config.adapters.exp3, "exp3",
                                    lambda c: params[generic_cat], lambda c: [generic_cat], counts)

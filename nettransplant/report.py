@@ -206,6 +206,21 @@ def findings(results: Mapping) -> list[str]:
                 f" Its backward chain is nearly unrelated to the targets' ({residual['exp2']:.2f} "
                 "of their pseudo-gradients unexplained), so back-distillation has little to "
                 "transfer and the labelled samples drive every method.")
+        swap = results.get("exp2_head_swap", {}).get("avg")
+        if swap and "exp2" in residual:
+            text += (
+                f" The heads: the cosine between the {generic} module's fc8 kernel and each "
+                f"target teacher's averages {swap['fc8_cosine']:.2f}; with the target's own fc8 "
+                f"swapped into the {generic} module (nothing else changed) the warm start would "
+                f"leave {swap['residual_with_own_head']:.2f} unexplained instead of "
+                f"{residual['exp2']:.2f}.")
+            if swap["residual_with_own_head"] < 0.5 * residual["exp2"]:
+                text += (
+                    " So the layers below the head are related and the output layers are "
+                    "not: on this benchmark every negative of a binary task is another animal, "
+                    f"so \"{generic} vs other animals\" and \"cat vs other animals\" share no "
+                    "\"object vs anything else\" direction, which the paper's heads (a category "
+                    "vs random VOC images, mostly without any animal) do share.")
         lines.append(text)
     exp3, exp3_residual = results.get("exp3", {}), results.get("warm_start_residual", {}).get(
         "exp3", {})

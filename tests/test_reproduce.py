@@ -44,6 +44,9 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     assert set(residual) == {"exp1_1conv", "exp1_3conv", "exp2", "exp3",
                              "table4_classification", "table4_segmentation"}
     assert all(r >= 0 for cells in residual.values() for r in cells.values())
+    swap = results["exp2_head_swap"]
+    assert set(swap) == {"cat", "avg"}
+    assert -1 <= swap["cat"]["fc8_cosine"] <= 1 and swap["cat"]["residual_with_own_head"] >= 0
     # Exp. 1: a single conv undoes the reorder exactly, at any adapter depth.
     assert residual["exp1_1conv"]["avg"] < 1e-3 and residual["exp1_3conv"]["avg"] < 1e-3
     md = (workdir / "results.md").read_text()
@@ -176,6 +179,13 @@ def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
     findings = "\n".join(report.findings(results))
     assert "exp1_1conv 0.00, exp2 0.90" in findings
     assert "nearly unrelated to the targets' (0.90" in findings
+    results["exp2_head_swap"] = {"cat": {"fc8_cosine": 0.05, "residual_with_own_head": 0.2},
+                                 "avg": {"fc8_cosine": 0.05, "residual_with_own_head": 0.2}}
+    findings = "\n".join(report.findings(results))
+    assert "each target teacher's averages 0.05" in findings
+    assert "would leave 0.20 unexplained instead of 0.90. So the layers below" in findings
+    results["exp2_head_swap"]["avg"]["residual_with_own_head"] = 0.8
+    assert "So the layers below" not in "\n".join(report.findings(results))
     results["warm_start_residual"]["exp3"] = {"cat": 0.4, "avg": 0.4}
     assert "category (with the share its warm start leaves unexplained): cat +2.0 (0.40)." in \
         "\n".join(report.findings(results))
