@@ -234,12 +234,32 @@ class TeacherZoo:
         return data.ImageSet(*(np.concatenate([getattr(v, f.name) for v in copies])
                                for f in dataclasses.fields(data.ImageSet)))
 
+    @staticmethod
+    def _rendered_rows(rendered: data.ImageSet, source: data.ImageSet,
+                       view: data.ImageSet) -> data.ImageSet:
+        """``self._rendered(view)`` taken from ``rendered = self._rendered(source)``.
+
+        A rendering depends only on the silhouette's index and the seed, so the
+        rows of ``view`` (a subset of ``source``'s silhouettes, any order) are
+        picked instead of composited again; ``view``'s labels are kept.
+        """
+        position = {int(i): r for r, i in enumerate(source.index)}
+        missing = [int(i) for i in view.index if int(i) not in position]
+        if missing:
+            raise ValueError(f"silhouettes {missing[:5]} of the view are not in the source")
+        rows = np.array([position[int(i)] for i in view.index], np.int64)
+        copies = len(rendered) // len(source)
+        picked = rendered.take(np.concatenate([rows + k * len(source) for k in range(copies)]))
+        return data.ImageSet(picked.images, np.tile(view.labels, copies), picked.masks,
+                             picked.categories, picked.index)
+
     def category(self, category: str):
         """The teacher of one category: "category vs random images" + its segmentation."""
         c = self.config
         train, test = self.splits["train"], self.splits["test"]
-        cls = self._rendered(data.binary_classification(train, [category], seed=c.seed))
-        seg = self._rendered(data.segmentation(train, [category], seed=c.seed))
+        cls_view = data.binary_classification(train, [category], seed=c.seed)
+        cls = self._rendered(cls_view)  # the positives' renderings serve segmentation too
+        seg = self._rendered_rows(cls, cls_view, data.segmentation(train, [category], seed=c.seed))
 
         def metrics(net, params):
             view = data.binary_classification(test, [category], seed=c.seed)

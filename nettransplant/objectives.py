@@ -96,22 +96,43 @@ class ChainCache:
         return jax.tree.map(lambda a: a[index], self)
 
 
-@partial(jax.jit, static_argnums=0)
-def _chains(transplant: Transplant, frozen, g, mask_keys):
-    return (transplant.student_task_gradient(frozen, g, mask_keys),
-            transplant.teacher_gradient(frozen, g, mask_keys))
+@partial(jax.jit, static_argnums=(0, 4))
+def _chains(transplant: Transplant, frozen, g, mask_keys, shared: bool):
+    d_t = transplant.teacher_gradient(frozen, g, mask_keys)
+    if shared:  # one module with one set of parameters: the student's chain is the teacher's
+        return d_t, d_t
+    return transplant.student_task_gradient(frozen, g, mask_keys), d_t
+
+
+def shares_task_module(transplant: Transplant, frozen: Mapping) -> bool:
+    """Whether student and teacher task modules are one module with the same parameters.
+
+    Exp. 1's case: ``G_h`` and ``D'_T`` are then one chain, computed once.
+    """
+    if transplant.student_task_module != transplant.teacher_task_module:
+        return False
+    s, t = frozen["student_task_module"], frozen["teacher_task_module"]
+    if s is t:
+        return True
+    leaves_s, tree_s = jax.tree_util.tree_flatten(s)
+    leaves_t, tree_t = jax.tree_util.tree_flatten(t)
+    return tree_s == tree_t and all(a is b for a, b in zip(leaves_s, leaves_t, strict=True))
 
 
 def build_chain_cache(transplant: Transplant, frozen: Mapping, key: Array, num_draws: int,
                       output_shape: tuple[int, ...], *, chunk: int = 16) -> ChainCache:
     """Sample ``num_draws`` draws and run both frozen task modules' chains once.
 
+    When both are one module with the same parameters (:func:`shares_task_module`)
+    its chain runs once and serves as both.
+
     Runs in chunks of ``chunk`` draws (one compiled shape; the last chunk is padded).
     """
     students, teachers, keys = [], [], []
+    shared = shares_task_module(transplant, frozen)
     for start in range(0, num_draws, chunk):
         g, mask_keys = sample_output_gradients(key, chunk, output_shape, first_index=start)
-        g_h, d_t = _chains(transplant, frozen, g, mask_keys)
+        g_h, d_t = _chains(transplant, frozen, g, mask_keys, shared)
         n = min(chunk, num_draws - start)
         students.append(g_h[:n])
         teachers.append(d_t[:n])

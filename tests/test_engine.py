@@ -390,6 +390,23 @@ def test_alpha_is_one_when_the_student_is_the_teacher():
     assert abs(float(transfer().scalars.alpha) - 1.0) > 0.1
 
 
+def test_a_shared_task_module_runs_its_chain_once_with_the_same_cache():
+    setup = exp1()
+    assert O.shares_task_module(EXP1, setup.frozen)
+    copied = {**setup.frozen, "student_task_module": jax.tree.map(
+        jnp.array, setup.frozen["teacher_task_module"])}  # equal values, other buffers
+    assert not O.shares_task_module(EXP1, copied)
+    assert not O.shares_task_module(EXP1, transfer().frozen)
+    separate = O.build_chain_cache(EXP1, copied, jax.random.key(1), NUM_DRAWS, setup.shape,
+                                   chunk=CHUNK)
+    for field in ("student_task_gradient", "teacher_gradient"):
+        np.testing.assert_allclose(np.asarray(getattr(setup.cache, field)),
+                                   np.asarray(getattr(separate, field)), rtol=1e-6, atol=1e-12,
+                                   err_msg=field)
+    np.testing.assert_array_equal(jax.random.key_data(setup.cache.mask_keys),
+                                  jax.random.key_data(separate.mask_keys))
+
+
 @pytest.mark.parametrize("setup", ["exp1", "transfer", "segmentation"])
 def test_distill_term_of_a_zero_adapter_is_lambda0(setup):
     # λ = λ0 / E‖D'_T‖²: with D'_S = 0 the term is λ·E‖D'_T‖² = λ0 exactly.

@@ -140,6 +140,23 @@ def test_dead_draws_are_dropped_and_the_bank_keeps_its_size():
         experiments.drop_dead_draws(objectives.ChainCache(teacher, 0 * teacher, None), 2)
 
 
+def test_segmentation_renderings_are_picked_from_the_classification_ones(tmp_path):
+    from nettransplant import data
+    config = silhouettes.get_config("quick")
+    splits = data.load_silhouettes(config.model.image_size, config.seed)
+    zoo = reproduce.TeacherZoo(config, tmp_path, splits, progress=False)
+    cls_view = data.binary_classification(splits["train"], ["cat"], seed=0)
+    seg_view = data.segmentation(splits["train"], ["cat"], seed=0)
+    picked = zoo._rendered_rows(zoo._rendered(cls_view), cls_view, seg_view)
+    direct = zoo._rendered(seg_view)
+    assert len(direct) == config.teacher.renderings * len(seg_view)
+    for field in ("images", "labels", "masks", "categories", "index"):
+        np.testing.assert_array_equal(getattr(picked, field), getattr(direct, field), field)
+    unseen = data.segmentation(splits["test"], ["cat"], seed=0)  # other silhouettes
+    with pytest.raises(ValueError, match="not in the source"):
+        zoo._rendered_rows(zoo._rendered(cls_view), cls_view, unseen)
+
+
 def test_experiment_dummies_follow_the_paper():
     from nettransplant.modules import ClassificationTaskModule
     module = ClassificationTaskModule(width=0.125, input_size=32)
