@@ -209,18 +209,21 @@ def findings(results: Mapping) -> list[str]:
         swap = results.get("exp2_head_swap", {}).get("avg")
         if swap and "exp2" in residual:
             text += (
-                f" The heads: the cosine between the {generic} module's fc8 kernel and each "
-                f"target teacher's averages {swap['fc8_cosine']:.2f}; with the target's own fc8 "
-                f"swapped into the {generic} module (nothing else changed) the warm start would "
-                f"leave {swap['residual_with_own_head']:.2f} unexplained instead of "
+                " The heads: fc8 is the one layer a teacher does not take from the shared "
+                f"backbone (its output count differs); the cosine between the {generic} "
+                f"module's fc8 kernel and each target teacher's averages "
+                f"{swap['fc8_cosine']:.2f}, and with the target's own fc8 swapped into the "
+                f"{generic} module (nothing else changed) the warm start would leave "
+                f"{swap['residual_with_own_head']:.2f} unexplained instead of "
                 f"{residual['exp2']:.2f}.")
             if swap["residual_with_own_head"] < 0.5 * residual["exp2"]:
                 text += (
-                    " So the layers below the head are related and the output layers are "
-                    "not: on this benchmark every negative of a binary task is another animal, "
-                    f"so \"{generic} vs other animals\" and \"cat vs other animals\" share no "
-                    "\"object vs anything else\" direction, which the paper's heads (a category "
-                    "vs random VOC images, mostly without any animal) do share.")
+                    " So the layers below the head are related and the heads are not. Every "
+                    "negative of this benchmark's binary tasks is another animal: "
+                    f"\"{generic} vs other animals\" and \"target vs other animals\" share no "
+                    "\"animal vs anything else\" direction for their heads to learn, which "
+                    "the paper's heads (a category vs random VOC images, most of them without "
+                    "an animal) can share.")
         lines.append(text)
     exp3, exp3_residual = results.get("exp3", {}), results.get("warm_start_residual", {}).get(
         "exp3", {})

@@ -201,6 +201,7 @@ def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
     findings = "\n".join(report.findings(results))
     assert "each target teacher's averages 0.05" in findings
     assert "would leave 0.20 unexplained instead of 0.90. So the layers below" in findings
+    assert '"cow vs other animals"' in findings
     results["exp2_head_swap"]["avg"]["residual_with_own_head"] = 0.8
     assert "So the layers below" not in "\n".join(report.findings(results))
     results["warm_start_residual"]["exp3"] = {"cat": 0.4, "avg": 0.4}
