@@ -356,6 +356,9 @@ class Runner:
         # {experiment: {target: back-distillation loss of the warm start / λ0}}: the
         # share of the teacher's pseudo-gradient the best single conv leaves unexplained.
         self.residual: dict = {}
+        # {experiment: {target: {method: {n: %}}}}: each run's metric on its own labelled
+        # samples, to tell a method that generalises badly from one that has not fit.
+        self.train_fit: dict = {}
 
     def _adapter(self, spec) -> Adapter:
         num_convs, kernel = spec
@@ -445,6 +448,10 @@ class Runner:
                         draws_per_step=tc.draws_per_step, seed=c.seed + n,
                         log_every=tc.log_every)
                 out.setdefault(method, {})[str(n)] = experiments.evaluate(problem, params)
+                if n:
+                    self.train_fit.setdefault(experiment, {}).setdefault(target, {}).setdefault(
+                        method, {})[str(n)] = experiments.training_fit(problem, params,
+                                                                       transfer, n)
                 if history:
                     self.curves.setdefault(curve_key, {}).setdefault(method, {}).setdefault(
                         str(n), []).append([h["loss"] for h in history])
@@ -619,6 +626,7 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     results["live_draw_fraction"] = live
     results["warm_start_residual"] = {
         e: {**r, "avg": float(np.mean(list(r.values())))} for e, r in runner.residual.items()}
+    results["train_fit"] = {e: _with_avg(cells) for e, cells in runner.train_fit.items()}
     results["runtime_s"] = time.perf_counter() - start
 
     (workdir / "results.json").write_text(json.dumps(results, indent=2))

@@ -9,7 +9,9 @@ import pytest
 
 from configs import silhouettes
 from launch import reproduce
-from nettransplant import checkpoint, experiments, objectives, report, teachers
+from nettransplant import checkpoint, experiments, modules, objectives, report, teachers
+from nettransplant.adapter import Adapter
+from nettransplant.transplant import Transplant
 
 METHODS = {"back-distill", "direct-learn", "distill", "jacobian"}
 
@@ -47,6 +49,11 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     swap = results["exp2_head_swap"]
     assert set(swap) == {"cat", "avg"}
     assert -1 <= swap["cat"]["fc8_cosine"] <= 1 and swap["cat"]["residual_with_own_head"] >= 0
+    fit = results["train_fit"]
+    assert set(fit) == set(residual)
+    assert set(fit["exp3"]) == METHODS and set(fit["exp3"]["distill"]) == {"10"}
+    assert all(0 <= v <= 100 for by_m in fit.values() for by_n in by_m.values()
+               for cells in by_n.values() for v in cells.values())
     # Exp. 1: a single conv undoes the reorder exactly, at any adapter depth.
     assert residual["exp1_1conv"]["avg"] < 1e-3 and residual["exp1_3conv"]["avg"] < 1e-3
     md = (workdir / "results.md").read_text()
@@ -201,9 +208,66 @@ def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
     findings = "\n".join(report.findings(results))
     assert "each target teacher's averages 0.05" in findings
     assert "would leave 0.20 unexplained instead of 0.90. So the layers below" in findings
-    assert '"cow vs other animals"' in findings
+    assert '"cow vs the rest"' in findings
     results["exp2_head_swap"]["avg"]["residual_with_own_head"] = 0.8
     assert "So the layers below" not in "\n".join(report.findings(results))
     results["warm_start_residual"]["exp3"] = {"cat": 0.4, "avg": 0.4}
     assert "category (with the share its warm start leaves unexplained): cat +2.0 (0.40)." in \
         "\n".join(report.findings(results))
+    results["config"]["transplant"] = {"num_steps": 35}
+    results["train_fit"] = {
+        "exp1_1conv": {"back-distill": {"10": {"cat": 0.0, "avg": 0.0}},
+                       "direct-learn": {"10": {"cat": 0.0, "avg": 0.0}}},
+        "exp2": {"back-distill": {"20": {"cat": 40.0, "avg": 40.0}},
+                 "direct-learn": {"50": {"cat": 20.0, "avg": 20.0},
+                                  "20": {"cat": 45.0, "avg": 45.0}}},
+        "exp3": {"back-distill": {"10": {"cat": 86.0, "avg": 86.0}},
+                 "direct-learn": {"10": {"cat": 85.5, "avg": 85.5}}}}
+    findings = "\n".join(report.findings(results))
+    assert ("smallest count after 35 steps (error %, pixel accuracy % for segmentation; "
+            "direct-learn / back-distill): exp1_1conv (10) 0.0 / 0.0, exp2 (20) 45.0 / 40.0, "
+            "exp3 (10) 85.5 / 86.0.") in findings
+    assert "Direct-learn has not fit its own samples in exp2:" in findings
+    results["train_fit"]["exp3"]["direct-learn"]["10"]["avg"] = 80.0
+    assert "samples in exp2, exp3:" in "\n".join(report.findings(results))
+    del results["train_fit"]["exp2"]["direct-learn"]
+    results["train_fit"]["exp3"]["direct-learn"]["10"]["avg"] = 86.0
+    assert "has not fit" not in "\n".join(report.findings(results))
+
+
+def test_training_fit_scores_the_real_labelled_rows_only():
+    """``training_fit`` is the test metric on the run's own samples, padding dropped."""
+    net = modules.make_teacher(width=1 / 8, input_size=32)
+    params = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    task = net.classification_module
+    tp = Transplant(net.category_module, Adapter(8, 1, 3, reorder_seed=None), task, task)
+    frozen = {"category_module": params["category_module"],
+              "student_task_module": params["classification_module"],
+              "teacher_task_module": params["classification_module"]}
+    adapter = tp.adapter.ideal_params(1.0)
+    x = experiments.features(net.category_module, params["category_module"],
+                             np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(
+                                 np.float32))
+    scalars = objectives.TransplantScalars(jnp.float32(1), jnp.float32(1), jnp.float32(1))
+    problem = experiments.TransplantProblem(tp, frozen, scalars, None, adapter, x,
+                                            np.zeros(6, np.int64), 1.0)
+    predicted = np.asarray(experiments._student_predictions(tp, adapter, frozen, 1.0, x))
+    # 4 real rows labelled with the net's own predictions, 2 padding rows labelled wrong.
+    labels = np.concatenate([predicted[:4], 1 - predicted[4:]])
+    data = objectives.TransferData(x, jnp.asarray(labels), jnp.ones(6), jnp.asarray(
+        [1, 1, 1, 1, 0, 0], jnp.float32), None, None, None)
+    assert experiments.training_fit(problem, adapter, data, 4) == 0.0
+    assert experiments.training_fit(problem, adapter, data, 6) == pytest.approx(100 / 3)
+    assert experiments.score(problem, adapter, x[:4], 1 - predicted[:4]) == 100.0
+    with pytest.raises(ValueError, match="num_samples must be in"):
+        experiments.training_fit(problem, adapter, data, 0)
+
+
+@pytest.mark.parametrize("variant", [None, "quick", "converged"])
+def test_every_config_variant_validates(variant):
+    reproduce.validate_config(silhouettes.get_config(variant))
+
+
+def test_an_unknown_config_variant_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown variant 'fast'.*'quick' or 'converged'"):
+        silhouettes.get_config("fast")
