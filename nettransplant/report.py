@@ -259,8 +259,9 @@ def _fit_findings(results: Mapping) -> list[str]:
     """How well direct-learn and back-distill fit their own labelled samples.
 
     Direct-learn minimises nothing but the task loss on those samples, so where
-    it fits them worse than back-distill (or misclassifies > 10 % of them) it
-    has not finished training, and the test gap is partly one of training speed.
+    it still misclassifies over 20 % of them (one image in five) or segments
+    them over a point worse than back-distill, it has not finished training,
+    and the test gap is partly one of training speed.
     """
     fit = results.get("train_fit", {})
     steps = results.get("config", {}).get("transplant", {}).get("num_steps")
@@ -272,7 +273,7 @@ def _fit_findings(results: Mapping) -> list[str]:
         n = min(set(direct) & set(back), key=int)
         dl, bd = direct[n]["avg"], back[n]["avg"]
         cells.append(f"{run} ({n}) {dl:.1f} / {bd:.1f}")
-        behind = dl < bd - 1 if run in _SEGMENTATION_RUNS else (dl > bd + 1 or dl > 10)
+        behind = dl < bd - 1 if run in _SEGMENTATION_RUNS else dl > 20
         if behind:
             unfit.append(run)
     if not cells:
@@ -284,9 +285,10 @@ def _fit_findings(results: Mapping) -> list[str]:
     if unfit:
         lines.append(
             f"Direct-learn has not fit its own samples in {', '.join(unfit)}: it minimises "
-            "only their task loss, yet fits them worse than back-distill or misclassifies "
-            "over 10 % of them. There the test gap measures how fast each method trains "
-            "through the frozen task module at this budget (the paper's argument for "
+            "only their task loss, yet misclassifies over 20 % of them or segments them "
+            "over a point worse than back-distill. There the test gap measures how fast "
+            "each method trains through the frozen task module at this budget (the "
+            "paper's argument for "
             "back-distillation, Sec. 3.1) as much as how it generalises; "
             "configs/silhouettes.py:converged trains every method until it fits.")
     return lines
