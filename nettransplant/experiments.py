@@ -212,16 +212,24 @@ def _student_predictions(transplant: Transplant, adapter_params, frozen, beta, x
     return evaluation.predict_classes(y)
 
 
+def _predict(problem: TransplantProblem, adapter_params: Params, features: Array
+             ) -> np.ndarray:
+    return evaluation.batched_apply(
+        lambda x: _student_predictions(problem.transplant, adapter_params, problem.frozen,
+                                       problem.scalars.beta, x), features)
+
+
+def _metric(problem: TransplantProblem, predictions: np.ndarray, targets) -> float:
+    if problem.task == "segmentation":
+        return evaluation.pixel_accuracy(predictions, targets)
+    return evaluation.classification_error(predictions, targets)
+
+
 def score(problem: TransplantProblem, adapter_params: Params, features: Array,
           targets: Array) -> float:
     """Classification error (%) or segmentation pixel accuracy (%) of the transplant net
     on frozen features ``x = f(I)`` and their labels (``(N,)`` or ``(N, H, W)``)."""
-    predictions = evaluation.batched_apply(
-        lambda x: _student_predictions(problem.transplant, adapter_params, problem.frozen,
-                                       problem.scalars.beta, x), features)
-    if problem.task == "segmentation":
-        return evaluation.pixel_accuracy(predictions, targets)
-    return evaluation.classification_error(predictions, targets)
+    return _metric(problem, _predict(problem, adapter_params, features), targets)
 
 
 def evaluate(problem: TransplantProblem, adapter_params: Params) -> float:
@@ -232,11 +240,15 @@ def evaluate(problem: TransplantProblem, adapter_params: Params) -> float:
 def training_fit(problem: TransplantProblem, adapter_params: Params,
                  data: objectives.TransferData, num_samples: int) -> float:
     """The same metric on the run's own ``num_samples`` labelled samples (padding dropped):
-    how well the adapter fits what it was trained on."""
+    how well the adapter fits what it was trained on.
+
+    Predicts the whole padded set, whose size is fixed for a run, so every sample
+    count shares one compiled shape; the padding rows are dropped afterwards.
+    """
     if not 0 < num_samples <= data.size:
         raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
-    return score(problem, adapter_params, data.features[:num_samples],
-                 data.labels[:num_samples])
+    predictions = _predict(problem, adapter_params, data.features)[:num_samples]
+    return _metric(problem, predictions, np.asarray(data.labels)[:num_samples])
 
 
 @partial(jax.jit, static_argnums=(0, 5))
