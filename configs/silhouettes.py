@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pretrain.num_steps = 1500
     config.pretrain.batch_size = 32
     config.pretrain.learning_rate = 3e-4
+    # A torchvision VGG-16 state dict (.pth / .safetensors): teachers start from it
+    # instead (full width at 224² only; configs/voc_vgg16.py).
+    config.pretrain.weights = ""
 
     # Teachers: category module + classification + segmentation task modules,
     # trained jointly per category (and per leave-one-out category set).

@@ -3,13 +3,19 @@
     python -m launch.reproduce --workdir workdir/reproduce
     python -m launch.reproduce --workdir W --config configs/silhouettes.py:quick
     python -m launch.reproduce --workdir W --config.generic_category=elephant
+    python -m launch.reproduce --workdir W --config configs/voc_vgg16.py \
+        --config.voc.manual_dir=D --config.pretrain.weights=vgg16.pth   # paper scale
+
+Every image set comes from the benchmark ``config.data`` names
+(:mod:`nettransplant.data.benchmarks`): the embedded silhouettes or VOC + SBD.
 
 Stages (each shows a progress bar with rate and ETA):
 
-1. Per-category teachers, trained on their training silhouettes composited in
-   several scenes (``config.teacher.renderings``), optionally from a shared
-   backbone (``config.pretrain``: 10-way classification + segmentation of every
-   category), and the leave-one-out generic modules of Table 4. Each is an
+1. Per-category teachers (embedded: trained on their training silhouettes
+   composited in several scenes, ``config.teacher.renderings``), from
+   torchvision's VGG-16 (``config.pretrain.weights``), a shared backbone
+   (``config.pretrain.num_steps``: 10-way classification + segmentation of every
+   category) or from scratch, and the leave-one-out generic modules of Table 4. Each is an
    orbax checkpoint under ``W/teachers/`` with its metadata (category, config, metrics, curve). A
    re-run reuses every checkpoint whose configuration matches; an interrupted
    teacher resumes from ``W/teachers/<name>.partial`` and ends with the same
@@ -24,7 +30,6 @@ Stages (each shows a progress bar with rate and ETA):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -42,6 +47,7 @@ from tqdm.auto import tqdm
 import configs
 from nettransplant import (
     checkpoint,
+    convert,
     data,
     evaluation,
     experiments,
@@ -51,6 +57,7 @@ from nettransplant import (
     teachers,
 )
 from nettransplant.adapter import Adapter
+from nettransplant.data import benchmarks
 from nettransplant.transplant import Transplant
 
 _DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
@@ -63,17 +70,17 @@ EXPERIMENTS = ("exp1", "exp2", "exp3", "table4")
 
 def validate_config(config) -> None:
     """Fail early, naming the config field, on categories or experiments that cannot run."""
-    def known(field, names):
-        bad = [n for n in names if n not in data.CATEGORIES]
-        if bad:
-            raise ValueError(f"config.{field}: unknown categories {bad}; the dataset has "
-                             f"{list(data.CATEGORIES)}")
+    if config.data not in benchmarks.BENCHMARKS:
+        raise ValueError(f"config.data={config.data!r}: unknown benchmark; choose from "
+                         f"{list(benchmarks.BENCHMARKS)}")
+    benchmark = benchmarks.BENCHMARKS[config.data]
 
-    if config.data != "silhouettes":
-        raise ValueError(
-            f"config.data={config.data!r}: launch.reproduce runs the embedded 'silhouettes' "
-            "benchmark; the paper-scale loaders (nettransplant.data.paper_scale) are not wired "
-            "into it yet")
+    def known(field, names):
+        bad = [n for n in names if n not in benchmark.categories]
+        if bad:
+            raise ValueError(f"config.{field}: unknown categories {bad}; {config.data!r} has "
+                             f"{list(benchmark.categories)}")
+
     known("categories", config.categories)
     known("target_categories", config.target_categories)
     known("generic_category", [config.generic_category])
@@ -85,7 +92,7 @@ def validate_config(config) -> None:
     if bad:
         raise ValueError(f"config.experiments: unknown {bad}; choose from {list(EXPERIMENTS)}")
     if "table4" in config.experiments:
-        not_mammal = [c for c in config.target_categories if c not in data.MAMMALS]
+        not_mammal = [c for c in config.target_categories if c not in benchmark.mammals]
         if not_mammal:
             raise ValueError(f"config.target_categories: Table 4's leave-one-out modules hold "
                              f"out a mammal, got {not_mammal}")
@@ -99,6 +106,30 @@ def validate_config(config) -> None:
     counts = [int(n) for n in config.sample_counts]
     if any(n < 0 for n in counts) or sorted(set(counts)) != counts:
         raise ValueError(f"config.sample_counts must be increasing and >= 0, got {counts}")
+    weights = config.pretrain.get("weights", "")
+    if config.data == "voc_sbd":
+        if config.pretrain.num_steps:
+            raise ValueError("config.pretrain.num_steps: 'voc_sbd' has no backbone "
+                             "pre-training set; set it to 0 (teachers start from "
+                             "config.pretrain.weights, or from scratch)")
+        if config.teacher.renderings != 1:
+            raise ValueError("config.teacher.renderings: re-rendering is the silhouettes' "
+                             f"augmentation; 'voc_sbd' needs 1, got {config.teacher.renderings}")
+        if not config.voc.manual_dir:
+            raise ValueError("config.voc.manual_dir is empty: " + benchmarks.paper_scale
+                             .VocSbdSegmentation.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    if weights:
+        if config.pretrain.num_steps:
+            raise ValueError("config.pretrain.weights and config.pretrain.num_steps > 0 are "
+                             "two initialisations of the teachers; set num_steps to 0")
+        if not Path(weights).is_file():
+            raise ValueError(f"config.pretrain.weights: no file {weights}")
+        size = convert.INPUT_SIZE
+        if config.model.width != 1.0 or config.model.image_size != size:
+            raise ValueError(
+                f"config.pretrain.weights holds torchvision's full VGG-16: it needs "
+                f"config.model.width = 1.0 and config.model.image_size = {size}, got "
+                f"{config.model.width} and {config.model.image_size}")
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -107,8 +138,8 @@ def validate_config(config) -> None:
 class TeacherZoo:
     """Trains, checkpoints and reuses the backbone, category teachers and generic modules."""
 
-    def __init__(self, config, workdir: Path, splits: dict, progress: bool):
-        self.config, self.splits, self.progress = config, splits, progress
+    def __init__(self, config, workdir: Path, benchmark: benchmarks.Benchmark, progress: bool):
+        self.config, self.benchmark, self.progress = config, benchmark, progress
         self.root = workdir / "teachers"
         self.root.mkdir(parents=True, exist_ok=True)
         m = config.model
@@ -118,22 +149,28 @@ class TeacherZoo:
         self.metrics: dict[str, dict] = {}
         self.curves: dict[str, list] = {}
         self._backbone = None
+        self._torchvision = None
         self._steps: dict = {}
 
     def _fingerprint(self, name: str, extra: dict) -> str:
         c = self.config
+        pretrain = c.pretrain.to_dict()
+        if not pretrain.get("weights"):  # teachers fingerprinted before the field existed
+            pretrain.pop("weights", None)
         spec = {"name": name, "seed": c.seed, "data": c.data,
-                "data_version": str(data.AnimalSilhouettes.VERSION), "model": c.model.to_dict(),
-                "pretrain": c.pretrain.to_dict(), **extra}
+                "data_version": self.benchmark.version, "model": c.model.to_dict(),
+                "pretrain": pretrain, **extra}
         if name != "backbone":  # the backbone does not depend on how teachers are trained
             spec["teacher"] = c.teacher.to_dict()
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _train(self, name: str, teacher: modules.Teacher, init_params, *, cls_images, cls_labels,
-               seg_images, seg_masks, num_steps: int, learning_rate: float, seed: int,
+    def _train(self, name: str, teacher: modules.Teacher, init_params, *, training_sets,
+               num_steps: int, learning_rate: float, seed: int,
                metrics_fn, extra: dict, batch_sizes: tuple[int, int] | None = None):
         """Train (or reuse, or resume) one teacher; returns its parameters.
 
+        ``training_sets``: returns ``train_teacher``'s image and label arrays; called
+        only when the teacher is trained (a reused checkpoint needs no data).
         ``batch_sizes``: (classification, segmentation) images per step; default
         the teachers' (``config.teacher``).
         """
@@ -170,8 +207,7 @@ class TeacherZoo:
                                        overwrite=True)
 
         state, history = teachers.train_teacher(
-            teacher, state, cls_images=cls_images, cls_labels=cls_labels,
-            seg_images=seg_images, seg_masks=seg_masks, optimizer=optimizer,
+            teacher, state, **training_sets(), optimizer=optimizer,
             num_steps=num_steps, batch_size=cls_batch, seg_batch_size=seg_batch, seed=seed,
             progress=f"teacher {name}" if self.progress else False, history=history,
             checkpoint_every=self.config.teacher.checkpoint_every, on_checkpoint=save_partial,
@@ -191,13 +227,12 @@ class TeacherZoo:
             net = modules.make_teacher(width=m.width, input_size=m.image_size,
                                        num_outputs=len(data.CATEGORIES),
                                        dropout_rate=m.dropout_rate, num_classes=m.num_classes)
-            train = self.splits["train"]
-            images = data.normalize_images(train.images)
+            train = self.benchmark.pretraining_set("train")
             init = net.init({"params": jax.random.key(c.seed)},
                             jnp.zeros((1, m.image_size, m.image_size, 3)))["params"]
 
             def metrics(net, params):
-                test = self.splits["test"]
+                test = self.benchmark.pretraining_set("test")
                 scores = evaluation.batched_apply(
                     lambda im: _classification_scores(net, params, im),
                     data.normalize_images(test.images))
@@ -206,112 +241,79 @@ class TeacherZoo:
                         "seg_pixel_acc": _seg_acc(net, params, test)}
 
             self._backbone = self._train(
-                "backbone", net, init, cls_images=images,
-                cls_labels=train.categories.astype(np.int32), seg_images=images,
-                seg_masks=train.masks.astype(np.int32), num_steps=c.pretrain.num_steps,
-                learning_rate=c.pretrain.learning_rate, seed=c.seed, metrics_fn=metrics,
-                extra={"categories": list(data.CATEGORIES), "kind": "backbone"},
+                "backbone", net, init,
+                training_sets=lambda: _training_sets(train, train, "categories"),
+                num_steps=c.pretrain.num_steps, learning_rate=c.pretrain.learning_rate,
+                seed=c.seed, metrics_fn=metrics,
+                extra={"categories": list(self.benchmark.categories), "kind": "backbone"},
                 batch_sizes=(c.pretrain.batch_size, c.pretrain.batch_size))
         return self._backbone
 
+    def torchvision_backbone(self):
+        """torchvision's VGG-16 (``config.pretrain.weights``) as teacher parameters, FCN-8s
+        segmentation module initialised from it (the paper's ImageNet initialisation)."""
+        if self._torchvision is None:
+            _, self._torchvision = convert.load_torchvision_teacher(
+                self.config.pretrain.weights, num_classes=self.config.model.num_classes)
+        return self._torchvision
+
     def _init(self, name: str):
-        """A teacher's initialisation: the backbone's layers, if there is one, else random."""
+        """A teacher's initialisation: torchvision's VGG-16 or the backbone's layers, if
+        there is one, else random (fc8 is always fresh: its outputs differ)."""
         key = jax.random.fold_in(jax.random.key(self.config.seed), _stable_hash(name))
         size = self.config.model.image_size
+        if self.config.pretrain.get("weights", ""):
+            return teachers.transfer_backbone(self.teacher, self.torchvision_backbone(), key,
+                                              size)
         if self.config.pretrain.num_steps == 0:
             return self.teacher.init({"params": key}, jnp.zeros((1, size, size, 3)))["params"]
         return teachers.transfer_backbone(self.teacher, self.backbone(), key, size)
 
-    def _rendered(self, view: data.ImageSet) -> data.ImageSet:
-        """``view`` in ``config.teacher.renderings`` renderings: the stored one + fresh scenes.
-
-        The same training silhouettes in new colours, textures, clutter and
-        placement: the teachers' data augmentation (no test silhouette is used).
-        """
-        c = self.config
-        copies = [view] + [data.rerender(view, _RENDERING_SEED + c.seed * 100 + k)
-                           for k in range(1, c.teacher.renderings)]
-        return data.ImageSet(*(np.concatenate([getattr(v, f.name) for v in copies])
-                               for f in dataclasses.fields(data.ImageSet)))
-
-    @staticmethod
-    def _rendered_rows(rendered: data.ImageSet, source: data.ImageSet,
-                       view: data.ImageSet) -> data.ImageSet:
-        """``self._rendered(view)`` taken from ``rendered = self._rendered(source)``.
-
-        A rendering depends only on the silhouette's index and the seed, so the
-        rows of ``view`` (a subset of ``source``'s silhouettes, any order) are
-        picked instead of composited again; ``view``'s labels are kept.
-        """
-        position = {int(i): r for r, i in enumerate(source.index)}
-        missing = [int(i) for i in view.index if int(i) not in position]
-        if missing:
-            raise ValueError(f"silhouettes {missing[:5]} of the view are not in the source")
-        rows = np.array([position[int(i)] for i in view.index], np.int64)
-        copies = len(rendered) // len(source)
-        picked = rendered.take(np.concatenate([rows + k * len(source) for k in range(copies)]))
-        return data.ImageSet(picked.images, np.tile(view.labels, copies), picked.masks,
-                             picked.categories, picked.index)
-
     def category(self, category: str):
         """The teacher of one category: "category vs random images" + its segmentation."""
-        c = self.config
-        train, test = self.splits["train"], self.splits["test"]
-        cls_view = data.binary_classification(train, [category], seed=c.seed)
-        cls = self._rendered(cls_view)  # the positives' renderings serve segmentation too
-        seg = self._rendered_rows(cls, cls_view, data.segmentation(train, [category], seed=c.seed))
+        c, bench = self.config, self.benchmark
 
         def metrics(net, params):
-            view = data.binary_classification(test, [category], seed=c.seed)
-            return {"cls_error": _cls_error(net, params, view),
-                    "seg_pixel_acc": _seg_acc(net, params, data.segmentation(test, [category]))}
+            return {"cls_error": _cls_error(net, params, bench.classification(category, "test")),
+                    "seg_pixel_acc": _seg_acc(net, params, bench.segmentation(category, "test"))}
 
         return self._train(
             category, self.teacher, self._init(category),
-            cls_images=data.normalize_images(cls.images), cls_labels=cls.labels,
-            seg_images=data.normalize_images(seg.images), seg_masks=seg.masks.astype(np.int32),
+            training_sets=lambda: _training_sets(*bench.teacher_sets(category)),
             num_steps=c.teacher.num_steps, learning_rate=c.teacher.learning_rate,
             seed=c.seed + _stable_hash(category) % 1000, metrics_fn=metrics,
             extra={"category": category, "kind": "category"})
 
     def leave_one_out(self, held_out: str):
-        """Table 4's generic module: every other mammal + the dissimilar categories.
-
-        Classification is "any of those categories vs object-free scenes" (no
-        category is left to draw negatives from); segmentation covers them all.
-        """
-        c, size = self.config, self.config.model.image_size
-        categories = data.leave_one_out_categories(held_out)
-        n = c.teacher.generic_images
-        train, test = self.splits["train"], self.splits["test"]
-        positives = self._rendered(
-            data.positive_set(train, categories, num_images=n, seed=c.seed))
-        scenes = data.background_scenes(len(positives), size, seed=c.seed + 101)
-        cls_images = np.concatenate([positives.images, scenes])
-        cls_labels = np.concatenate([np.ones(len(positives)),
-                                     np.zeros(len(positives))]).astype(np.int32)
+        """Table 4's generic module: every other mammal + the dissimilar categories
+        (classification "any of them vs random images", segmentation of them all;
+        :meth:`Benchmark.generic_sets`)."""
+        c, bench = self.config, self.benchmark
+        categories = bench.leave_one_out_categories(held_out)
 
         def metrics(net, params):
-            m = min(len(test), 400)
-            pos = data.positive_set(test, categories, num_images=m, seed=c.seed)
-            view = data.ImageSet(
-                np.concatenate([pos.images, data.background_scenes(m, size, seed=c.seed + 202)]),
-                np.concatenate([np.ones(m), np.zeros(m)]).astype(np.int64), None, None, None)
-            return {"cls_error": _cls_error(net, params, view),
-                    "seg_pixel_acc": _seg_acc(net, params, pos)}
+            cls_test, seg_test = bench.generic_sets(held_out, "test")
+            return {"cls_error": _cls_error(net, params, cls_test),
+                    "seg_pixel_acc": _seg_acc(net, params, seg_test)}
 
         name = f"generic_without_{held_out}"
         return self._train(
             name, self.teacher, self._init(name),
-            cls_images=data.normalize_images(cls_images), cls_labels=cls_labels,
-            seg_images=data.normalize_images(positives.images),
-            seg_masks=positives.masks.astype(np.int32), num_steps=c.teacher.num_steps,
+            training_sets=lambda: _training_sets(*bench.generic_sets(held_out, "train")),
+            num_steps=c.teacher.num_steps,
             learning_rate=c.teacher.learning_rate, seed=c.seed + _stable_hash(name) % 1000,
             metrics_fn=metrics,
             extra={"categories": list(categories), "held_out": held_out, "kind": "generic"})
 
 
-_RENDERING_SEED = 1000  # compositing seeds of the teachers' extra renderings start here
+def _training_sets(cls: data.ImageSet, seg: data.ImageSet, labels: str = "labels") -> dict:
+    """``train_teacher``'s arrays from a classification and a segmentation set."""
+    if cls is seg:  # one normalisation for a set serving both tasks (the backbone's)
+        images = seg_images = data.normalize_images(cls.images)
+    else:
+        images, seg_images = (data.normalize_images(v.images) for v in (cls, seg))
+    return {"cls_images": images, "cls_labels": getattr(cls, labels).astype(np.int32),
+            "seg_images": seg_images, "seg_masks": seg.masks.astype(np.int32)}
 
 
 def _as_tree(state: teachers.TrainState) -> dict:
@@ -345,8 +347,9 @@ def _seg_acc(net, params, view) -> float:
 class Runner:
     """Builds each transplant problem and runs its methods over the sample counts."""
 
-    def __init__(self, config, zoo: TeacherZoo, splits: dict, bar: tqdm):
-        self.config, self.zoo, self.splits, self.bar = config, zoo, splits, bar
+    def __init__(self, config, zoo: TeacherZoo, bar: tqdm):
+        self.config, self.zoo, self.bar = config, zoo, bar
+        self.benchmark = zoo.benchmark
         tc = config.transplant
         self.steps = experiments.StepCache(optax.adam(tc.learning_rate))
         self.channels = modules.category_channels(config.model.width)
@@ -368,8 +371,8 @@ class Runner:
         """β = E_S‖f_S(I)‖ / E_T‖f(I)‖ on unlabelled train images (paper Sec. 3)."""
         c = self.config
         n = c.transplant.beta_images
-        source = data.unlabelled_images(self.splits["train"], source_categories, n, seed=c.seed)
-        target = data.unlabelled_images(self.splits["train"], [target_category], n, seed=c.seed)
+        source = self.benchmark.unlabelled(source_categories, n)
+        target = self.benchmark.unlabelled([target_category], n)
         f = self.zoo.teacher.category_module
         fs = experiments.features(f, f_source, data.normalize_images(source))
         ft = experiments.features(f, f_target, data.normalize_images(target))
@@ -394,12 +397,11 @@ class Runner:
         frozen = {"category_module": teacher["category_module"],
                   "student_task_module": student[module],
                   "teacher_task_module": teacher[module]}
-        test = self.splits["test"]
         if task == "segmentation":
-            view = data.segmentation(test, [target], seed=c.seed)
+            view = self.benchmark.segmentation(target, "test")
             test_targets = view.masks
         else:
-            view = data.binary_classification(test, [target], seed=c.seed)
+            view = self.benchmark.classification(target, "test")
             test_targets = view.labels
         key = _problem_key(c, experiment, target)
         lambda0 = (tc.lambda0_segmentation if task == "segmentation"
@@ -422,9 +424,8 @@ class Runner:
             experiment, task, adapter_spec, protocol, target, student, teacher, beta)
         self.residual.setdefault(experiment, {})[target] = residual
         key = _problem_key(c, experiment, target)
-        train = self.splits["train"]
-        pool = (data.segmentation(train, [target], seed=c.seed) if task == "segmentation"
-                else data.binary_classification(train, [target], seed=c.seed))
+        pool = (self.benchmark.segmentation(target, "train") if task == "segmentation"
+                else self.benchmark.classification(target, "train"))
         out: dict = {}
         for n in counts:
             shots = data.few_shot(pool, n, seed=c.seed)
@@ -536,9 +537,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     validate_config(config)
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
-    m = config.model
-    splits = data.load_silhouettes(m.image_size, config.seed)
-    zoo = TeacherZoo(config, workdir, splits, progress)
+    benchmark = benchmarks.make_benchmark(config)
+    zoo = TeacherZoo(config, workdir, benchmark, progress)
     needed = list(dict.fromkeys([*config.categories, config.generic_category,
                                  *config.target_categories]))
     generic_needed = "table4" in config.experiments
@@ -569,7 +569,7 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     live: dict = {}
     bar = tqdm(total=_num_runs(config), desc="transplants", disable=not progress,
                dynamic_ncols=True)
-    runner = Runner(config, zoo, splits, bar)
+    runner = Runner(config, zoo, bar)
     counts = [int(n) for n in config.sample_counts]
     labelled = [n for n in counts if n > 0]
     generic_cat = config.generic_category
@@ -616,10 +616,10 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
         results["table4"] = {
             "classification": transfer(
                 "table4_classification", "classification", config.adapters.exp2, "exp2",
-                lambda c: generic[c], data.leave_one_out_categories, labelled),
+                lambda c: generic[c], benchmark.leave_one_out_categories, labelled),
             "segmentation": transfer(
                 "table4_segmentation", "segmentation", config.adapters.exp3, "exp3",
-                lambda c: generic[c], data.leave_one_out_categories,
+                lambda c: generic[c], benchmark.leave_one_out_categories,
                 _table4_seg_counts(config)),
         }
     bar.close()

@@ -109,9 +109,14 @@ def claims(results: Mapping) -> list[dict[str, Any]]:
     return out
 
 
+_BENCHMARK_TITLES = {"silhouettes": "the embedded benchmark",
+                     "voc_sbd": "VOC 2012 + SBD (paper scale)"}
+
+
 def results_markdown(results: Mapping) -> str:
     """``results.md``: teachers, Tables 2-4 with the paper's numbers, claims, runtime."""
-    parts = ["# Network transplanting on the embedded benchmark", ""]
+    data = results.get("config", {}).get("data", "silhouettes")
+    parts = [f"# Network transplanting on {_BENCHMARK_TITLES.get(data, data)}", ""]
     teachers = results.get("teachers", {})
     if teachers:
         parts += ["## Teachers", "",

@@ -95,8 +95,13 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
         a segmentation image costs about twice a classification image here.
     """
     step_fn = step_fn or make_teacher_step(teacher, optimizer)
-    cls_stream = IndexStream(len(cls_labels), batch_size, seed)
-    seg_stream = IndexStream(len(seg_masks), seg_batch_size or batch_size, seed + 1)
+    if len(cls_labels) == 0 or len(seg_masks) == 0:
+        raise ValueError(f"a teacher needs training images: got {len(cls_labels)} for "
+                         f"classification and {len(seg_masks)} for segmentation")
+    # Real rows only (no padding): a set smaller than a batch repeats within it.
+    cls_stream = IndexStream(len(cls_labels), batch_size, seed, padded=False)
+    seg_stream = IndexStream(len(seg_masks), seg_batch_size or batch_size, seed + 1,
+                             padded=False)
     start = int(state.step)
     for _ in range(start):  # replay the index streams up to the resumed step
         cls_stream.next()

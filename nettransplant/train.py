@@ -156,19 +156,23 @@ def make_train_step(transplant: Transplant, method: Method,
 class IndexStream:
     """Deterministic epoch-shuffled indices of fixed batch size.
 
-    With ``num_valid <= batch_size`` every batch is rows ``0..batch_size-1`` (the
-    sample set, padded with masked rows) — one compiled shape for every N.
+    With ``padded`` and ``num_valid <= batch_size`` every batch is rows
+    ``0..batch_size-1`` (the sample set, padded with masked rows) — one compiled
+    shape for every N. Without ``padded`` (a set of real rows only) a set smaller
+    than a batch repeats within it, each epoch shuffled.
     """
 
-    def __init__(self, num_valid: int, batch_size: int, seed: int):
+    def __init__(self, num_valid: int, batch_size: int, seed: int, *, padded: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.num_valid, self.batch_size = num_valid, batch_size
+        if num_valid < 1 and not padded:
+            raise ValueError(f"cannot draw batches from an empty set ({num_valid} rows)")
+        self.num_valid, self.batch_size, self.padded = num_valid, batch_size, padded
         self._rng = np.random.default_rng(seed)
         self._pending = np.zeros((0,), np.int32)
 
     def next(self) -> np.ndarray:
-        if self.num_valid <= self.batch_size:
+        if self.padded and self.num_valid <= self.batch_size:
             return np.arange(self.batch_size, dtype=np.int32)
         while self._pending.size < self.batch_size:
             self._pending = np.concatenate(

@@ -372,6 +372,27 @@ def test_fcn8s_initialisation_from_vgg16(teacher, converted):
     _assert_trees_equal(params["category_module"], converted[1]["category_module"])
 
 
+def test_the_main_job_starts_teachers_from_the_torchvision_weights(tmp_path, safetensors_file,
+                                                                  converted):
+    from configs import voc_vgg16
+    from launch import reproduce
+
+    config = voc_vgg16.get_config()
+    config.voc.manual_dir = str(tmp_path)
+    config.pretrain.weights = str(safetensors_file)
+    reproduce.validate_config(config)
+    zoo = reproduce.TeacherZoo(config, tmp_path, benchmark=None, progress=False)
+    params = zoo._init("cat")
+    vgg = converted[1]
+    _assert_trees_equal(params["category_module"], vgg["category_module"])
+    trunk = {k: v for k, v in vgg["classification_module"].items() if k != "fc8"}
+    for module in ("classification_module", "segmentation_module"):
+        _assert_trees_equal({k: params[module][k] for k in trunk}, trunk)
+    # fc8 is the teacher's own ("category vs random images": one output), freshly drawn.
+    assert params["classification_module"]["fc8"]["kernel"].shape[-2:] == (4096, 1)
+    np.testing.assert_array_equal(params["segmentation_module"]["score_fr"]["kernel"], 0)
+
+
 def test_fcn8s_forward_at_224_shares_the_classification_trunk(teacher):
     teacher, params = teacher
     images = jnp.asarray(np.random.default_rng(3).standard_normal((1, 224, 224, 3)), jnp.float32)

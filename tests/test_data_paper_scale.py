@@ -63,6 +63,21 @@ def test_voc_classification_is_balanced_category_vs_random_images(mock_tfds):
         P.voc_classification("lion")
 
 
+def test_voc_classification_of_several_categories_keeps_excluded_ones_out_of_negatives():
+    wanted = [P.VOC_CATEGORIES.index(c) for c in ("cow", "dog")]
+    person = P.VOC_CATEGORIES.index("person")
+    with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
+        view = P.voc_classification(["cow", "dog"], "train", size=32, exclude=["person"])
+        source = tfds.data_source("voc/2012", split="train")
+        assert len(view) > 0 and view.labels.sum() * 2 == len(view)
+        for row, label, category in zip(view.index, view.labels, view.categories, strict=True):
+            held = set(np.asarray(source[int(row)]["labels"]).tolist())
+            if label:  # any wanted category; ``categories`` names the first one listed
+                assert category == next(k for k in wanted if k in held)
+            else:
+                assert not held & {*wanted, person} and category == P.NOT_THE_CATEGORY
+
+
 def test_pet_segmentation_gives_binary_masks_of_the_species(mock_tfds):
     view = P.pet_segmentation("dog", "train", size=48)
     assert view.images.shape[1:] == (48, 48, 3)
@@ -143,6 +158,20 @@ def test_voc_sbd_builder_reads_palette_pngs_and_sbd_mat_files(tmp_path):
     class_map = example["class_map"][..., 0]
     assert class_map[10, 10] == CAT and class_map[20, 0] == P.VOC_IGNORE
     assert np.asarray(example["labels"]).tolist() == [CAT - 1]
+
+
+def test_voc_sbd_segmentation_of_several_categories_masks_them_all(tmp_path):
+    _fabricate_vocdevkit(tmp_path)
+    both = P.voc_sbd_segmentation(["dog", "cat"], "train", manual_dir=tmp_path,
+                                  data_dir=tmp_path / "tfds", size=32)
+    assert len(both) == 4  # a1, a2, b1, b2
+    np.testing.assert_array_equal(np.sort(both.categories), [CAT - 1] * 2 + [DOG - 1] * 2)
+    alone = {c: P.voc_sbd_segmentation(c, "train", manual_dir=tmp_path,
+                                       data_dir=tmp_path / "tfds", size=32)
+             for c in ("cat", "dog")}
+    for row, mask in zip(both.index, both.masks, strict=True):
+        own = next(v for v in alone.values() if row in v.index)
+        np.testing.assert_array_equal(mask, own.masks[list(own.index).index(row)])
 
 
 def test_voc_sbd_builder_uses_every_sbd_file_when_the_lists_are_missing(tmp_path):

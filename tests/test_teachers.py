@@ -42,6 +42,30 @@ def test_classification_and_segmentation_batches_have_their_own_sizes(setup):
         assert shapes == [((8, 32, 32, 3), (8,), (expected, 32, 32, 3), (expected, 32, 32))] * 2
 
 
+def test_a_set_smaller_than_a_batch_repeats_its_real_rows_only(setup):
+    teacher, arrays = setup
+    small = {k: v[:3] for k, v in arrays.items()}  # 3 images, batches of 8 and 4
+    seen = []
+
+    def recording_step(state, key, cls_images, cls_labels, seg_images, seg_masks):
+        seen.append((cls_images, seg_masks))
+        return state, {"finite": True, "loss": 0.0}
+
+    state = teachers.TrainState(np.int32(0), None, None)
+    teachers.train_teacher(teacher, state, optimizer=None, num_steps=3, batch_size=8,
+                           seg_batch_size=4, seed=0, progress=False, step_fn=recording_step,
+                           **small)
+    for cls_images, seg_masks in seen:
+        assert cls_images.shape[0] == 8 and seg_masks.shape[0] == 4
+        rows = {int(np.flatnonzero((small["cls_images"] == im).all(axis=(1, 2, 3)))[0])
+                for im in cls_images}
+        assert rows == {0, 1, 2}  # every real row, repeated, nothing else
+    empty = {k: v[:0] for k, v in arrays.items()}
+    with pytest.raises(ValueError, match="needs training images"):
+        teachers.train_teacher(teacher, state, optimizer=None, num_steps=1, batch_size=8,
+                               seed=0, progress=False, step_fn=recording_step, **empty)
+
+
 def test_resumed_teacher_training_ends_with_the_same_parameters(setup):
     teacher, arrays = setup
     optimizer = optax.adam(1e-3)

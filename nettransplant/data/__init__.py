@@ -10,8 +10,9 @@ files), :mod:`~nettransplant.data.composite` (how images are made),
 :mod:`~nettransplant.data.silhouettes` (the TFDS builder and loader),
 :mod:`~nettransplant.data.tasks` (task views and few-shot sets),
 :mod:`~nettransplant.data.baselines` (threshold / majority pixel baselines),
-:mod:`~nettransplant.data.pipeline` (batches) and
-:mod:`~nettransplant.data.paper_scale` (VOC, Oxford-IIIT Pet, VOC + SBD).
+:mod:`~nettransplant.data.pipeline` (batches),
+:mod:`~nettransplant.data.paper_scale` (VOC, Oxford-IIIT Pet, VOC + SBD) and
+:mod:`~nettransplant.data.benchmarks` (every view the main job reads, per dataset).
 """
 
 from nettransplant.data.animal_mnist import (

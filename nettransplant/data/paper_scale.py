@@ -20,6 +20,7 @@ on [0, 1] RGB. Masks get the same geometry with nearest-neighbour resampling.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -93,6 +94,10 @@ def _category_index(category: str, names: tuple[str, ...], dataset: str) -> int:
     return names.index(category)
 
 
+def _as_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
 def _stack_view(images: list[np.ndarray], labels: np.ndarray, masks: list[np.ndarray] | None,
                 categories: np.ndarray, rows: np.ndarray, size: int) -> ImageSet:
     n = len(images)
@@ -105,50 +110,60 @@ def _stack_view(images: list[np.ndarray], labels: np.ndarray, masks: list[np.nda
         index=rows.astype(np.int64))
 
 
-def voc_classification(category: str, split: str = "train", *, size: int = 224,
-                       crop: bool = True, data_dir: str | Path | None = None, seed: int = 0,
-                       max_positives: int | None = None,
-                       include_difficult: bool = True) -> ImageSet:
+def voc_classification(category: str | Sequence[str], split: str = "train", *,
+                       size: int = 224, crop: bool = True, data_dir: str | Path | None = None,
+                       seed: int = 0, max_positives: int | None = None,
+                       include_difficult: bool = True, exclude: Sequence[str] = ()) -> ImageSet:
     """VOC 2012 "``category`` vs random images", balanced, VGG geometry.
 
-    Positives are the split's images containing ``category`` (at most
-    ``max_positives``, and no more than there are images without it: a seeded
-    random subset); negatives are as many images drawn at random from those
-    without it.
+    Positives are the split's images containing ``category`` (any of them, for
+    a list: a generic module's "object vs random images"; at most
+    ``max_positives``, and no more than there are negatives: a seeded random
+    subset); negatives are as many images drawn at random from those with none
+    of ``category`` and none of ``exclude``.
 
     Args:
-      category: one of :data:`VOC_CATEGORIES`.
+      category: one of :data:`VOC_CATEGORIES`, or a list of them.
       split: a TFDS split of ``voc/2012`` (``train``, ``validation``, ``test``).
       size, crop: see :func:`vgg_geometry`.
       data_dir: TFDS data dir (default TFDS's).
       seed: chooses positives (when capped), negatives and the order.
       include_difficult: count objects marked difficult (TFDS ``labels``) or
         not (``labels_no_difficult``).
+      exclude: categories no negative may contain (e.g. a held-out category).
 
     Returns:
       ``ImageSet``: ``images (2P, size, size, 3)`` uint8, ``labels`` 1 then 0,
-      ``masks`` None, ``categories`` the category index for positives and
-      :data:`NOT_THE_CATEGORY` for negatives, ``index`` rows of the TFDS split.
+      ``masks`` None, ``categories`` for positives the index of the first
+      listed category the image contains, :data:`NOT_THE_CATEGORY` for
+      negatives, ``index`` rows of the TFDS split.
     """
-    index = _category_index(category, VOC_CATEGORIES, "voc/2012")
+    names = _as_names(category)
+    wanted = [_category_index(c, VOC_CATEGORIES, "voc/2012") for c in names]
+    avoided = set(wanted) | {_category_index(c, VOC_CATEGORIES, "voc/2012") for c in exclude}
     source = tfds.data_source("voc/2012", split=split,
                               data_dir=None if data_dir is None else str(data_dir))
     key = "labels" if include_difficult else "labels_no_difficult"
-    present = np.array([index in np.asarray(source[i][key]).tolist()
-                        for i in range(len(source))], bool)
+    contained = [set(np.asarray(source[i][key]).tolist()) for i in range(len(source))]
+    present = np.array([bool(c & set(wanted)) for c in contained], bool)
+    clean = np.array([not c & avoided for c in contained], bool)
     rng = np.random.default_rng(seed)
     pos = rng.permutation(np.flatnonzero(present))[:max_positives]
-    neg_pool = np.flatnonzero(~present)
+    neg_pool = np.flatnonzero(clean)
     if len(pos) == 0 or len(neg_pool) == 0:
-        raise ValueError(f"voc/2012 {split} has {len(pos)} images with {category} and "
-                         f"{len(neg_pool)} without: cannot build a balanced view")
+        avoided_names = [VOC_CATEGORIES[k] for k in sorted(avoided)]
+        raise ValueError(f"voc/2012 {split} has {len(pos)} images with {list(names)} and "
+                         f"{len(neg_pool)} with none of {avoided_names}: cannot build a "
+                         "balanced view")
     pos = pos[: len(neg_pool)]  # balanced: no more positives than negatives
     neg = rng.permutation(neg_pool)[: len(pos)]
     rows = np.concatenate([pos, neg])
     images = [vgg_geometry(np.asarray(source[int(i)]["image"]), size=size, crop=crop)[0]
               for i in rows]
     labels = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
-    categories = np.concatenate([np.full(len(pos), index), np.full(len(neg), NOT_THE_CATEGORY)])
+    first = [next(k for k in wanted if k in contained[int(i)]) for i in pos]
+    categories = np.concatenate([np.array(first, np.int64),
+                                 np.full(len(neg), NOT_THE_CATEGORY)])
     return _stack_view(images, labels, None, categories, rows, size)
 
 
@@ -331,15 +346,18 @@ class VocSbdSegmentation(tfds.core.GeneratorBasedBuilder):
                          "labels": present, "name": name}
 
 
-def voc_sbd_segmentation(category: str, split: str = "train", *, manual_dir: str | Path,
-                         data_dir: str | Path | None = None, size: int = 224, crop: bool = True,
+def voc_sbd_segmentation(category: str | Sequence[str], split: str = "train", *,
+                         manual_dir: str | Path, data_dir: str | Path | None = None,
+                         size: int = 224, crop: bool = True,
                          boundary: Literal["background", "ignore"] = "background") -> ImageSet:
     """Images containing ``category`` with its binary mask, VGG geometry.
 
-    Builds :class:`VocSbdSegmentation` from ``manual_dir`` on first use.
+    Builds :class:`VocSbdSegmentation` from ``manual_dir`` on first use. For a
+    list of categories (a generic module's segmentation) the images hold any of
+    them and the mask covers all of them.
 
     Args:
-      category: one of :data:`VOC_CATEGORIES`.
+      category: one of :data:`VOC_CATEGORIES`, or a list of them.
       split: ``train`` (VOC + SBD) or ``validation`` (VOC seg val).
       manual_dir: folder holding ``VOCdevkit/`` and optionally ``benchmark_RELEASE/``.
       data_dir: TFDS data dir (default TFDS's).
@@ -349,10 +367,10 @@ def voc_sbd_segmentation(category: str, split: str = "train", *, manual_dir: str
     Returns:
       ``ImageSet``: ``images (N, size, size, 3)`` uint8, ``masks (N, size,
       size)`` uint8 (1 the category, 0 the rest, 255 void if kept), ``labels``
-      all 1, ``categories`` the category's index in :data:`VOC_CATEGORIES`,
-      ``index`` rows of the split.
+      all 1, ``categories`` the index in :data:`VOC_CATEGORIES` of the first
+      listed category the image contains, ``index`` rows of the split.
     """
-    index = _category_index(category, VOC_CATEGORIES, "VOC")
+    wanted = [_category_index(c, VOC_CATEGORIES, "VOC") for c in _as_names(category)]
     if boundary not in ("background", "ignore"):
         raise ValueError(f"boundary must be 'background' or 'ignore', got {boundary!r}")
     builder = VocSbdSegmentation(data_dir=None if data_dir is None else str(data_dir))
@@ -365,7 +383,8 @@ def voc_sbd_segmentation(category: str, split: str = "train", *, manual_dir: str
     # Find the images first from their class lists, without decoding pixels.
     listing = builder.as_data_source(split=split, decoders={
         "image": tfds.decode.SkipDecoding(), "class_map": tfds.decode.SkipDecoding()})
-    rows = [i for i in range(len(listing)) if index in np.asarray(listing[i]["labels"]).tolist()]
+    contained = {i: set(np.asarray(listing[i]["labels"]).tolist()) for i in range(len(listing))}
+    rows = [i for i, c in contained.items() if c & set(wanted)]
     if not rows:
         raise ValueError(f"no {split} image in {manual_dir} contains {category}")
     source = builder.as_data_source(split=split)
@@ -373,11 +392,12 @@ def voc_sbd_segmentation(category: str, split: str = "train", *, manual_dir: str
     for i in rows:
         example = source[i]
         class_map = np.asarray(example["class_map"])[..., 0]
-        mask = (class_map == index + 1).astype(np.uint8)
+        mask = np.isin(class_map, np.array(wanted) + 1).astype(np.uint8)
         if boundary == "ignore":
             mask[class_map == VOC_IGNORE] = VOC_IGNORE
         image, mask = vgg_geometry(np.asarray(example["image"]), mask, size=size, crop=crop)
         images.append(image)
         masks.append(mask)
     n = len(rows)
-    return _stack_view(images, np.ones(n), masks, np.full(n, index), np.array(rows), size)
+    first = [next(k for k in wanted if k in contained[i]) for i in rows]
+    return _stack_view(images, np.ones(n), masks, np.array(first), np.array(rows), size)
