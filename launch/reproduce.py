@@ -106,18 +106,8 @@ def validate_config(config) -> None:
     counts = [int(n) for n in config.sample_counts]
     if any(n < 0 for n in counts) or sorted(set(counts)) != counts:
         raise ValueError(f"config.sample_counts must be increasing and >= 0, got {counts}")
+    benchmark.check_config(config)
     weights = config.pretrain.get("weights", "")
-    if config.data == "voc_sbd":
-        if config.pretrain.num_steps:
-            raise ValueError("config.pretrain.num_steps: 'voc_sbd' has no backbone "
-                             "pre-training set; set it to 0 (teachers start from "
-                             "config.pretrain.weights, or from scratch)")
-        if config.teacher.renderings != 1:
-            raise ValueError("config.teacher.renderings: re-rendering is the silhouettes' "
-                             f"augmentation; 'voc_sbd' needs 1, got {config.teacher.renderings}")
-        if not config.voc.manual_dir:
-            raise ValueError("config.voc.manual_dir is empty: " + benchmarks.paper_scale
-                             .VocSbdSegmentation.MANUAL_DOWNLOAD_INSTRUCTIONS)
     if weights:
         if config.pretrain.num_steps:
             raise ValueError("config.pretrain.weights and config.pretrain.num_steps > 0 are "

@@ -83,9 +83,11 @@ class Benchmark:
 
     def pretraining_set(self, split: str) -> ImageSet:
         """The backbone's multi-way set: ``categories`` holds the class of each image."""
-        raise ValueError(f"config.pretrain.num_steps: the {self.name!r} benchmark has no "
-                         "backbone pre-training set; set it to 0 (teachers start from "
-                         "config.pretrain.weights, or from scratch)")
+        raise NotImplementedError(f"{self.name!r} has no backbone pre-training set")
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Fail, naming the config field, on settings this benchmark cannot run."""
 
     def leave_one_out_categories(self, held_out: str) -> tuple[str, ...]:
         """The paper's generic training categories: every mammal but ``held_out``, then
@@ -116,7 +118,7 @@ class Silhouettes(Benchmark):
     def __init__(self, *, image_size: int, seed: int, renderings: int = 1,
                  generic_images: int = 1600, data_dir: str | Path | None = None):
         if renderings < 1:
-            raise ValueError(f"config.teacher.renderings must be >= 1, got {renderings}")
+            raise ValueError(f"renderings must be >= 1, got {renderings}")
         self.image_size, self.seed = image_size, seed
         self.renderings, self.generic_images = renderings, generic_images
         self.splits = load_silhouettes(image_size, seed, data_dir)
@@ -221,7 +223,7 @@ class VocSbd(Benchmark):
     def __init__(self, *, manual_dir: str | Path, data_dir: str | Path | None = None,
                  image_size: int = 224, seed: int = 0, generic_images: int = 1600):
         if not str(manual_dir):
-            raise ValueError("config.voc.manual_dir is empty: "
+            raise ValueError("manual_dir is empty: "
                              + paper_scale.VocSbdSegmentation.MANUAL_DOWNLOAD_INSTRUCTIONS)
         self.manual_dir, self.data_dir = Path(manual_dir), data_dir or None
         self.image_size, self.seed, self.generic_images = image_size, seed, generic_images
@@ -229,6 +231,19 @@ class VocSbd(Benchmark):
     @property
     def version(self) -> str:
         return f"voc/2012 + voc_sbd {paper_scale.VocSbdSegmentation.VERSION}"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        if config.pretrain.num_steps:
+            raise ValueError("config.pretrain.num_steps: 'voc_sbd' has no backbone "
+                             "pre-training set; set it to 0 (teachers start from "
+                             "config.pretrain.weights, or from scratch)")
+        if config.teacher.renderings != 1:
+            raise ValueError("config.teacher.renderings: re-rendering is the silhouettes' "
+                             f"augmentation; 'voc_sbd' needs 1, got {config.teacher.renderings}")
+        if not config.voc.manual_dir:
+            raise ValueError("config.voc.manual_dir is empty: "
+                             + paper_scale.VocSbdSegmentation.MANUAL_DOWNLOAD_INSTRUCTIONS)
 
     @functools.cache  # noqa: B019 (a benchmark lives as long as the run)
     def _classification(self, categories: tuple[str, ...], split: str,
