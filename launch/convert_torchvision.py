@@ -1,21 +1,32 @@
 """Convert torchvision VGG-16 weights into a nettransplant checkpoint.
 
     python -m launch.convert_torchvision --weights vgg16-397923af.pth --out ckpt/vgg16 \\
-        [--num-outputs K] [--seed 0] [--verify] [--overwrite]
+        [--key state_dict] [--num-outputs K] [--seed 0] [--verify] [--overwrite]
 
-Reads a ``.pth`` (needs PyTorch) or ``.safetensors`` state dict of torchvision's
-``vgg16``, converts it with :func:`nettransplant.convert.load_torchvision_vgg16`
-(``--num-outputs`` replaces the 1000-class head by a fresh one drawn from
-``--seed``) and writes ``{"category_module", "classification_module"}`` with
-:func:`nettransplant.checkpoint.save_checkpoint`. The metadata records the source
-file and its sha256, the architecture, ``num_outputs``, the head, the seed and the
-nettransplant version. Rebuild the model with
-``convert.make_vgg16_classifier(metadata["num_outputs"])``.
+Reads a ``.pth``/``.pt``/``.bin`` (needs PyTorch; loaded with
+``weights_only=True``, so the file runs no code) or ``.safetensors`` state dict
+of torchvision's ``vgg16`` in float32, float16 or bfloat16, converts it with
+:func:`nettransplant.convert.vgg16_from_state_dict` (``--num-outputs`` replaces
+the 1000-class head by a fresh one drawn from ``--seed``) and writes
+``{"category_module", "classification_module"}`` (float32) with
+:func:`nettransplant.checkpoint.save_checkpoint`. A checkpoint dict that wraps
+the weights (``{"state_dict": ..., "epoch": ...}``) is unwrapped when one entry
+among ``state_dict``, ``model``, ``model_state_dict``, ``net``, ``weights``
+holds them; ``--key NAME`` (``a/b`` for a nested entry) names the entry. The
+metadata records the source file and its sha256, the architecture,
+``num_outputs``, the head, the seed and the nettransplant version. Rebuild the
+model with ``convert.make_vgg16_classifier(metadata["num_outputs"])``.
 
 ``--verify`` (needs PyTorch) compares the converted logits with a PyTorch VGG-16
 holding the same weights on random images (224², and 288² fully convolutionally),
 prints the max abs/rel differences and writes nothing if they exceed
 ``--tolerance``. Full-width VGG-16 on a CPU XLA path takes ~10 s per verified size.
+
+Every error is one line on stderr, ``error: <message>``: exit status 2 for bad
+arguments (a missing weights file, an ``--out`` that may not be replaced, a
+missing PyTorch), 1 when the weights are refused or verification fails. The
+checkpoint is written last and atomically, so a failed run leaves whatever was
+at ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -27,9 +38,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import nettransplant
 from nettransplant import checkpoint, convert
+
+# Raised by the library for refused weights; anything else is reported as unexpected.
+CONVERSION_ERRORS = (ValueError, ImportError, OSError, AssertionError)
 
 
 def _sha256(path: Path) -> str:
@@ -40,13 +55,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _one_line(text: object) -> str:
+    """``str(text)`` with its lines joined: each error is one line of output."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are the tool's one ``error: ...`` line, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {_one_line(message)} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    """Parse and check the command line; a usage error exits with status 2."""
+    parser = _Parser(
         prog="python -m launch.convert_torchvision",
         description="Convert torchvision VGG-16 weights into a nettransplant checkpoint.")
     parser.add_argument("--weights", required=True, type=Path,
-                        help="torchvision vgg16 state dict (.pth/.pt needs PyTorch, or "
+                        help="torchvision vgg16 state dict (.pth/.pt/.bin needs PyTorch, or "
                              ".safetensors)")
+    parser.add_argument("--key", default=None,
+                        help="entry of a checkpoint dict holding the weights ('a/b' for a "
+                             "nested one); default: found among state_dict, model, "
+                             "model_state_dict, net, weights")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
     parser.add_argument("--num-outputs", type=int, default=None,
                         help="replace the stored head by a fresh K-output head")
@@ -61,33 +93,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing checkpoint at --out")
     args = parser.parse_args(argv)
+    if args.weights.is_dir():
+        parser.error(f"--weights {args.weights} is a directory, not a weights file")
     if not args.weights.is_file():
         parser.error(f"--weights {args.weights}: no such file")
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
-    if args.verify and importlib.util.find_spec("torch") is None:
+    has_torch = importlib.util.find_spec("torch") is not None
+    if args.weights.suffix.lower() != ".safetensors" and not has_torch:
+        parser.error(f"--weights {args.weights} needs PyTorch to read (pip install torch); "
+                     "without it, convert the state dict to .safetensors and pass that file")
+    if args.key is not None and not args.key.strip("/"):
+        parser.error("--key must name an entry, got an empty name")
+    if args.out.exists():
+        if not args.overwrite:
+            parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+        if not checkpoint.is_checkpoint(args.out):
+            parser.error(f"--out {args.out} exists and is not a nettransplant checkpoint; "
+                         "refusing to replace it (choose another --out)")
+    if args.verify and not has_torch:
         parser.error("--verify needs PyTorch to build the reference VGG-16 (pip install torch); "
                      "run without --verify to convert only")
     if args.num_outputs is not None and args.num_outputs < 1:
         parser.error(f"--num-outputs must be >= 1, got {args.num_outputs}")
     if min(args.verify_sizes) < convert.INPUT_SIZE:
         parser.error(f"--verify-sizes must be >= {convert.INPUT_SIZE}")
+    if not args.tolerance >= 0:  # also refuses NaN
+        parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Convert, optionally verify, write the checkpoint.
-
-    Returns 0 on success and 1 when the weights are refused or verification fails;
-    invalid arguments exit with status 2.
-    """
-    args = parse_args(argv)
-    try:
-        model, params = convert.load_torchvision_vgg16(
-            args.weights, num_outputs=args.num_outputs, key=args.seed)
-    except (ValueError, ImportError) as e:  # not a VGG-16 state dict, or unreadable
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _convert(args: argparse.Namespace) -> int:
+    """Read, convert, optionally verify, then write: nothing is written before the end."""
+    state, origin = convert.read_state_dict(args.weights, key=args.key)
+    model, params = convert.vgg16_from_state_dict(
+        state, origin, num_outputs=args.num_outputs, key=args.seed)
     num_outputs = model.classification_module.num_outputs
     metadata = {
         "architecture": convert.ARCHITECTURE,
@@ -101,21 +139,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nettransplant_version": nettransplant.__version__,
     }
     if args.verify:
-        state, _ = convert.read_state_dict(args.weights)
         results = convert.verify_against_torch(state, model, params,
                                                input_sizes=args.verify_sizes)
         for r in results:
             print(f"verify {r['input_size']}²: output {tuple(r['output_shape'])}, "
                   f"max abs diff {r['max_abs_diff']:.3g}, max rel diff {r['max_rel_diff']:.3g}")
         worst = max(r["max_rel_diff"] for r in results)
-        if worst > args.tolerance:
-            print(f"error: converted logits differ from PyTorch by {worst:.3g} (relative) > "
-                  f"--tolerance {args.tolerance:g}; nothing written", file=sys.stderr)
-            return 1
+        if not worst <= args.tolerance:  # a NaN difference fails too
+            raise AssertionError(
+                f"converted logits differ from PyTorch by {worst:.3g} (relative) > --tolerance "
+                f"{args.tolerance:g}; nothing written")
         metadata["verified"] = results
     path = checkpoint.save_checkpoint(args.out, params, metadata, overwrite=args.overwrite)
     print(f"wrote {path}: {json.dumps(metadata)}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Convert, optionally verify, write the checkpoint.
+
+    Returns 0 on success and 1 when the weights are refused, verification fails
+    or the checkpoint cannot be written, after printing one ``error:`` line;
+    invalid arguments exit with status 2 (``SystemExit``).
+    """
+    args = parse_args(argv)
+    try:
+        return _convert(args)
+    except CONVERSION_ERRORS as e:
+        message = _one_line(e) or type(e).__name__
+    except Exception as e:  # a bug or an unforeseen input: still one line, not a traceback
+        message = f"unexpected {type(e).__name__}: {_one_line(e)}"
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -24,11 +24,16 @@ Inputs are NHWC float32 images normalised as torchvision expects (RGB in
 [0, 1], minus mean ``(0.485, 0.456, 0.406)``, divided by std
 ``(0.229, 0.224, 0.225)``).
 
-State dicts come from a ``.pth``/``.pt`` file (needs PyTorch), a
-``.safetensors`` file (needs only ``safetensors``), or memory (a mapping of
-torch tensors or numpy arrays). A ``module.`` prefix on *every* key (what
-``torch.nn.DataParallel`` saves) is removed; any other mismatch is an error
-listing every missing, unexpected and mis-shaped key. Batch-norm VGGs
+State dicts come from a ``.pth``/``.pt``/``.bin`` file (needs PyTorch; read
+with ``torch.load(weights_only=True)``, so a file cannot run code), a
+``.safetensors`` file (parsed with numpy alone, header checked before any data
+is read), or memory (a mapping of torch tensors or numpy arrays), in float32,
+float16 or bfloat16; parameters come out float32. A checkpoint dict wrapping the
+weights (``{"state_dict": ..., "epoch": ...}``) is unwrapped when exactly one
+state dict sits under a :data:`WRAPPER_KEYS` entry, or under the entry named
+by ``key``. A ``module.`` prefix on *every* key (what
+``torch.nn.DataParallel`` saves) is removed; any other mismatch is a one-line
+error listing the missing, unexpected and mis-shaped keys. Batch-norm VGGs
 (``vgg16_bn``), other VGG depths and other architectures are refused by name.
 
 The ``torch_*`` functions build the PyTorch reference networks used to verify a
@@ -37,9 +42,12 @@ conversion; they import PyTorch when called.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,31 +158,249 @@ def detect_architecture(shapes: Mapping[str, Sequence[int]]) -> str | None:
 
 # --------------------------------------------------------------------------- reading
 
+# Entries under which training scripts nest the weights in a checkpoint dict
+# ({"state_dict": ..., "epoch": ..., "optimizer": ...}), searched in this order.
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
+# Error messages name at most this many keys per kind of problem, so they stay
+# one readable line even for a state dict of another architecture.
+MAX_LISTED_KEYS = 10
+
+# safetensors dtype codes read here → little-endian numpy dtypes. BF16 has no
+# numpy dtype: it is read as its uint16 bit pattern and widened to float32,
+# which holds every bfloat16 value exactly.
+SAFETENSORS_DTYPES = {
+    "BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "F16": "<f2",
+    "BF16": "<u2", "U32": "<u4", "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8",
+    "F64": "<f8",
+}
+# Codes the format defines that have no exact numpy reading here.
+UNSUPPORTED_SAFETENSORS_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",
+                                  "C64")
+# The reference implementation refuses larger headers; so does this reader,
+# which also keeps a corrupt length field from allocating gigabytes.
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+
+
+def _one_line(text: object) -> str:
+    """``str(text)`` with its lines joined, so that an error message stays on one line."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _summarise(items: Sequence[str], limit: int = MAX_LISTED_KEYS) -> str:
+    """The first ``limit`` items joined by ``"; "``, then how many were left out."""
+    shown = "; ".join(items[:limit])
+    return shown + (f"; ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor (torch already imported), numpy or JAX array."""
+    torch = sys.modules.get("torch")
+    return (isinstance(value, np.ndarray | jax.Array)
+            or (torch is not None and isinstance(value, torch.Tensor)))
+
+
+def _is_state_dict(value: Any) -> bool:
+    """Whether ``value`` is a non-empty mapping whose every value is a tensor."""
+    return (isinstance(value, Mapping) and len(value) > 0
+            and all(_is_tensor(v) for v in value.values()))
+
 
 def _to_numpy(value: Any) -> np.ndarray | None:
-    """A torch tensor, numpy or JAX array as numpy (bfloat16 → float32); None otherwise."""
+    """A torch tensor, numpy or JAX array as numpy (bfloat16 → float32); None otherwise.
+
+    Raises:
+      ValueError: a torch tensor without a numpy form (sparse, quantized, on the
+        meta device, ...), with torch's reason.
+    """
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
+        value = value.detach()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
             value = value.float()
-        return value.numpy()
+        try:
+            return value.cpu().numpy()
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(_one_line(e)) from e
     if isinstance(value, np.ndarray | jax.Array):
-        return np.asarray(value)
+        array = np.asarray(value)
+        if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is no np.floating
+            array = array.astype(np.float32)
+        return array
     return None
 
 
-def _load_file(path: Path) -> Mapping[str, Any]:
+def _is_int_list(value: Any) -> bool:
+    """Whether ``value`` is a JSON list of integers (``true``/``false`` excluded)."""
+    return isinstance(value, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+class _DuplicateKey(Exception):
+    """A JSON object names the same key twice (json.loads would keep the last)."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
+def _safetensors_entries(header: Mapping[str, Any], data_bytes: int,
+                         fail: Callable[[str], ValueError],
+                         ) -> list[tuple[str, str, tuple[int, ...], int, int]]:
+    """Check a parsed safetensors header against the data section's length.
+
+    Args:
+      header: the header's JSON object.
+      data_bytes: bytes after the header.
+      fail: ``reason → ValueError`` naming the file.
+    Returns:
+      ``(name, dtype code, shape, begin, end)`` per tensor, ordered by offset.
+    """
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise fail("its __metadata__ is not a mapping of strings to strings")
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise fail(f"header entry {name!r} is not an object with dtype, shape and "
+                       "data_offsets")
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code not in SAFETENSORS_DTYPES:
+            if code in UNSUPPORTED_SAFETENSORS_DTYPES:
+                raise fail(f"tensor {name!r} has dtype {code}, which cannot be read exactly "
+                           f"(readable: {', '.join(SAFETENSORS_DTYPES)}); re-save it as F32, "
+                           "F16 or BF16")
+            raise fail(f"tensor {name!r} has dtype {code!r}, which is not a safetensors dtype "
+                       f"(readable: {', '.join(SAFETENSORS_DTYPES)})")
+        if not _is_int_list(shape) or any(d < 0 for d in shape):
+            raise fail(f"tensor {name!r} has shape {shape!r}, not a list of non-negative "
+                       "integers")
+        if not _is_int_list(offsets) or len(offsets) != 2:
+            raise fail(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise fail(f"tensor {name!r} has data_offsets [{begin}, {end}], not "
+                       "0 <= begin <= end")
+        if end > data_bytes:
+            raise fail(f"tensor {name!r} has data_offsets [{begin}, {end}] past the end of the "
+                       f"{data_bytes}-byte data section (truncated file?)")
+        expected = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[code]).itemsize
+        if end - begin != expected:
+            raise fail(f"tensor {name!r} ({code}, shape {tuple(shape)}) needs {expected} bytes "
+                       f"but its data_offsets [{begin}, {end}] span {end - begin}")
+        entries.append((name, code, tuple(shape), begin, end))
+    # The format packs the tensors back to back: a gap, an overlap or bytes left
+    # over mean the offsets (or the header length) do not describe this file,
+    # and reading on would return shifted, wrong weights.
+    entries.sort(key=lambda e: (e[3], e[4]))
+    position, previous = 0, None
+    for name, _, _, begin, end in entries:
+        if begin < position:
+            raise fail(f"tensors {previous!r} and {name!r} overlap (byte {begin} is in both)")
+        if begin > position:
+            where = f"after {previous!r}" if previous is not None else "before the first tensor"
+            raise fail(f"{begin - position} unused bytes {where} (at data byte {position}); "
+                       "the offsets do not describe the data")
+        position, previous = end, name
+    if position != data_bytes:
+        raise fail(f"the tensors span {position} bytes but the data section holds {data_bytes} "
+                   "(a wrong header length, or bytes appended to the file)")
+    return entries
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` file with numpy alone, checking the whole header first.
+
+    The layout is an 8-byte little-endian header length N, N bytes of JSON
+    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, offsets into
+    the data that follows), then the data. Parsing it here rather than with
+    ``safetensors.numpy`` reads BF16 without PyTorch and names what is wrong.
+
+    Returns:
+      ``{name: array}``; BF16 tensors as float32.
+    Raises:
+      ValueError: ``cannot read <path> as a safetensors file: <reason>``.
+    """
+    def fail(reason: str) -> ValueError:
+        return ValueError(f"cannot read {path} as a safetensors file: {reason}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise fail(f"it has {size} bytes, fewer than the 8-byte header length "
+                       "(truncated or empty file)")
+        header_bytes = int.from_bytes(prefix, "little")
+        if header_bytes > size - 8:
+            raise fail(f"its header length field says {header_bytes} bytes but only "
+                       f"{size - 8} follow (truncated, or not a safetensors file)")
+        if header_bytes > SAFETENSORS_MAX_HEADER_BYTES:
+            raise fail(f"its header length field says {header_bytes} bytes, more than the "
+                       f"format's {SAFETENSORS_MAX_HEADER_BYTES} (not a safetensors file?)")
+        raw_header = f.read(header_bytes)
+        try:
+            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except UnicodeDecodeError as e:
+            raise fail(f"its header is not UTF-8 text (byte {e.start})") from e
+        except _DuplicateKey as e:
+            raise fail(f"its header names {e.args[0]!r} twice") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            reason = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else e
+            raise fail(f"its header is not JSON ({_one_line(reason)})") from e
+        if not isinstance(header, dict):
+            raise fail(f"its header is a JSON {type(header).__name__}, not an object")
+        data_start = 8 + header_bytes
+        entries = _safetensors_entries(header, size - data_start, fail)
+        tensors: dict[str, np.ndarray] = {}
+        for name, code, shape, begin, end in entries:
+            f.seek(data_start + begin)
+            buffer = f.read(end - begin)
+            if len(buffer) != end - begin:  # the file shrank while being read
+                raise fail(f"tensor {name!r} ends past the end of the file")
+            array = np.frombuffer(buffer, SAFETENSORS_DTYPES[code])
+            array = array.astype(array.dtype.newbyteorder("="), copy=False)
+            if code == "BF16":  # bfloat16 is the upper half of a float32
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = array.reshape(shape)
+    return tensors
+
+
+def _torch_load_error(path: Path, error: Exception) -> ValueError:
+    """A one-line error for a file ``torch.load(weights_only=True)`` refused."""
+    text = str(error)
+    if "Weights only load failed" in text:
+        # torch explains at length how to load the file unsafely; keep the line
+        # that says what it refused.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        details = [line for line in lines[1:]
+                   if not line.startswith(("Check the documentation", "Please file an issue"))]
+        detail = details[0].rstrip(".") if details else "content other than tensors"
+        return ValueError(
+            f"cannot read {path} as a PyTorch state dict: torch.load(weights_only=True) refused "
+            f"it ({detail}) and none of its code ran; a state dict holds only tensors, so "
+            "re-save model.state_dict() or convert it to .safetensors")
+    return ValueError(
+        f"cannot read {path} as a PyTorch state dict: {type(error).__name__}: {_one_line(text)}")
+
+
+def _load_file(path: Path) -> Any:
     """Read a ``.safetensors`` (numpy only) or PyTorch (``torch.load``) state dict file."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a weights file")
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+    if path.suffix.lower() == ".safetensors":
         try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path} as a safetensors file: {e}") from e
+            return _read_safetensors(path)
+        except OSError as e:
+            raise ValueError(f"cannot read {path} as a safetensors file: {_one_line(e)}") from e
     try:
         import torch
     except ImportError as e:
@@ -182,21 +408,74 @@ def _load_file(path: Path) -> Mapping[str, Any]:
             f"reading {path} needs PyTorch (pip install torch); without it, convert the state "
             "dict to .safetensors and pass that file") from e
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            # Raised for plain pickles, which are then refused with a clearer error.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # weights_only: an unpickler that builds tensors and containers only,
+            # so a file cannot run code however it was made.
+            return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises pickle, zip and runtime errors for bad files
-        raise ValueError(
-            f"cannot read {path} as a PyTorch state dict: {type(e).__name__}: {e}") from e
+        raise _torch_load_error(path, e) from e
 
 
-def read_state_dict(source: StateDictSource) -> tuple[dict[str, np.ndarray], str]:
+def _select_entry(raw: Any, origin: str, key: str) -> tuple[Any, str]:
+    """The entry ``key`` (or ``"a/b"``: entry b of entry a) of a checkpoint dict."""
+    parts = [key] if isinstance(raw, Mapping) and key in raw else key.split("/")
+    value, where = raw, origin
+    for part in parts:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} is a {type(value).__name__}, not a mapping with an entry "
+                             f"{part!r}")
+        if part not in value:
+            entries = _summarise([repr(k) for k in value]) or "none"
+            raise ValueError(f"{where} has no entry {part!r} (its entries: {entries})")
+        value, where = value[part], f"{where}[{part!r}]"
+    return value, where
+
+
+def _find_wrapped(raw: Any, origin: str) -> tuple[Any, str]:
+    """``raw`` itself, or the one state dict under :data:`WRAPPER_KEYS` (two levels deep)."""
+    if not isinstance(raw, Mapping) or _is_state_dict(raw):
+        return raw, origin
+    found: list[tuple[tuple[str, ...], Any]] = []
+    for outer in WRAPPER_KEYS:
+        value = raw.get(outer)
+        if _is_state_dict(value):
+            found.append(((outer,), value))
+        elif isinstance(value, Mapping):
+            found += [((outer, inner), value[inner]) for inner in WRAPPER_KEYS
+                      if _is_state_dict(value.get(inner))]
+    if len(found) > 1:
+        names = ", ".join(repr("/".join(path)) for path, _ in found)
+        raise ValueError(f"{origin} holds several state dicts ({names}); choose one with "
+                         "key=NAME (--key NAME on the command line)")
+    if not found:
+        return raw, origin  # the caller lists what is not a tensor
+    path, value = found[0]
+    return value, origin + "".join(f"[{part!r}]" for part in path)
+
+
+def read_state_dict(source: StateDictSource, key: str | None = None,
+                    ) -> tuple[dict[str, np.ndarray], str]:
     """Read a state dict as numpy arrays, keys with a common ``module.`` prefix stripped.
 
     Args:
-      source: a ``.safetensors`` path, any other path (read with
-        ``torch.load(weights_only=True)``), or a mapping of tensors/arrays.
+      source: a ``.safetensors`` path (read with numpy alone; F16/BF16/F32/...),
+        any other path (read with ``torch.load(weights_only=True)``, which runs no
+        code from the file), or a mapping of tensors/arrays.
+      key: the entry of a checkpoint dict holding the weights (``"state_dict"``,
+        ``"model"``, ...; ``"a/b"`` for entry b of entry a). None: the source
+        itself if it is a flat state dict, else the single state dict found
+        under one of :data:`WRAPPER_KEYS`, one or two levels deep.
     Returns:
-      ``(state_dict, origin)`` — ``origin`` names the file (or "the state dict")
-      for error messages.
+      ``(state_dict, origin)``: float tensors keep their precision, except
+      bfloat16 which becomes float32; ``origin`` names the file and entry (or
+      "the state dict") for error messages.
+    Raises:
+      FileNotFoundError / IsADirectoryError: no such file.
+      ImportError: a PyTorch file without PyTorch installed.
+      ValueError: an unreadable file, no such entry, several candidate state
+        dicts, or entries that are not tensors (all named, on one line).
     """
     if isinstance(source, Mapping):
         raw, origin = source, "the state dict"
@@ -207,21 +486,30 @@ def read_state_dict(source: StateDictSource) -> tuple[dict[str, np.ndarray], str
         raise TypeError(
             "expected a path to a .pth/.safetensors file or a state dict mapping, got "
             f"{type(source).__name__}")
+    if key is not None:
+        raw, origin = _select_entry(raw, origin, key)
+    else:
+        raw, origin = _find_wrapped(raw, origin)
     if not isinstance(raw, Mapping):
         raise ValueError(f"{origin} holds a {type(raw).__name__}, not a state dict")
     state: dict[str, np.ndarray] = {}
     not_arrays = []
-    for key, value in raw.items():
-        array = _to_numpy(value)
+    for name, value in raw.items():
+        try:
+            array = _to_numpy(value)
+        except ValueError as e:
+            not_arrays.append(f"{name!r} (unreadable {type(value).__name__}: {e})")
+            continue
         if array is None:
-            not_arrays.append(f"{key!r} ({type(value).__name__})")
+            not_arrays.append(f"{name!r} ({type(value).__name__})")
         else:
-            state[str(key)] = array
+            state[str(name)] = array
     if not_arrays:
-        raise ValueError(
-            f"{origin} is not a flat state dict of tensors: non-tensor entries "
-            f"{', '.join(not_arrays)} (if the file wraps the weights, e.g. under "
-            "'state_dict', pass that entry)")
+        nested = [repr(k) for k, v in raw.items() if isinstance(v, Mapping)]
+        hint = (f"; if the weights are in one of its entries ({_summarise(nested)}), pass "
+                "key=NAME (--key NAME on the command line)" if nested else "")
+        raise ValueError(f"{origin} is not a flat state dict of tensors: non-tensor entries "
+                         f"{_summarise(not_arrays)}{hint}")
     if state and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state):
         state = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state.items()}
     return state, origin
@@ -232,10 +520,12 @@ def validate_vgg16_state_dict(state: Mapping[str, np.ndarray], origin: str = "th
     """Check that ``state`` is exactly torchvision's VGG-16; return its number of classes.
 
     ``classifier.6`` may have any number of classes K (1000 for ImageNet).
+    Floating dtypes of any precision are accepted (conversion casts to float32).
 
     Raises:
-      ValueError: another architecture (named when recognised), or a list of
-        every missing, unexpected, mis-shaped and non-floating key.
+      ValueError: another architecture (named when recognised), or one line
+        listing the missing, unexpected, mis-shaped and non-floating keys
+        (up to :data:`MAX_LISTED_KEYS` of each, then how many more).
     """
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     architecture = detect_architecture(shapes)
@@ -263,10 +553,10 @@ def validate_vgg16_state_dict(state: Mapping[str, np.ndarray], origin: str = "th
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                          ("mis-shaped keys", misshaped), ("non-floating keys", not_float)):
         if items:
-            problems.append(f"  {title} ({len(items)}): " + "; ".join(items))
+            problems.append(f"{title} ({len(items)}): {_summarise(items)}")
     if problems:
-        raise ValueError(f"{origin} is not a torchvision {ARCHITECTURE} state dict:\n"
-                         + "\n".join(problems))
+        raise ValueError(f"{origin} is not a torchvision {ARCHITECTURE} state dict: "
+                         + " | ".join(problems))
     return num_classes
 
 
@@ -370,8 +660,32 @@ def make_vgg16_classifier(num_outputs: int = IMAGENET_CLASSES, *,
             dropout_rate=dropout_rate))
 
 
+def vgg16_from_state_dict(state: Mapping[str, np.ndarray], origin: str = "the state dict", *,
+                          num_outputs: int | None = None, key: Array | int = 0,
+                          ) -> tuple[VGG16Classifier, Params]:
+    """Validate and convert a state dict already read by :func:`read_state_dict`.
+
+    Args:
+      state: ``{torchvision key: numpy array}`` (any floating dtype).
+      origin: names the state dict in error messages.
+      num_outputs, key: as in :func:`load_torchvision_vgg16`.
+    Returns:
+      ``(VGG16Classifier, {"category_module": ..., "classification_module": ...})``.
+    Raises:
+      ValueError: not a torchvision VGG-16 state dict (:func:`validate_vgg16_state_dict`).
+    """
+    if num_outputs is not None and num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    stored_classes = validate_vgg16_state_dict(state, origin)
+    params = vgg16_params_from_state_dict(state)
+    if num_outputs is not None:
+        params["classification_module"]["fc8"] = fresh_head(num_outputs, key)
+    return make_vgg16_classifier(num_outputs or stored_classes), params
+
+
 def load_torchvision_vgg16(source: StateDictSource, *, num_outputs: int | None = None,
-                           key: Array | int = 0) -> tuple[VGG16Classifier, Params]:
+                           key: Array | int = 0, state_dict_key: str | None = None,
+                           ) -> tuple[VGG16Classifier, Params]:
     """Load torchvision VGG-16 weights as ``(model, params)``.
 
     ``model.apply({"params": params}, images)`` with NHWC images ``(B, 224, 224, 3)``
@@ -380,22 +694,23 @@ def load_torchvision_vgg16(source: StateDictSource, *, num_outputs: int | None =
 
     Args:
       source: ``.pth``/``.pt`` file (needs PyTorch), ``.safetensors`` file, or a
-        state dict in memory (torch tensors or numpy arrays).
+        state dict in memory (torch tensors or numpy arrays); float32, float16
+        or bfloat16 weights.
       num_outputs: None keeps the stored head (K = 1000 ImageNet classes for
         torchvision's weights); an integer replaces fc8 by a fresh K-output head.
       key: PRNG key or integer seed for the fresh head.
+      state_dict_key: the entry of a checkpoint dict that holds the weights
+        (``key`` of :func:`read_state_dict`); None finds it.
     Returns:
-      ``(VGG16Classifier, {"category_module": ..., "classification_module": ...})``.
+      ``(VGG16Classifier, {"category_module": ..., "classification_module": ...})``,
+      float32 whatever the stored precision.
     Raises:
       ValueError: not a torchvision VGG-16 state dict (see
-        :func:`validate_vgg16_state_dict`), or an unreadable file.
+        :func:`validate_vgg16_state_dict`), or an unreadable file (see
+        :func:`read_state_dict`).
     """
-    state, origin = read_state_dict(source)
-    stored_classes = validate_vgg16_state_dict(state, origin)
-    params = vgg16_params_from_state_dict(state)
-    if num_outputs is not None:
-        params["classification_module"]["fc8"] = fresh_head(num_outputs, key)
-    return make_vgg16_classifier(num_outputs or stored_classes), params
+    state, origin = read_state_dict(source, key=state_dict_key)
+    return vgg16_from_state_dict(state, origin, num_outputs=num_outputs, key=key)
 
 
 # --------------------------------------------------------------------------- FCN-8s
@@ -436,12 +751,14 @@ def fcn8s_params_from_vgg16(vgg16_params: Mapping[str, Any], num_classes: int = 
 
 def load_torchvision_teacher(source: StateDictSource, *, num_outputs: int | None = None,
                              num_classes: int = 2, key: Array | int = 0,
+                             state_dict_key: str | None = None,
                              ) -> tuple[modules.Teacher, Params]:
     """A full-width :class:`modules.Teacher` initialised from torchvision VGG-16 weights.
 
     Category module and classification task module as in
     :func:`load_torchvision_vgg16`; the segmentation task module from
-    :func:`fcn8s_params_from_vgg16`.
+    :func:`fcn8s_params_from_vgg16`. ``state_dict_key`` picks the entry of a
+    checkpoint dict holding the weights, as in :func:`read_state_dict`.
 
     Returns:
       ``(teacher, {"category_module", "classification_module",
@@ -449,7 +766,8 @@ def load_torchvision_teacher(source: StateDictSource, *, num_outputs: int | None
       ``(B, 224, 224, 3)`` images gives ``({"classification": (B, 1, 1, K),
       "segmentation": (B, 224, 224, num_classes)}, intermediates)``.
     """
-    classifier, params = load_torchvision_vgg16(source, num_outputs=num_outputs, key=key)
+    classifier, params = load_torchvision_vgg16(source, num_outputs=num_outputs, key=key,
+                                                state_dict_key=state_dict_key)
     params["segmentation_module"] = fcn8s_params_from_vgg16(params, num_classes)
     teacher = modules.make_teacher(
         width=1.0, input_size=INPUT_SIZE,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nettransplant import layers as L
-from nettransplant import ops
+from nettransplant import ops, tasks
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -252,6 +252,19 @@ class ClassificationTaskModule(_TaskModuleFields, _SequentialModule):
     """
 
     num_outputs: int = 1
+    task = tasks.CLASSIFICATION  # the task interface (loss, predictions, metric)
+
+    @nn.nowrap
+    def num_output_channels(self) -> int:
+        return self.num_outputs
+
+    @nn.nowrap
+    def output_gradient_shape(self, image_size: int, score_size: int = 7
+                              ) -> tuple[int, int, int]:
+        """One ``G_y'``: an enlarged ``(S, S, num_outputs)`` score map (S = 7 in the paper),
+        which the fully convolutional module back-propagates to an enlarged ``D'``."""
+        del image_size  # the enlarged map's size is S, whatever the training input
+        return (score_size, score_size, self.num_outputs)
 
     @nn.nowrap
     def layers(self) -> tuple[L.Layer, ...]:
@@ -301,6 +314,18 @@ class SegmentationTaskModule(_TaskModuleFields):
     """
 
     num_classes: int = 2
+    task = tasks.SEGMENTATION  # the task interface (loss, predictions, metric)
+
+    @nn.nowrap
+    def num_output_channels(self) -> int:
+        return self.num_classes
+
+    @nn.nowrap
+    def output_gradient_shape(self, image_size: int, score_size: int = 7
+                              ) -> tuple[int, int, int]:
+        """One ``G_y'``: the output's shape ``(H, W, num_classes)``."""
+        del score_size  # only classification enlarges its output gradient
+        return (image_size, image_size, self.num_classes)
 
     @nn.nowrap
     def stages(self) -> tuple[tuple[L.Layer, ...], ...]:

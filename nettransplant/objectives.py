@@ -27,8 +27,8 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
+from nettransplant import tasks
 from nettransplant.transplant import Transplant
 
 Array = jax.Array
@@ -47,10 +47,7 @@ def output_gradient_shape(transplant: Transplant, *, image_size: int,
     enlarged ``(S, S, num_outputs)`` score map (S = 7 in the paper), which the
     fully convolutional task module back-propagates to an enlarged ``D'``.
     """
-    module = transplant.student_task_module
-    if transplant.task == "segmentation":
-        return (image_size, image_size, module.num_classes)
-    return (score_size, score_size, module.num_outputs)
+    return transplant.student_task_module.output_gradient_shape(image_size, score_size)
 
 
 def sample_output_gradients(key: Array, num_draws: int, shape: tuple[int, ...], *,
@@ -281,39 +278,6 @@ def make_transfer_data(transplant: Transplant, frozen: Mapping, features: Array,
 # --------------------------------------------------------------------------- loss terms
 
 
-def _masked_mean(values: Array, weights: Array) -> Array:
-    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def _logits(task: str, y: Array) -> Array:
-    # Classification scores are (B, S, S, K): the score of an image is the mean
-    # over the map (S = 1 at the training size).
-    return y if task == "segmentation" else jnp.mean(y, axis=(1, 2))
-
-
-def task_loss(task: str, y: Array, labels: Array, weights: Array) -> Array:
-    """Cross-entropy with the labels: sigmoid for one output, softmax otherwise; per pixel
-    for segmentation. ``weights`` ``(B,)`` mask padding and unlabelled images."""
-    logits = _logits(task, y)
-    if logits.shape[-1] == 1:
-        per_item = optax.sigmoid_binary_cross_entropy(logits[..., 0], labels.astype(jnp.float32))
-    else:
-        per_item = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    per_image = per_item.reshape(per_item.shape[0], -1).mean(axis=1)
-    return _masked_mean(per_image, weights)
-
-
-def distill_loss(task: str, y_student: Array, y_teacher: Array, weights: Array) -> Array:
-    """``CrossEntropy(y_S, y_T)``: the student fits the teacher's output distribution."""
-    s, t = _logits(task, y_student), _logits(task, y_teacher)
-    if s.shape[-1] == 1:
-        per_item = optax.sigmoid_binary_cross_entropy(s[..., 0], jax.nn.sigmoid(t[..., 0]))
-    else:
-        per_item = optax.softmax_cross_entropy(s, jax.nn.softmax(t))
-    per_image = per_item.reshape(per_item.shape[0], -1).mean(axis=1)
-    return _masked_mean(per_image, weights)
-
-
 def back_distill_term(transplant: Transplant, adapter_params, draws: ChainCache,
                       scalars: TransplantScalars) -> Array:
     """``λ · E ‖α·D'_S − D'_T‖²_F`` over a batch of cached draws (Eq. 3-4)."""
@@ -344,7 +308,7 @@ def jacobian_term(transplant: Transplant, adapter_params, frozen, batch: Transfe
         return flat / jnp.sqrt(jnp.sum(jnp.square(flat), axis=1, keepdims=True) + 1e-12)
 
     per_image = jnp.sum(jnp.square(normalised(j_s) - normalised(batch.teacher_jacobian)), axis=1)
-    return _masked_mean(per_image, batch.valid)
+    return tasks.masked_mean(per_image, batch.valid)
 
 
 @flax.struct.dataclass
@@ -382,13 +346,13 @@ def objective_terms(method: Method, transplant: Transplant, adapter_params, froz
         raise ValueError(f"{method} needs a batch of images")
     y_s = transplant.student_output(adapter_params, frozen, batch.features, scalars.beta)
     if method in ("direct-learn", "back-distill", "jacobian"):
-        terms["task"] = weights.task * task_loss(
-            transplant.task, y_s, batch.labels, batch.valid * batch.label_valid)
+        terms["task"] = weights.task * transplant.task.loss(
+            y_s, batch.labels, batch.valid * batch.label_valid)
     if method == "distill":
-        terms["distill"] = distill_loss(transplant.task, y_s, batch.teacher_outputs, batch.valid)
+        terms["distill"] = transplant.task.distill_loss(y_s, batch.teacher_outputs, batch.valid)
     if method == "jacobian":
-        terms["output_matching"] = weights.output_matching * distill_loss(
-            transplant.task, y_s, batch.teacher_outputs, batch.valid)
+        terms["output_matching"] = weights.output_matching * transplant.task.distill_loss(
+            y_s, batch.teacher_outputs, batch.valid)
         terms["jacobian"] = weights.jacobian * jacobian_term(
             transplant, adapter_params, frozen, batch, scalars.beta)
     return terms

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from nettransplant.modules import Teacher
-from nettransplant.objectives import task_loss
-from nettransplant.train import IndexStream, TrainState, guarded_update
+from nettransplant.training import IndexStream, TrainState, guarded_update, train_loop
+
+LOG_EVERY = 50  # teacher steps between logged metrics
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -46,8 +46,10 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation)
                               method=_segmentation_forward)
         ones_cls = jnp.ones((cls_images.shape[0],), jnp.float32)
         ones_seg = jnp.ones((seg_images.shape[0],), jnp.float32)
-        terms = {"classification": task_loss("classification", y_cls, cls_labels, ones_cls),
-                 "segmentation": task_loss("segmentation", y_seg, seg_masks, ones_seg)}
+        terms = {"classification": teacher.classification_module.task.loss(
+                     y_cls, cls_labels, ones_cls),
+                 "segmentation": teacher.segmentation_module.task.loss(
+                     y_seg, seg_masks, ones_seg)}
         return sum(terms.values()), terms
 
     @partial(jax.jit, donate_argnums=0)
@@ -78,7 +80,7 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
                   checkpoint_every: int = 0,
                   on_checkpoint: Callable[[TrainState, list[dict[str, float]]], None] | None = None,
                   step_fn: Callable | None = None,
-                  seg_batch_size: int | None = None,
+                  seg_batch_size: int | None = None, writer=None, what: str = "train teacher",
                   ) -> tuple[TrainState, list[dict[str, float]]]:
     """Train from ``state`` for ``num_steps - state.step`` more steps (resumable).
 
@@ -93,6 +95,10 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
         optimizer, to reuse one compilation across teachers of one shape.
       seg_batch_size: segmentation images per step (default ``batch_size``);
         a segmentation image costs about twice a classification image here.
+      writer: a metric writer for the logged steps.
+      what: names the teacher in progress and errors.
+    Raises:
+      NonFiniteError: a non-finite loss or gradient (the state holds only finite updates).
     """
     step_fn = step_fn or make_teacher_step(teacher, optimizer)
     if len(cls_labels) == 0 or len(seg_masks) == 0:
@@ -103,32 +109,18 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
     seg_stream = IndexStream(len(seg_masks), seg_batch_size or batch_size, seed + 1,
                              padded=False)
     start = int(state.step)
-    for _ in range(start):  # replay the index streams up to the resumed step
-        cls_stream.next()
-        seg_stream.next()
+    cls_stream.skip(start)  # replay the index streams up to the resumed step
+    seg_stream.skip(start)
     key = jax.random.key(seed)
-    history = [] if history is None else history
-    desc = progress if isinstance(progress, str) else "train teacher"
-    bar = tqdm(range(start, num_steps), desc=desc, disable=not progress, leave=False,
-               dynamic_ncols=True)
-    for i in bar:
+
+    def step_args(i):
         ci, si = cls_stream.next(), seg_stream.next()
-        state, metrics = step_fn(state, jax.random.fold_in(key, i), cls_images[ci],
-                                 cls_labels[ci], seg_images[si], seg_masks[si])
-        if not bool(metrics["finite"]):
-            raise FloatingPointError(
-                f"teacher training met a non-finite loss at step {i}; the last good state "
-                f"has {int(state.step)} updates")
-        if i % 50 == 0 or i == num_steps - 1:
-            values = {k: float(v) for k, v in metrics.items() if k != "finite"}
-            values["step"] = i
-            history.append(values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
-        done = i + 1
-        if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 \
-                and done < num_steps:
-            on_checkpoint(state, history)
-    return state, history
+        return (jax.random.fold_in(key, i), cls_images[ci], cls_labels[ci], seg_images[si],
+                seg_masks[si])
+
+    return train_loop(step_fn, state, step_args, num_steps=num_steps, start=start,
+                      history=history, log_every=LOG_EVERY, checkpoint_every=checkpoint_every,
+                      on_checkpoint=on_checkpoint, writer=writer, progress=progress, what=what)
 
 
 def transfer_backbone(teacher: Teacher, backbone_params: Params, key: Array,

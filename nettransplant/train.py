@@ -11,7 +11,6 @@ step, for benchmarks and tests).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -19,9 +18,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from nettransplant.objectives import (
     ChainCache,
@@ -32,47 +29,21 @@ from nettransplant.objectives import (
     objective_terms,
     sample_output_gradients,
 )
+from nettransplant.training import (  # noqa: F401 - re-exported: the adapter's state and loop
+    IndexStream,
+    NonFiniteError,
+    TrainState,
+    create_train_state,
+    guarded_update,
+    train_loop,
+)
 from nettransplant.transplant import Transplant
 
 Array = jax.Array
 Params = Mapping[str, Any]
 
 
-@flax.struct.dataclass
-class TrainState:
-    """``step`` counts applied (finite) updates; ``params`` are the learned ones only."""
-
-    step: Array
-    params: Params
-    opt_state: optax.OptState
-
-
 AdapterTrainState = TrainState  # θ_h only
-
-
-def guarded_update(state: TrainState, grads: Params, loss: Array,
-                   optimizer: optax.GradientTransformation) -> tuple[TrainState, Array, Array]:
-    """Apply one optimizer update unless the loss or the gradient is not finite.
-
-    Returns ``(new_state, grad_norm, finite)``; with ``finite`` False the state
-    is returned unchanged, so the caller always holds the last good state.
-    """
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    return (TrainState(step=state.step + finite.astype(jnp.int32),
-                       params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state)), grad_norm, finite)
-
-
-def create_train_state(adapter_params: Params,
-                       optimizer: optax.GradientTransformation) -> AdapterTrainState:
-    """A fresh state owning a copy of ``adapter_params`` (the step donates its state)."""
-    params = jax.tree.map(lambda a: jnp.array(a, copy=True), adapter_params)
-    return AdapterTrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params))
 
 
 @flax.struct.dataclass
@@ -93,15 +64,6 @@ class RawDraws:
 def raw_draws(key: Array, num_draws: int, output_shape: tuple[int, ...]) -> RawDraws:
     """The same draws :func:`objectives.build_chain_cache` caches, uncached."""
     return RawDraws(*sample_output_gradients(key, num_draws, output_shape))
-
-
-class NonFiniteError(RuntimeError):
-    """Training met a non-finite loss or gradient; ``state`` is the last good state."""
-
-    def __init__(self, message: str, state: AdapterTrainState, metrics: dict[str, float]):
-        super().__init__(message)
-        self.state = state
-        self.metrics = metrics
 
 
 StepFn = Callable[..., tuple[AdapterTrainState, dict[str, Array]]]
@@ -153,50 +115,25 @@ def make_train_step(transplant: Transplant, method: Method,
     return step
 
 
-class IndexStream:
-    """Deterministic epoch-shuffled indices of fixed batch size.
-
-    With ``padded`` and ``num_valid <= batch_size`` every batch is rows
-    ``0..batch_size-1`` (the sample set, padded with masked rows) — one compiled
-    shape for every N. Without ``padded`` (a set of real rows only) a set smaller
-    than a batch repeats within it, each epoch shuffled.
-    """
-
-    def __init__(self, num_valid: int, batch_size: int, seed: int, *, padded: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        if num_valid < 1 and not padded:
-            raise ValueError(f"cannot draw batches from an empty set ({num_valid} rows)")
-        self.num_valid, self.batch_size, self.padded = num_valid, batch_size, padded
-        self._rng = np.random.default_rng(seed)
-        self._pending = np.zeros((0,), np.int32)
-
-    def next(self) -> np.ndarray:
-        if self.padded and self.num_valid <= self.batch_size:
-            return np.arange(self.batch_size, dtype=np.int32)
-        while self._pending.size < self.batch_size:
-            self._pending = np.concatenate(
-                [self._pending, self._rng.permutation(self.num_valid).astype(np.int32)])
-        batch, self._pending = (self._pending[: self.batch_size],
-                                self._pending[self.batch_size:])
-        return batch
-
-
 def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
                   scalars: TransplantScalars, *, num_steps: int,
                   data: TransferData | None = None, num_samples: int = 0, batch_size: int = 32,
                   draws: ChainCache | RawDraws | None = None, draws_per_step: int = 8,
                   seed: int = 0, progress: bool | str = True,
-                  log_every: int = 1) -> tuple[AdapterTrainState, list[dict[str, float]]]:
-    """Run ``num_steps`` steps; returns the final state and the logged metrics.
+                  log_every: int = 1, writer=None, what: str = "train adapter"
+                  ) -> tuple[AdapterTrainState, list[dict[str, float]]]:
+    """Run ``num_steps`` steps of :func:`make_train_step`'s step with :func:`training.train_loop`.
 
     Args:
       data: padded :class:`TransferData` (``num_samples`` real rows) or None.
       draws: the bank of cached draws, or None.
       progress: show a progress bar (a string sets its description).
+      writer: a metric writer for the logged steps.
+    Returns:
+      The final state and the logged metrics.
     Raises:
       NonFiniteError: at the first non-finite loss or gradient, carrying the
-        last good state (the failing update was not applied).
+        last good state (non-finite updates are never applied).
     """
     if data is not None and data.size < batch_size:
         raise ValueError(
@@ -205,23 +142,11 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
     batches = IndexStream(num_samples, batch_size, seed)
     draw_stream = (IndexStream(draws.num_draws, min(draws_per_step, draws.num_draws), seed + 1)
                    if draws is not None else None)
-    history: list[dict[str, float]] = []
-    desc = progress if isinstance(progress, str) else "train adapter"
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, leave=False,
-               dynamic_ncols=True)
-    for i in bar:
+
+    def step_args(_):
         batch_index = jnp.asarray(batches.next()) if data is not None else None
         draw_index = jnp.asarray(draw_stream.next()) if draws is not None else None
-        state, metrics = step(state, frozen, scalars, data, draws, batch_index, draw_index)
-        if not bool(metrics["finite"]):
-            values = {k: float(v) for k, v in metrics.items()}
-            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
-            raise NonFiniteError(
-                f"non-finite {', '.join(bad)} at step {i}: training stopped, the last good "
-                f"state (after {int(state.step)} updates) is kept", state, values)
-        if i % log_every == 0 or i == num_steps - 1:
-            values = {k: float(v) for k, v in metrics.items() if k != "finite"}
-            values["step"] = i
-            history.append(values)
-            bar.set_postfix(loss=f"{values['loss']:.4g}")
-    return state, history
+        return frozen, scalars, data, draws, batch_index, draw_index
+
+    return train_loop(step, state, step_args, num_steps=num_steps, log_every=log_every,
+                      progress=progress, writer=writer, what=what)

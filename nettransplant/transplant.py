@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np
 from flax.core import FrozenDict
 
 from nettransplant import layers as L
-from nettransplant import ops
+from nettransplant import ops, tasks
 from nettransplant.adapter import Adapter
 from nettransplant.modules import (
     CategoryModule,
@@ -32,7 +32,6 @@ from nettransplant.modules import (
 Array = jax.Array
 Params = Mapping[str, Any]
 TaskModule = ClassificationTaskModule | SegmentationTaskModule
-Task = Literal["classification", "segmentation"]
 
 TRAINABLE = "adapter"
 FROZEN = ("category_module", "student_task_module", "teacher_task_module")
@@ -79,33 +78,25 @@ class Transplant:
             raise ValueError(
                 f"channel mismatch: the category module outputs {f_out} channels but "
                 + ", ".join(f"the {n} takes {c}" for n, c in wrong.items()))
-        if type(self.student_task_module) is not type(self.teacher_task_module):
+        student, teacher = self.student_task_module, self.teacher_task_module
+        if student.task != teacher.task or type(student) is not type(teacher):
             raise ValueError(
                 "student and teacher task modules must solve the same task, got "
-                f"{type(self.student_task_module).__name__} and "
-                f"{type(self.teacher_task_module).__name__}")
-        if self.output_channels(self.student_task_module) != self.output_channels(
-                self.teacher_task_module):
+                f"{type(student).__name__} ({student.task.name}) and "
+                f"{type(teacher).__name__} ({teacher.task.name})")
+        if student.num_output_channels() != teacher.num_output_channels():
             raise ValueError(
                 "student and teacher task modules must have the same outputs, got "
-                f"{self.output_channels(self.student_task_module)} and "
-                f"{self.output_channels(self.teacher_task_module)}")
+                f"{student.num_output_channels()} and {teacher.num_output_channels()}")
         # Resolve now so a bad dummy map fails when the pieces are put together.
         for module in (self.student_task_module, self.teacher_task_module):
             L.resolve_dummies(self.task_dummy_relu, module.relu_names(), type(module).__name__)
         L.resolve_dummies(self.adapter_dummy_relu, self.adapter.relu_names(), "Adapter")
 
-    @staticmethod
-    def output_channels(module: TaskModule) -> int:
-        if isinstance(module, SegmentationTaskModule):
-            return module.num_classes
-        return module.num_outputs
-
     @property
-    def task(self) -> Task:
-        if isinstance(self.student_task_module, SegmentationTaskModule):
-            return "segmentation"
-        return "classification"
+    def task(self) -> tasks.Task:
+        """The task both task modules solve (:mod:`nettransplant.tasks`)."""
+        return self.student_task_module.task
 
     @property
     def uses_random_masks(self) -> bool:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from configs import silhouettes, voc_vgg16
-from launch import reproduce
+from nettransplant import experiments
 from nettransplant.data import benchmarks, paper_scale
 
 VOC = paper_scale.VOC_CATEGORIES
@@ -131,7 +131,7 @@ def test_voc_views_are_disjoint_balanced_and_hold_their_categories(fake_voc):
 def test_the_paper_scale_config_runs_end_to_end_with_the_same_code(fake_voc):
     config = _tiny_voc_config(fake_voc)
     workdir = fake_voc / "run"
-    results = reproduce.run(config, workdir, progress=False)
+    results = experiments.run(config, workdir, progress=False)
     stored = json.loads((workdir / "results.json").read_text())
     assert stored["config"]["data"] == "voc_sbd" and "backbone" not in stored
     assert set(stored["teachers"]) == {"cat", "dog"}
@@ -161,7 +161,7 @@ def test_bad_paper_scale_configs_fail_naming_the_field(tmp_path, field, value, m
     config.voc.manual_dir = str(tmp_path)
     config.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=message):
-        reproduce.validate_config(config)
+        experiments.validate_config(config)
 
 
 def test_torchvision_weights_need_the_full_width_model(tmp_path):
@@ -170,14 +170,14 @@ def test_torchvision_weights_need_the_full_width_model(tmp_path):
     config = silhouettes.get_config()
     config.pretrain.weights = str(weights)
     with pytest.raises(ValueError, match="config.pretrain.num_steps > 0"):
-        reproduce.validate_config(config)
+        experiments.validate_config(config)
     config.pretrain.num_steps = 0
     with pytest.raises(ValueError, match="config.model.width = 1.0"):
-        reproduce.validate_config(config)
+        experiments.validate_config(config)
     config = voc_vgg16.get_config()
     config.voc.manual_dir = str(tmp_path)
     config.pretrain.weights = str(weights)
-    reproduce.validate_config(config)
+    experiments.validate_config(config)
 
 
 def test_silhouette_segmentation_renderings_are_picked_from_the_classification_ones():

@@ -63,8 +63,11 @@ def test_target_restores_structures_with_empty_nodes(tmp_path):
 
 def test_target_of_the_wrong_shape_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path / "ckpt", {"w": jnp.zeros(2)}, {})
-    with pytest.raises(CheckpointError, match="does not match target"):
+    with pytest.raises(CheckpointError, match=r"does not match .*w is \(2,\) float32, "
+                                              r"expected \(3,\) float32"):
         load_checkpoint(tmp_path / "ckpt", target={"w": jnp.zeros(3)})
+    with pytest.raises(CheckpointError, match="missing v .*unexpected w"):
+        load_checkpoint(tmp_path / "ckpt", target={"v": jnp.zeros(2)})
 
 
 def test_existing_checkpoint_is_kept_unless_overwrite(tmp_path):
@@ -109,6 +112,7 @@ def test_failure_mid_write_leaves_previous_checkpoint_intact(tmp_path, monkeypat
 def test_failure_while_swapping_in_restores_the_old_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(tmp_path / "ckpt", _params(1), {"version": 1})
     real_rename = checkpoint.os.rename
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # the two-rename path
 
     def rename(src, dst):
         if ".tmp-" in str(src):  # the staged new checkpoint moving into place
@@ -166,3 +170,69 @@ def test_corrupt_metadata_and_params_are_clear_errors(tmp_path):
             path.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt checkpoint .*params"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def _largest_param_file(directory):
+    files = [p for p in (directory / checkpoint.PARAMS_DIR).rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_flipped_bytes_in_a_param_file_are_a_named_error(tmp_path):
+    big = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)}
+    save_checkpoint(tmp_path / "ckpt", big, {"a": 1})
+    victim = _largest_param_file(tmp_path / "ckpt")
+    raw = bytearray(victim.read_bytes())
+    middle = len(raw) // 2
+    raw[middle: middle + 64] = bytes(b ^ 0xFF for b in raw[middle: middle + 64])
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint") as error:
+        load_checkpoint(tmp_path / "ckpt")
+    assert "\n" not in str(error.value)
+
+
+def test_the_content_hash_is_recorded_and_independent_of_container_types(tmp_path):
+    params = _params(3)
+    save_checkpoint(tmp_path / "ckpt", params, {})
+    record = json.loads((tmp_path / "ckpt" / checkpoint.METADATA_FILE).read_text())
+    assert record["params_sha256"] == checkpoint.tree_digest(params)
+    restored, _ = load_checkpoint(tmp_path / "ckpt")
+    assert checkpoint.tree_digest(restored) == record["params_sha256"]
+    changed = jax.tree.map(lambda a: a, params)
+    changed["classification_module"]["fc8"]["kernel"] = jnp.zeros((1, 1, 4, 2))
+    assert checkpoint.tree_digest(changed) != record["params_sha256"]
+
+
+def test_a_crash_between_the_two_renames_is_recovered(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", _params(1), {"version": 1})
+    # What a kill between "move the old one aside" and "move the new one in" leaves.
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old-1234abcd")
+    (tmp_path / ".ckpt.tmp-1234abcd").mkdir()
+    removed = checkpoint.clean_stale(tmp_path / "ckpt")
+    assert [p.name for p in removed] == [".ckpt.tmp-1234abcd"]
+    restored, metadata = load_checkpoint(tmp_path / "ckpt")
+    _assert_trees_equal(restored, _params(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_replacing_never_leaves_the_directory_missing(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "ckpt", _params(1), {"version": 1})
+    seen = []
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def watching_rmtree(path, *args, **kwargs):
+        seen.append(checkpoint.is_checkpoint(tmp_path / "ckpt"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", watching_rmtree)
+    save_checkpoint(tmp_path / "ckpt", _params(2), {"version": 2}, overwrite=True)
+    assert seen and all(seen)
+    _assert_trees_equal(load_checkpoint(tmp_path / "ckpt")[0], _params(2))
+
+
+def test_directories_are_exchanged_atomically_on_linux(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("b")
+    assert checkpoint._exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"

@@ -303,9 +303,15 @@ def test_unrecognised_state_dict_lists_every_expected_key():
         convert.load_torchvision_vgg16({"foo": _zeros(2)})
 
 
-def test_wrapped_checkpoints_and_bad_files_are_clear_errors(tmp_path, state_dict):
-    with pytest.raises(ValueError, match="non-tensor entries 'state_dict' \\(dict\\)"):
-        convert.load_torchvision_vgg16({"state_dict": dict(state_dict), "epoch": _zeros(1)})
+def test_a_wrapped_checkpoint_is_unwrapped(state_dict, converted):
+    _, params = convert.load_torchvision_vgg16({"state_dict": dict(state_dict),
+                                                "epoch": _zeros(1)})
+    _assert_trees_equal(params, converted[1])
+    _, params = convert.load_torchvision_vgg16({"model": {"weights": dict(state_dict)}})
+    _assert_trees_equal(params, converted[1])
+
+
+def test_bad_files_are_clear_errors(tmp_path, state_dict):
     with pytest.raises(FileNotFoundError, match="no weights file at .*absent.pth"):
         convert.load_torchvision_vgg16(tmp_path / "absent.pth")
     bad = tmp_path / "corrupt.safetensors"
@@ -375,13 +381,13 @@ def test_fcn8s_initialisation_from_vgg16(teacher, converted):
 def test_the_main_job_starts_teachers_from_the_torchvision_weights(tmp_path, safetensors_file,
                                                                   converted):
     from configs import voc_vgg16
-    from launch import reproduce
+    from nettransplant import experiments
 
     config = voc_vgg16.get_config()
     config.voc.manual_dir = str(tmp_path)
     config.pretrain.weights = str(safetensors_file)
-    reproduce.validate_config(config)
-    zoo = reproduce.TeacherZoo(config, tmp_path, benchmark=None, progress=False)
+    experiments.validate_config(config)
+    zoo = experiments.TeacherZoo(config, tmp_path, benchmark=None, progress=False)
     params = zoo._init("cat")
     vgg = converted[1]
     _assert_trees_equal(params["category_module"], vgg["category_module"])

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from configs import silhouettes
-from launch import reproduce
-from nettransplant import checkpoint, experiments, modules, objectives, report, teachers
+from nettransplant import checkpoint, experiments, modules, objectives, problem, report, teachers
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
 from nettransplant.transplant import Transplant
@@ -21,7 +20,7 @@ METHODS = {"back-distill", "direct-learn", "distill", "jacobian"}
 def quick_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reproduce")
     config = silhouettes.get_config("quick")
-    return workdir, config, reproduce.run(config, workdir, progress=False)
+    return workdir, config, experiments.run(config, workdir, progress=False)
 
 
 def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
@@ -78,7 +77,7 @@ def test_rerun_reuses_the_teacher_checkpoints(quick_run, monkeypatch):
         raise AssertionError("a finished teacher was trained again")
 
     monkeypatch.setattr(teachers, "train_teacher", forbidden)
-    again = reproduce.run(config, workdir, progress=False)
+    again = experiments.run(config, workdir, progress=False)
     assert again["teachers"] == results["teachers"]
     assert not list((workdir / "teachers").glob("*.partial"))
     meta = checkpoint.load_metadata(workdir / "teachers" / "cat")
@@ -92,7 +91,7 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path
     config.categories, config.target_categories = ("cat",), ()
     config.generic_category = "dog"
     bench = benchmarks.make_benchmark(config)
-    straight = reproduce.TeacherZoo(config, tmp_path / "a", bench, progress=False)
+    straight = experiments.TeacherZoo(config, tmp_path / "a", bench, progress=False)
     expected = straight.category("cat")
 
     original = teachers.train_teacher
@@ -104,14 +103,14 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_parameters(tmp_path
 
         return original(*args, on_checkpoint=save_then_crash, **kwargs)
 
-    zoo = reproduce.TeacherZoo(config, tmp_path / "b", bench, progress=False)
+    zoo = experiments.TeacherZoo(config, tmp_path / "b", bench, progress=False)
     monkeypatch.setattr(teachers, "train_teacher", interrupted)
     with pytest.raises(KeyboardInterrupt):
         zoo.category("cat")
-    assert checkpoint.is_checkpoint(tmp_path / "b" / "teachers" / "cat.partial")
+    assert (tmp_path / "b" / "teachers" / "cat.partial").is_dir()
     assert not (tmp_path / "b" / "teachers" / "cat").exists()
     monkeypatch.setattr(teachers, "train_teacher", original)
-    resumed = reproduce.TeacherZoo(config, tmp_path / "b", bench, progress=False).category("cat")
+    resumed = experiments.TeacherZoo(config, tmp_path / "b", bench, progress=False).category("cat")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  expected, resumed)
     assert not (tmp_path / "b" / "teachers" / "cat.partial").exists()
@@ -132,26 +131,26 @@ def test_bad_configs_fail_naming_the_field(field, value, message):
     config = silhouettes.get_config()
     config.update_from_flattened_dict({field: value})
     with pytest.raises(ValueError, match=message):
-        reproduce.validate_config(config)
+        experiments.validate_config(config)
 
 
 def test_dead_draws_are_dropped_and_the_bank_keeps_its_size():
     teacher = jnp.stack([jnp.zeros((2, 2)), jnp.ones((2, 2)), jnp.zeros((2, 2)),
                          2 * jnp.ones((2, 2))])
     cache = objectives.ChainCache(teacher + 10, teacher, jnp.arange(4))
-    kept = experiments.drop_dead_draws(cache, 4)
+    kept = problem.drop_dead_draws(cache, 4)
     np.testing.assert_array_equal(kept.mask_keys, [1, 3, 1, 3])
     with pytest.raises(ValueError, match="all 4"):
-        experiments.drop_dead_draws(objectives.ChainCache(teacher, 0 * teacher, None), 2)
+        problem.drop_dead_draws(objectives.ChainCache(teacher, 0 * teacher, None), 2)
 
 
 def test_experiment_dummies_follow_the_paper():
     from nettransplant.modules import ClassificationTaskModule
     module = ClassificationTaskModule(width=0.125, input_size=32)
-    assert experiments.task_dummies("exp1", module) == "random_mask"
-    exp2 = experiments.task_dummies("exp2", module)
+    assert problem.task_dummies("exp1", module) == "random_mask"
+    exp2 = problem.task_dummies("exp2", module)
     assert exp2 == {"default": "identity", module.relu_names()[0]: "random_mask"}
-    assert experiments.task_dummies("exp3", module) == "identity"
+    assert problem.task_dummies("exp3", module) == "identity"
 
 
 def test_report_tables_put_the_paper_beside_ours_and_check_the_claims():
@@ -226,27 +225,27 @@ def test_training_fit_scores_the_real_labelled_rows_only():
               "student_task_module": params["classification_module"],
               "teacher_task_module": params["classification_module"]}
     adapter = tp.adapter.ideal_params(1.0)
-    x = experiments.features(net.category_module, params["category_module"],
+    x = problem.features(net.category_module, params["category_module"],
                              np.random.default_rng(0).normal(size=(6, 32, 32, 3)).astype(
                                  np.float32))
     scalars = objectives.TransplantScalars(jnp.float32(1), jnp.float32(1), jnp.float32(1))
-    problem = experiments.TransplantProblem(tp, frozen, scalars, None, adapter, x,
+    case = problem.TransplantProblem(tp, frozen, scalars, None, adapter, x,
                                             np.zeros(6, np.int64), 1.0)
-    predicted = np.asarray(experiments._student_predictions(tp, adapter, frozen, 1.0, x))
+    predicted = np.asarray(problem._student_predictions(tp, adapter, frozen, 1.0, x))
     # 4 real rows labelled with the net's own predictions, 2 padding rows labelled wrong.
     labels = np.concatenate([predicted[:4], 1 - predicted[4:]])
     data = objectives.TransferData(x, jnp.asarray(labels), jnp.ones(6), jnp.asarray(
         [1, 1, 1, 1, 0, 0], jnp.float32), None, None, None)
-    assert experiments.training_fit(problem, adapter, data, 4) == 0.0
-    assert experiments.training_fit(problem, adapter, data, 6) == pytest.approx(100 / 3)
-    assert experiments.score(problem, adapter, x[:4], 1 - predicted[:4]) == 100.0
+    assert problem.training_fit(case, adapter, data, 4) == 0.0
+    assert problem.training_fit(case, adapter, data, 6) == pytest.approx(100 / 3)
+    assert problem.score(case, adapter, x[:4], 1 - predicted[:4]) == 100.0
     with pytest.raises(ValueError, match="num_samples must be in"):
-        experiments.training_fit(problem, adapter, data, 0)
+        problem.training_fit(case, adapter, data, 0)
 
 
 @pytest.mark.parametrize("variant", [None, "quick", "converged"])
 def test_every_config_variant_validates(variant):
-    reproduce.validate_config(silhouettes.get_config(variant))
+    experiments.validate_config(silhouettes.get_config(variant))
 
 
 def test_an_unknown_config_variant_names_the_known_ones():

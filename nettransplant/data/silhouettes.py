@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nettransplant.data.animal_mnist import CATEGORIES, load_animal_mnist
+from nettransplant.data.animal_mnist import CATEGORIES, DataFileError, load_animal_mnist
 from nettransplant.data.composite import composite_batch, silhouette_supports
 
 TRAIN_PER_CLASS = 800
@@ -148,9 +152,136 @@ class ImageSet:
                           for a in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
+# Written beside the shards of every dataset this module builds: each shard's
+# size, SHA-256 and record count, checked before the dataset is read, so a
+# truncated or damaged cache is rebuilt instead of read.
+SHARD_MANIFEST = "nettransplant_shards.json"
+MANIFEST_FORMAT = 1
+
+
+def _dataset_dir(root: Path, config: AnimalSilhouettesConfig) -> Path:
+    """Where TFDS keeps the dataset of ``config`` under the data dir ``root``."""
+    return root / AnimalSilhouettes.name / config.name / str(AnimalSilhouettes.VERSION)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _expected_shards(builder: AnimalSilhouettes) -> dict[str, int]:
+    """``{shard file name: number of records}`` as TFDS recorded them at build time."""
+    return {name: int(length) for split in builder.info.splits.values()
+            for name, length in zip(split.filenames, split.shard_lengths, strict=True)}
+
+
+def _write_manifest(directory: Path, shards: dict[str, int]) -> None:
+    """Record each shard's size and SHA-256; written atomically (concurrent builders agree)."""
+    record = {"format": MANIFEST_FORMAT, "shards": {
+        name: {"bytes": (directory / name).stat().st_size,
+               "sha256": _file_sha256(directory / name), "records": records}
+        for name, records in sorted(shards.items())}}
+    staging = directory / f".{SHARD_MANIFEST}.{os.getpid()}"
+    staging.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(staging, directory / SHARD_MANIFEST)
+
+
+def _check_records(directory: Path, shards: dict[str, int]) -> str | None:
+    """Read every record of every shard; array_record checks each chunk's hash as it reads.
+
+    Returns:
+      None when every shard reads completely with the recorded number of
+      records, else what is wrong (naming the shard).
+    """
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for name, records in shards.items():
+        path = directory / name
+        if not path.is_file():
+            return f"shard {path} is missing"
+        try:
+            reader = ArrayRecordReader(str(path), "readahead_buffer_size:0")
+            try:
+                if reader.num_records() != records:
+                    return (f"shard {path} holds {reader.num_records()} records, "
+                            f"{records} when built")
+                for start in range(0, records, 1024):  # bounded memory at 224²
+                    reader.read(start, min(start + 1024, records))
+            finally:
+                reader.close()
+        except (RuntimeError, OSError, ValueError) as err:  # riegeli reports corruption so
+            return f"shard {path} is damaged ({_one_line(err)})"
+    return None
+
+
+def _check_shards(builder: AnimalSilhouettes) -> str | None:
+    """Whether the built shards are those written at build time.
+
+    Compares each shard with :data:`SHARD_MANIFEST` (size, then SHA-256). A
+    dataset without a manifest (built by an older nettransplant, or by another
+    process that is writing it) is checked record by record instead, and gets
+    its manifest when it passes.
+
+    Returns:
+      None if the shards are intact, else a one-line description naming the shard.
+    """
+    directory = Path(builder.data_dir)
+    if set(builder.info.splits) != {"train", "test"}:
+        return (f"its dataset_info.json lists the splits {sorted(builder.info.splits)}, not "
+                "['test', 'train'] (missing or incomplete metadata)")
+    shards = _expected_shards(builder)
+    manifest_path = directory / SHARD_MANIFEST
+    if not manifest_path.exists():
+        problem = _check_records(directory, shards)
+        if problem is None:
+            _write_manifest(directory, shards)
+        return problem
+    try:
+        recorded = json.loads(manifest_path.read_text())["shards"]
+        recorded = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in recorded.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"its shard manifest {manifest_path} is unreadable ({_one_line(err)})"
+    if set(recorded) != set(shards):
+        return (f"its shard manifest {manifest_path} lists {sorted(recorded)}, but "
+                f"dataset_info.json lists {sorted(shards)}")
+    for name, (size, sha256) in sorted(recorded.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"shard {path} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"shard {path} has {actual} bytes, {size} when built (truncated?)"
+        if _file_sha256(path) != sha256:
+            return f"shard {path} has another SHA-256 than when built (damaged)"
+    return None
+
+
+def _one_line(text: object) -> str:
+    """``str(text)`` with its lines joined, so that a message stays on one line."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _prepare(config: AnimalSilhouettesConfig, root: Path) -> AnimalSilhouettes:
+    # TFDS wants the configs it lists by name.
+    name_or_config = (config.name if config.name in AnimalSilhouettes.builder_configs
+                      else config)
+    builder = AnimalSilhouettes(config=name_or_config, data_dir=str(root))
+    builder.download_and_prepare()
+    return builder
+
+
 def build_silhouettes(image_size: int = 32, seed: int = 0,
                       data_dir: str | Path | None = None) -> AnimalSilhouettes:
     """Builds the embedded dataset (once, offline) and returns its TFDS builder.
+
+    A dataset already in ``data_dir`` is checked first: its shards against the
+    sizes and SHA-256 recorded when they were written. A damaged one
+    (truncated, altered, unreadable metadata) is moved aside to
+    ``<version>.damaged-<time>-<pid>`` (delete it at will) and rebuilt, with a
+    one-line :class:`RuntimeWarning`; damaged data is never returned.
 
     Args:
       image_size: side of the square images (>= 16).
@@ -160,18 +291,60 @@ def build_silhouettes(image_size: int = 32, seed: int = 0,
     Returns:
       The prepared builder; ``builder.as_data_source()`` gives TF-free
       random access to ``{"train", "test"}``.
+    Raises:
+      DataFileError: the dataset is still damaged right after rebuilding it.
     """
     config = AnimalSilhouettesConfig(image_size=image_size, seed=seed)
-    if config.name in AnimalSilhouettes.builder_configs:  # TFDS wants listed configs by name
-        config = config.name
-    builder = AnimalSilhouettes(config=config, data_dir=str(data_dir or default_data_dir()))
-    builder.download_and_prepare()
+    root = Path(data_dir or default_data_dir()).expanduser()
+    directory = _dataset_dir(root, config)
+    existed = directory.exists()
+    try:
+        builder = _prepare(config, root)
+    except Exception as err:  # TFDS's metadata files of an existing dataset are unreadable
+        if not existed:
+            raise
+        problem = f"its metadata cannot be read ({type(err).__name__}: {_one_line(err)})"
+    else:
+        directory = Path(builder.data_dir)
+        if not existed:
+            _write_manifest(directory, _expected_shards(builder))
+            return builder
+        problem = _check_shards(builder)
+        if problem is None:
+            return builder
+
+    aside = directory.with_name(
+        f"{directory.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    os.rename(directory, aside)  # not a valid version name: TFDS ignores it
+    warnings.warn(f"the animal_silhouettes dataset at {directory} is damaged: {problem}; "
+                  f"moved it to {aside} and rebuilding it", RuntimeWarning, stacklevel=2)
+    builder = _prepare(config, root)
+    _write_manifest(Path(builder.data_dir), _expected_shards(builder))
+    problem = _check_shards(builder)
+    if problem is not None:
+        raise DataFileError(f"the rebuilt animal_silhouettes dataset at {builder.data_dir} is "
+                            f"damaged too: {problem}; check the disk (space, errors), delete "
+                            "the folder and retry")
     return builder
 
 
-def _read_split(source) -> ImageSet:
-    examples = source.__getitems__(list(range(len(source))))
+def _read_split(source, name: str = "split", directory: str = "the dataset") -> ImageSet:
+    """Every example of one split, ordered by source index, as read-only arrays.
+
+    Raises:
+      DataFileError: a record cannot be read or decoded, or the split does not
+        hold each source index once; the message says how to rebuild.
+    """
+    rebuild = f"delete {directory} and load it again to rebuild it"
+    try:
+        examples = source.__getitems__(list(range(len(source))))
+    except Exception as err:  # riegeli and zlib report corrupt records as they read them
+        raise DataFileError(f"the {name} split of {directory} cannot be read "
+                            f"({type(err).__name__}: {_one_line(err)}); {rebuild}") from err
     index = np.array([int(e["index"]) for e in examples], np.int64)
+    if len(np.unique(index)) != len(index):
+        raise DataFileError(f"the {name} split of {directory} holds a source index twice; "
+                            f"{rebuild}")
     order = np.argsort(index, kind="stable")
     labels = np.array([int(examples[i]["label"]) for i in order], np.int64)
     split = ImageSet(
@@ -189,8 +362,17 @@ def _read_split(source) -> ImageSet:
 def _load_splits(image_size: int, seed: int, data_dir: str | None) -> tuple[tuple[str, ImageSet],
                                                                            ...]:
     builder = build_silhouettes(image_size, seed, data_dir)
-    return tuple((name, _read_split(source))
-                 for name, source in sorted(builder.as_data_source().items()))
+    expected = {name: split.num_examples for name, split in builder.info.splits.items()}
+    splits = []
+    for name, source in sorted(builder.as_data_source().items()):
+        split = _read_split(source, name, builder.data_dir)
+        if len(split) != expected[name]:
+            raise DataFileError(
+                f"the {name} split of {builder.data_dir} has {len(split)} examples, "
+                f"{expected[name]} when built; delete {builder.data_dir} and load it again "
+                "to rebuild it")
+        splits.append((name, split))
+    return tuple(splits)
 
 
 def load_silhouettes(image_size: int = 32, seed: int = 0,

@@ -8,8 +8,8 @@ the frozen parameters, α/β/λ, the cached bank of pseudo-gradient draws
 random initialisation. :func:`fit` learns one adapter with one method from N
 labelled samples; :func:`evaluate` scores it on the test set.
 
-Which ReLU dummies the pseudo chains use follows the paper (DESIGN.md §2):
-:func:`task_dummies`.
+Which ReLU dummies the pseudo chains use follows the paper's experiments
+(Sec. 4): :func:`task_dummies`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import closed_form, evaluation, objectives
+from nettransplant import closed_form, evaluation, objectives, tasks
 from nettransplant import train as train_lib
 from nettransplant.layers import DummySpec
 from nettransplant.modules import CategoryModule
@@ -54,8 +54,9 @@ def task_dummies(protocol: str, module: TaskModule) -> DummySpec:
     raise ValueError(f"unknown protocol {protocol!r}; expected 'exp1', 'exp2' or 'exp3'")
 
 
-def methods_for(task: str) -> tuple[str, ...]:
-    return SEGMENTATION_METHODS if task == "segmentation" else CLASSIFICATION_METHODS
+def methods_for(task: tasks.Task) -> tuple[str, ...]:
+    """The paper's methods for a task: ``distill`` only for segmentation (Sec. 4)."""
+    return SEGMENTATION_METHODS if task == tasks.SEGMENTATION else CLASSIFICATION_METHODS
 
 
 def drop_dead_draws(cache: objectives.ChainCache, num_draws: int) -> objectives.ChainCache:
@@ -87,8 +88,8 @@ class TransplantProblem:
       scalars: α, β, λ.
       cache: the bank of draws (``G_h``, ``D'_T``), dead draws dropped.
       adapter_init: the seeded random adapter every trained method starts from.
-      test_features: ``f(I)`` of the test images.
-      test_targets: test labels ``(N,)`` or masks ``(N, H, W)``.
+      test_features: ``f(I)`` of the test images (None: no test set).
+      test_targets: test labels ``(N,)`` or masks ``(N, H, W)`` (None: no test set).
       live_draw_fraction: the share of sampled draws with ``D'_T ≠ 0``.
     """
 
@@ -97,12 +98,12 @@ class TransplantProblem:
     scalars: objectives.TransplantScalars
     cache: objectives.ChainCache
     adapter_init: Params
-    test_features: Array
-    test_targets: np.ndarray
+    test_features: Array | None
+    test_targets: np.ndarray | None
     live_draw_fraction: float
 
     @property
-    def task(self) -> str:
+    def task(self) -> tasks.Task:
         return self.transplant.task
 
 
@@ -120,14 +121,16 @@ def _features(category_module, category_params, images):
 
 def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: float,
                  lambda0: float, num_draws: int, image_size: int, score_size: int,
-                 test_images: np.ndarray, test_targets: np.ndarray) -> TransplantProblem:
+                 test_images: np.ndarray | None = None, test_targets: np.ndarray | None = None
+                 ) -> TransplantProblem:
     """Sample and cache the draws, fix α/β/λ, and store the test set as features.
 
     Args:
       key: seeds the draws (oversampled 1.5× so dropping dead ones keeps ``num_draws``
         distinct draws in the common case) and the adapter initialisation.
       beta: the re-scaling (1 when ``f`` is the teacher's own).
-      test_images: normalised test images ``(N, H, W, 3)``.
+      test_images: normalised test images ``(N, H, W, 3)`` with their ``test_targets``
+        (labels or masks), or None: :func:`evaluate` then has nothing to score.
     """
     k_draws, k_init = jax.random.split(key)
     shape = objectives.output_gradient_shape(transplant, image_size=image_size,
@@ -140,9 +143,12 @@ def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: fl
     scalars = objectives.compute_scalars(cache, beta, lambda0)
     x0 = jnp.zeros((1, image_size // 2, image_size // 2, transplant.adapter.channels))
     adapter_init = transplant.adapter.init(k_init, x0)["params"]
-    test_x = features(transplant.category_module, frozen["category_module"], test_images)
-    return TransplantProblem(transplant, frozen, scalars, cache, adapter_init, test_x,
-                             np.asarray(test_targets), live)
+    test_x = test_y = None
+    if test_images is not None:
+        test_x = features(transplant.category_module, frozen["category_module"], test_images)
+        test_y = np.asarray(test_targets)
+    return TransplantProblem(transplant, frozen, scalars, cache, adapter_init, test_x, test_y,
+                             live)
 
 
 def zero_sample_solution(problem: TransplantProblem, *, ridge: float, num_draws: int
@@ -206,10 +212,7 @@ def fit(problem: TransplantProblem, method: str, steps: StepCache, *,
 
 @partial(jax.jit, static_argnums=0)
 def _student_predictions(transplant: Transplant, adapter_params, frozen, beta, x):
-    y = transplant.student_output(adapter_params, frozen, x, beta)
-    if transplant.task == "segmentation":
-        return jnp.argmax(y, axis=-1)
-    return evaluation.predict_classes(y)
+    return transplant.task.predict(transplant.student_output(adapter_params, frozen, x, beta))
 
 
 def _predict(problem: TransplantProblem, adapter_params: Params, features: Array
@@ -219,21 +222,17 @@ def _predict(problem: TransplantProblem, adapter_params: Params, features: Array
                                        problem.scalars.beta, x), features)
 
 
-def _metric(problem: TransplantProblem, predictions: np.ndarray, targets) -> float:
-    if problem.task == "segmentation":
-        return evaluation.pixel_accuracy(predictions, targets)
-    return evaluation.classification_error(predictions, targets)
-
-
 def score(problem: TransplantProblem, adapter_params: Params, features: Array,
           targets: Array) -> float:
     """Classification error (%) or segmentation pixel accuracy (%) of the transplant net
     on frozen features ``x = f(I)`` and their labels (``(N,)`` or ``(N, H, W)``)."""
-    return _metric(problem, _predict(problem, adapter_params, features), targets)
+    return problem.task.metric(_predict(problem, adapter_params, features), targets)
 
 
 def evaluate(problem: TransplantProblem, adapter_params: Params) -> float:
     """Test classification error (%) or segmentation pixel accuracy (%)."""
+    if problem.test_features is None:
+        raise ValueError("this transplant problem was made without a test set")
     return score(problem, adapter_params, problem.test_features, problem.test_targets)
 
 
@@ -248,7 +247,7 @@ def training_fit(problem: TransplantProblem, adapter_params: Params,
     if not 0 < num_samples <= data.size:
         raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
     predictions = _predict(problem, adapter_params, data.features)[:num_samples]
-    return _metric(problem, predictions, np.asarray(data.labels)[:num_samples])
+    return problem.task.metric(predictions, np.asarray(data.labels)[:num_samples])
 
 
 @partial(jax.jit, static_argnums=(0, 5))

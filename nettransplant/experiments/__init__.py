@@ -1,0 +1,14 @@
+"""The paper's experiments as library code: config checks, the teacher zoo, the main job.
+
+* :mod:`~nettransplant.experiments.config` — :func:`validate_config`;
+* :mod:`~nettransplant.experiments.zoo` — :class:`TeacherZoo` (train, checkpoint,
+  reuse, resume every teacher);
+* :mod:`~nettransplant.experiments.paper` — :func:`run` (the main job,
+  ``python -m launch.reproduce``) and its :class:`Runner`.
+"""
+
+from nettransplant.experiments.config import EXPERIMENTS, validate_config
+from nettransplant.experiments.paper import Runner, run
+from nettransplant.experiments.zoo import TeacherZoo
+
+__all__ = ["EXPERIMENTS", "Runner", "TeacherZoo", "run", "validate_config"]
