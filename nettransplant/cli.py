@@ -1,0 +1,55 @@
+"""What every command line of the project shares: one-line errors and exit codes.
+
+A launch script wraps its work in :func:`run_main`; a bad input (a config
+field, a file, a module id) then prints ``error: <one line>`` on stderr and
+exits with :data:`EXIT_USAGE` instead of a traceback, and Ctrl-C prints one
+line (what to do next) and exits with :data:`EXIT_INTERRUPTED`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Errors that come from what the user gave (files, ids, config values), not from a bug.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError,
+               IsADirectoryError, NotADirectoryError)
+
+
+class UsageError(ValueError):
+    """Bad command-line input, reported as one line."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines too) collapsed to one space."""
+    return " ".join(str(text).split())
+
+
+def error_message(err: BaseException) -> str:
+    """The one-line message of ``err`` (a KeyError's own text, not its repr)."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return one_line(message)
+
+
+def run_main(work: Callable[[], object], *, interrupted: str = "interrupted") -> int:
+    """Run ``work()``; returns the process exit code.
+
+    Args:
+      work: the command's whole job.
+      interrupted: what to print on Ctrl-C (how to resume, what is unchanged).
+    Returns:
+      0 on success, :data:`EXIT_USAGE` after a user error (printed as one
+      line), :data:`EXIT_INTERRUPTED` after Ctrl-C.
+    """
+    try:
+        work()
+    except KeyboardInterrupt:
+        print(one_line(interrupted), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as err:
+        print(f"error: {error_message(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
