@@ -4,70 +4,17 @@
 
 Builds the dataset if needed (offline, about 5 s at 32²), prints per-split
 counts and class balance, writes PNG grids of composited examples next to
-their mask overlays (one row per category) to ``--out``, and reports in the
-JSON, in percent: ``threshold_baseline_pixel_acc`` (the best single global
-intensity threshold — on luminance or one channel, threshold and polarity
-chosen on ``train`` — evaluated on ``test``), ``threshold_upper_bound_pixel_acc``
-(the same choice made on ``test`` itself) and ``majority_baseline_pixel_acc``
-(all background). At 32², seed 0: about 66 %, 66 % and 66 %.
+their mask overlays (one row per category) to ``--out``, and the report
+(:func:`nettransplant.data.report.data_report`) to ``--json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
+import sys
 
-import numpy as np
-from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
-
-from nettransplant.data import (
-    CATEGORIES,
-    ImageSet,
-    build_silhouettes,
-    load_silhouettes,
-    majority_baseline,
-    threshold_baseline,
-)
-
-OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)
-
-
-def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image dimmed, with the mask's object pixels tinted red: ``(H, W, 3)`` uint8."""
-    out = image.astype(np.float32) * 0.45
-    obj = mask == 1
-    out[obj] = out[obj] * 0.4 + OVERLAY_COLOUR * 0.6
-    return out.astype(np.uint8)
-
-
-def example_grid(split: ImageSet, per_category: int = 4, tile: int = 96) -> Image.Image:
-    """One row per category: ``per_category`` (image, mask overlay) pairs, ``tile`` px each."""
-    label_w, header_h, gap = 72, 16, 4
-    pair_w = 2 * tile + gap
-    canvas = Image.new("RGB", (label_w + per_category * pair_w,
-                               header_h + len(CATEGORIES) * tile), "white")
-    draw = ImageDraw.Draw(canvas)
-    for col in range(per_category):
-        x = label_w + col * pair_w
-        draw.text((x + 2, 2), "image", fill="black")
-        draw.text((x + tile + 2, 2), "mask", fill="black")
-    for row, name in enumerate(CATEGORIES):
-        y = header_h + row * tile
-        draw.text((4, y + tile // 2 - 5), name, fill="black")
-        for col, i in enumerate(np.flatnonzero(split.categories == row)[:per_category]):
-            x = label_w + col * pair_w
-            for offset, pixels in ((0, split.images[i]),
-                                   (tile, mask_overlay(split.images[i], split.masks[i]))):
-                canvas.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST),
-                             (x + offset, y))
-    return canvas
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+from nettransplant.cli import run_main
+from nettransplant.data.report import data_report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,55 +26,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", "--data_dir", default=None)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    start = time.perf_counter()
-    builder = build_silhouettes(args.image_size, args.seed, args.data_dir)
-    splits = load_silhouettes(args.image_size, args.seed, args.data_dir)
-    report: dict = {
-        "image_size": args.image_size, "seed": args.seed,
-        "dataset_dir": str(builder.data_dir),
-        "dataset_megabytes": _dir_bytes(Path(builder.data_dir)) / 2**20,
-        "build_and_load_seconds": time.perf_counter() - start,
-        "splits": {},
-    }
-    for name, split in splits.items():
-        counts = {c: int((split.categories == i).sum()) for i, c in enumerate(CATEGORIES)}
-        coverage = {c: 100 * float(split.masks[split.categories == i].mean())
-                    for i, c in enumerate(CATEGORIES)}
-        report["splits"][name] = {
-            "examples": len(split), "per_category": counts,
-            "class_balance_pct": {c: 100 * n / len(split) for c, n in counts.items()},
-            "object_pixels_pct": 100 * float(split.masks.mean()),
-            "object_pixels_pct_per_category": coverage}
-        print(f"{name:>5}: {len(split)} examples, {100 * split.masks.mean():.1f} % object "
-              "pixels; per category " + ", ".join(f"{c} {n}" for c, n in counts.items()))
-
-    train, test = splits["train"], splits["test"]
-    baseline = threshold_baseline(
-        train.images, train.masks, test.images, test.masks,
-        progress=lambda chunks: tqdm(chunks, desc="threshold baseline", leave=False))
-    report["threshold_baseline_pixel_acc"] = 100 * baseline["test_acc"]
-    report["threshold_upper_bound_pixel_acc"] = 100 * baseline["upper_bound"]
-    report["threshold_rule"] = baseline["rule"]
-    report["majority_baseline_pixel_acc"] = 100 * majority_baseline(test.masks)
-
-    tile = max(96, args.image_size)
-    report["grids"] = []
-    for name, split in splits.items():
-        path = out / f"examples_{name}.png"
-        example_grid(split, tile=tile).save(path)
-        report["grids"].append(str(path))
-
-    print(f"threshold baseline (test): {report['threshold_baseline_pixel_acc']:.1f} % "
-          f"(best rule on test: {report['threshold_upper_bound_pixel_acc']:.1f} %), "
-          f"majority baseline: {report['majority_baseline_pixel_acc']:.1f} %")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json} and {', '.join(report['grids'])}")
-    return report
+    return data_report(json_path=args.json, out=args.out, image_size=args.image_size,
+                       seed=args.seed, data_dir=args.data_dir)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

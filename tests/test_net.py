@@ -134,7 +134,7 @@ def grown(config, bench):
 
 def test_every_operation_leaves_every_existing_route_bit_identical(grown):
     stages, probe = grown["stages"], grown["probe"]
-    for (name, _, before), (next_name, next_net, _) in zip(stages, stages[1:]):
+    for (_, _, before), (next_name, next_net, _) in zip(stages, stages[1:]):
         assert set(before) < set(_outputs(next_net, probe)), f"{next_name} added no route"
         _assert_unchanged(before, next_net, probe)
 
