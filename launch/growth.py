@@ -1,0 +1,44 @@
+"""Grow a transplant net on the embedded data: choose task modules, fine-tune, measure forgetting.
+
+    python -m launch.growth --workdir W          # W: the main job's workdir (teachers reused)
+    python -m launch.growth --workdir W --config configs/net_growth.py:quick
+
+Runs :func:`nettransplant.experiments.growth.run`; writes ``W/growth/results.json``
+and ``W/growth/results.md`` (what they hold: ``configs/net_growth.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import configs
+from nettransplant.cli import run_main
+from nettransplant.experiments import growth
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(Path(configs.__file__).parent / "net_growth.py"),
+    "experiment config (configs/net_growth.py[:variant])")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce",
+                               "the main job's workdir (its teachers are reused)")
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+    def work():
+        results = growth.run(_CONFIG.value, Path(_WORKDIR.value))
+        print(growth.results_markdown(results))
+        print(f"runtime {results['runtime_s']:.0f} s; results in "
+              f"{Path(_WORKDIR.value) / 'growth'}")
+
+    sys.exit(run_main(work, interrupted="interrupted; run the same command again: the "
+                                        "teachers already trained are reused"))
+
+
+if __name__ == "__main__":
+    app.run(main)
