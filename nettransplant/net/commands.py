@@ -271,16 +271,23 @@ def cmd_predict(args) -> None:
         print(f"wrote {len(images)} overlays to {args.overlays}")
 
 
-def write_overlays(images: np.ndarray, masks: np.ndarray, folder: Path) -> None:
-    """PNGs of each image with its predicted object pixels tinted red."""
+def write_overlays(images: np.ndarray, masks: np.ndarray, folder: Path,
+                   min_side: int = 128) -> None:
+    """PNGs of each image with its predicted object pixels tinted red.
+
+    Small images are enlarged (nearest neighbour) to at least ``min_side``
+    pixels so that a person can see the mask.
+    """
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     tint = np.array([255, 0, 0], np.float32)
+    scale = max(1, -(-min_side // max(images.shape[1:3])))
     for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
         blended = image.astype(np.float32)
         on = mask.astype(bool)
         blended[on] = 0.5 * blended[on] + 0.5 * tint
+        blended = blended.repeat(scale, axis=0).repeat(scale, axis=1)
         staging = folder / f".{i:05d}.png.tmp"
         Image.fromarray(blended.astype(np.uint8)).save(staging, format="PNG")
         staging.replace(folder / f"{i:05d}.png")
