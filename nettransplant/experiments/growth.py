@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from nettransplant import data
+from nettransplant import data, tasks
 from nettransplant.data import benchmarks
 from nettransplant.experiments.config import validate_config
 from nettransplant.experiments.zoo import TeacherZoo
@@ -39,7 +39,7 @@ from nettransplant.progress import progress_bar
 
 
 def _samples(view: data.ImageSet, task: str) -> tuple[np.ndarray, np.ndarray]:
-    return view.images, (view.masks if task == "segmentation" else view.labels)
+    return view.images, tasks.get(task).targets(view)
 
 
 class _Views:
@@ -50,9 +50,8 @@ class _Views:
 
     def __call__(self, category: str, split: str) -> data.ImageSet:
         if (category, split) not in self._cache:
-            make = (self.benchmark.segmentation if self.task == "segmentation"
-                    else self.benchmark.classification)
-            self._cache[category, split] = make(category, split)
+            # A benchmark has one view method per task, named after it.
+            self._cache[category, split] = getattr(self.benchmark, self.task)(category, split)
         return self._cache[category, split]
 
     def few(self, category: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +94,7 @@ def choose_task_modules(config, teachers: dict[str, TeacherParts], benchmark, se
     g, out = config.growth, {}
     for task in g.tasks:
         views = _Views(benchmark, task)
-        higher_is_better = task == "segmentation"
+        higher_is_better = tasks.get(task).higher_is_better
         rows, residuals, metrics = {}, [], []
         for target in config.target_categories:
             others = [c for c in config.categories if c != target]
@@ -128,7 +127,7 @@ def choose_task_modules(config, teachers: dict[str, TeacherParts], benchmark, se
                             "first_choice": cells[0]["task_module"],
                             "best": best["task_module"]}
         sign = -1.0 if higher_is_better else 1.0
-        out[task] = {"metric": "pixel accuracy %" if higher_is_better else "error %",
+        out[task] = {"metric": tasks.get(task).metric_name,
                      "targets": rows,
                      "spearman_pooled": spearman(residuals, [sign * m for m in metrics]),
                      "spearman_mean": _mean([r["spearman"] for r in rows.values()]),

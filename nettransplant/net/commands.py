@@ -94,7 +94,7 @@ def read_samples(path: str | Path, task: tasks.Task) -> tuple[np.ndarray, np.nda
     path = Path(path)
     images = read_images(path)
     arrays = _read_npz(path)
-    field = "masks" if task.name == "segmentation" else "labels"
+    field = task.target_field
     if field not in arrays:
         raise UsageError(f"{path}: a {task.name} sample file needs a '{field}' array "
                          f"(it holds {sorted(arrays)})")
@@ -135,15 +135,12 @@ def cmd_samples(args) -> None:
     if args.category not in bench.categories:
         raise UsageError(f"--category {args.category!r}: the embedded benchmark has "
                          f"{list(bench.categories)}")
-    view = (bench.segmentation if args.task == "segmentation" else bench.classification)(
-        args.category, args.split)
+    # A benchmark has one view method per task, named after it.
+    view = getattr(bench, args.task)(args.category, args.split)
     rows = np.random.default_rng(args.seed).permutation(len(view))[:args.num]
     view = view.take(np.sort(rows))
-    arrays = {"images": view.images}
-    if args.task == "segmentation":
-        arrays["masks"] = view.masks
-    else:
-        arrays["labels"] = view.labels
+    task = tasks.get(args.task)
+    arrays = {"images": view.images, task.target_field: task.targets(view)}
     _atomic_npz(Path(args.out), arrays)
     print(f"wrote {args.out}: {len(view)} {args.split} {args.task} samples of {args.category}")
 
@@ -260,7 +257,7 @@ def cmd_predict(args) -> None:
     images = read_images(args.images)
     task = net.task_module(args.task).task
     predictions = net.predict(images, category=args.category, task=args.task)
-    field = "masks" if task.name == "segmentation" else "labels"
+    field = task.target_field
     _atomic_npz(Path(args.out), {field: np.asarray(predictions)})
     print(f"wrote {args.out}: {field} {tuple(predictions.shape)}")
     if args.overlays:
