@@ -175,10 +175,16 @@ def estimate_beta(source_features: Array, target_features: Array) -> Array:
     return mean_frobenius_norm(source_features) / denominator
 
 
-def estimate_alpha(cache: ChainCache) -> Array:
-    """``α = E ‖D'_T‖_F / E ‖chain_{g_S}(G_y')‖_F``: the task modules' pseudo-gradient sizes."""
-    return mean_frobenius_norm(cache.teacher_gradient) / mean_frobenius_norm(
-        cache.student_task_gradient)
+def estimate_alpha(cache: ChainCache, beta: Array | float) -> Array:
+    """``α = E ‖D'_T‖_F / (β · E ‖G_h‖_F)`` with ``G_h = chain_{g_S}(G_y')``.
+
+    α compares the teacher's pseudo-gradient with the student's taken through
+    the adapter's re-scaling layer (``x_out = β·x`` multiplies the chain by β),
+    so β is counted once: when ``g_T(x) = g_S(c·x)`` and β = c, α = 1 and the
+    adapter that reproduces the teacher (identity after β) has zero loss.
+    """
+    return mean_frobenius_norm(cache.teacher_gradient) / (
+        jnp.asarray(beta, jnp.float32) * mean_frobenius_norm(cache.student_task_gradient))
 
 
 def estimate_lambda(cache: ChainCache, lambda0: float) -> Array:
@@ -195,7 +201,7 @@ def estimate_lambda(cache: ChainCache, lambda0: float) -> Array:
 
 
 def compute_scalars(cache: ChainCache, beta: Array | float, lambda0: float) -> TransplantScalars:
-    return TransplantScalars(alpha=jnp.asarray(estimate_alpha(cache), jnp.float32),
+    return TransplantScalars(alpha=jnp.asarray(estimate_alpha(cache, beta), jnp.float32),
                              beta=jnp.asarray(beta, jnp.float32),
                              lam=jnp.asarray(estimate_lambda(cache, lambda0), jnp.float32))
 

@@ -44,7 +44,10 @@ from nettransplant.transplant import Transplant, split_params
 WIDTH = 1 / 8
 IMAGE = 32
 CHANNELS = M.category_channels(WIDTH)  # M = 8
-BETA = 2.5
+BETA = 2.5  # the transfer setups' re-scaling
+# Exp. 1 wires a teacher's own f and g: the features need no re-scaling (β = 1, as in
+# the paper). β ≠ 1 with a known answer is the scale toy: g_T(x) = g_S(c·x), β = c.
+EXP1_BETA = 1.0
 LAMBDA0 = 10.0
 NUM_DRAWS = 16
 CHUNK = 8
@@ -142,7 +145,14 @@ def exp1():
     shape = O.output_gradient_shape(EXP1, image_size=IMAGE)
     cache = O.build_chain_cache(EXP1, frozen, jax.random.key(1), NUM_DRAWS, shape, chunk=CHUNK)
     return types.SimpleNamespace(params=params, adapter=adapter, frozen=frozen, shape=shape,
-                                 cache=cache, scalars=O.compute_scalars(cache, BETA, LAMBDA0))
+                                 cache=cache,
+                                 scalars=O.compute_scalars(cache, EXP1_BETA, LAMBDA0))
+
+
+def scale_first_conv(task_params, c: float):
+    """``g(c·x)`` as parameters: the task module's first conv (conv2_1) kernel × c."""
+    first = task_params["conv2_1"]
+    return {**task_params, "conv2_1": {**first, "kernel": first["kernel"] * c}}
 
 
 @functools.cache
@@ -247,17 +257,21 @@ def naive_reference():
         setup.scalars)
 
 
+SEG_SCALE = 0.5
+
+
 @functools.cache
 def segmentation():
-    """Exp. 3 wiring: FCN-8s task module, 1st dummy everywhere, 1×1 adapter."""
+    """Exp. 3 wiring (FCN-8s task module, 1st dummy everywhere, 1×1 adapter) on the scale
+    toy: ``g_T(x) = g_S(c·x)`` with c = β = 0.5, so the functional match is ``R⁻¹``."""
     tp = transplant(1, task_module=SEGMENTATION)
     params = random_params(tp, seed=3)
-    params["student_task_module"] = params["teacher_task_module"]
+    params["teacher_task_module"] = scale_first_conv(params["student_task_module"], SEG_SCALE)
     adapter, frozen = split_params(params)
     shape = O.output_gradient_shape(tp, image_size=IMAGE)
     cache = O.build_chain_cache(tp, frozen, jax.random.key(2), CHUNK, shape, chunk=CHUNK)
     return types.SimpleNamespace(tp=tp, adapter=adapter, frozen=frozen, shape=shape, cache=cache,
-                                 scalars=O.compute_scalars(cache, 0.5, 1.0))
+                                 scalars=O.compute_scalars(cache, SEG_SCALE, 1.0))
 
 
 # ================================================================= assembly errors
@@ -374,10 +388,11 @@ def test_alpha_and_lambda_have_their_closed_forms_on_tiny_banks():
     cache = O.ChainCache(student_task_gradient=constant_maps([0.5, -0.5]),
                          teacher_gradient=constant_maps([1.0, 3.0]),
                          mask_keys=jax.random.split(jax.random.key(0), 2))
-    scalars = O.compute_scalars(cache, beta=1.5, lambda0=10.0)
-    np.testing.assert_allclose(scalars.alpha, 4.0, rtol=1e-6)
+    # α = E‖D'_T‖ / (β·E‖G_h‖): the student's chain includes the re-scaling layer.
+    scalars = O.compute_scalars(cache, beta=1.6, lambda0=10.0)
+    np.testing.assert_allclose(scalars.alpha, 4.0 / 1.6, rtol=1e-6)
     np.testing.assert_allclose(scalars.lam, 10.0 / 20.0, rtol=1e-6)
-    assert scalars.as_dict() == pytest.approx({"alpha": 4.0, "beta": 1.5, "lambda": 0.5})
+    assert scalars.as_dict() == pytest.approx({"alpha": 2.5, "beta": 1.6, "lambda": 0.5})
 
 
 def test_alpha_is_one_when_the_student_is_the_teacher():
@@ -385,7 +400,7 @@ def test_alpha_is_one_when_the_student_is_the_teacher():
     cache = transfer().cache
     expected = (np.linalg.norm(np.asarray(cache.teacher_gradient).reshape(NUM_DRAWS, -1), axis=1)
                 .mean() / np.linalg.norm(np.asarray(cache.student_task_gradient)
-                                         .reshape(NUM_DRAWS, -1), axis=1).mean())
+                                         .reshape(NUM_DRAWS, -1), axis=1).mean()) / BETA
     np.testing.assert_allclose(transfer().scalars.alpha, expected, rtol=1e-5)
     assert abs(float(transfer().scalars.alpha) - 1.0) > 0.1
 
@@ -486,11 +501,11 @@ def test_chain_cache_holds_enlarged_maps_at_the_adapter():
 @pytest.mark.parametrize("tp", [EXP1, EXP1_1X1, EXP1_DEEP], ids=["3x3", "1x1", "3conv"])
 def test_ideal_adapter_has_zero_back_distill_loss(tp):
     s = exp1()
-    loss = O.back_distill_term(tp, tp.adapter.ideal_params(BETA), s.cache, s.scalars)
+    loss = O.back_distill_term(tp, tp.adapter.ideal_params(EXP1_BETA), s.cache, s.scalars)
     assert float(loss) < 1e-10 * LAMBDA0, float(loss)
     # Control: without undoing the reorder the loss is of order λ0.
     no_reorder = Adapter(CHANNELS, tp.adapter.num_convs, tp.adapter.kernel_size)
-    loss = O.back_distill_term(tp, no_reorder.ideal_params(BETA), s.cache, s.scalars)
+    loss = O.back_distill_term(tp, no_reorder.ideal_params(EXP1_BETA), s.cache, s.scalars)
     assert float(loss) > 0.5 * LAMBDA0
 
 
@@ -500,10 +515,10 @@ def test_ideal_adapter_reproduces_the_teachers_outputs(tp):
     x = tp.features(s.params, images(5))
     # pool1 of a ReLU net: x >= 0, with exact zeros that the adapter's ReLU must pass.
     assert float(x.min()) == 0.0 and float(jnp.mean(x == 0)) > 0.01
-    ideal = tp.adapter.ideal_params(BETA)
-    h, _ = tp.adapter.apply({"params": ideal}, x, beta=BETA)
+    ideal = tp.adapter.ideal_params(EXP1_BETA)
+    h, _ = tp.adapter.apply({"params": ideal}, x, beta=EXP1_BETA)
     assert_close(h, x, IDENTITY_TOL)
-    y_student = tp.student_output(ideal, s.frozen, x, BETA)
+    y_student = tp.student_output(ideal, s.frozen, x, EXP1_BETA)
     y_teacher = tp.teacher_output(s.frozen, x)
     chex.assert_shape(y_teacher, (8, 1, 1, 1))
     assert float(jnp.std(y_teacher)) > 0  # the outputs tell the images apart
@@ -515,17 +530,54 @@ def test_segmentation_transplant_caches_adapter_sized_maps_and_its_ideal_adapter
     assert s.shape == (IMAGE, IMAGE, 2)
     chex.assert_shape([s.cache.student_task_gradient, s.cache.teacher_gradient],
                       (CHUNK, IMAGE // 2, IMAGE // 2, CHANNELS))
-    assert float(s.scalars.alpha) == 1.0
-    ideal = s.tp.adapter.ideal_params(0.5)
+    np.testing.assert_allclose(s.scalars.alpha, 1.0, rtol=1e-6)  # D'_T = c·G_h, β = c
+    ideal = s.tp.adapter.ideal_params(1.0)  # R⁻¹: undo the reorder, keep the scale c
     assert float(O.back_distill_term(s.tp, ideal, s.cache, s.scalars)) < 1e-10
     assert float(O.back_distill_term(s.tp, s.adapter, s.cache, s.scalars)) > 0.1
     x = s.tp.features(s.frozen, images(6, batch=2))
     y_teacher = s.tp.teacher_output(s.frozen, x)
     chex.assert_shape(y_teacher, (2, IMAGE, IMAGE, 2))
-    assert_close(s.tp.student_output(ideal, s.frozen, x, 0.5), y_teacher, IDENTITY_TOL)
+    assert_close(s.tp.student_output(ideal, s.frozen, x, SEG_SCALE), y_teacher, IDENTITY_TOL)
 
 
 # ================================================================= closed form
+
+
+SCALE = 4.0
+
+
+@functools.cache
+def scale_toy():
+    """``g_T(x) = g_S(c·x)`` (c = 4): the student task module sees features c times smaller
+    than the teacher's, so β = c and the functional match is the adapter ``R⁻¹`` after β."""
+    setup = exp1()
+    student = setup.frozen["teacher_task_module"]
+    frozen = {**setup.frozen, "student_task_module": student,
+              "teacher_task_module": scale_first_conv(student, SCALE)}
+    cache = O.build_chain_cache(EXP1_1X1, frozen, jax.random.key(1), NUM_DRAWS, setup.shape,
+                                chunk=CHUNK)
+    return types.SimpleNamespace(frozen=frozen, cache=cache, params=setup.params,
+                                 scalars=O.compute_scalars(cache, SCALE, LAMBDA0))
+
+
+def test_scale_toy_functional_match_has_zero_loss_and_the_closed_form_recovers_it():
+    s, tp = scale_toy(), EXP1_1X1
+    # α over a student chain that includes the re-scaling layer: E‖c·G_h‖ / (β·E‖G_h‖) = 1.
+    np.testing.assert_allclose(s.scalars.alpha, 1.0, rtol=1e-5)
+    match = tp.adapter.ideal_params(1.0)  # undo the reorder; β supplies the scale c
+    assert float(O.back_distill_term(tp, match, s.cache, s.scalars)) < 1e-10 * LAMBDA0
+    # Counting β twice (α = E‖D'_T‖ / E‖G_h‖ = c) would make the functional match costly
+    # and move the optimum to R⁻¹/c, whose outputs are g_S(x), not g_T(x) = g_S(c·x).
+    twice = s.scalars.replace(alpha=jnp.float32(SCALE))
+    assert float(O.back_distill_term(tp, match, s.cache, twice)) > 0.5 * LAMBDA0
+    solution = C.solve_single_conv_adapter(tp, s.cache, s.scalars, num_draws=4)
+    np.testing.assert_allclose(solution["adapter_conv1"]["kernel"],
+                               match["adapter_conv1"]["kernel"], rtol=0, atol=SOLVE_TOL)
+    x = tp.features(s.params, images(5))
+    assert_close(tp.student_output(solution, s.frozen, x, SCALE),
+                 tp.teacher_output(s.frozen, x), 10 * IDENTITY_TOL)
+
+
 
 
 @pytest.mark.parametrize("kernel_size, reorder_seed",
@@ -536,10 +588,10 @@ def test_closed_form_recovers_the_ideal_adapter_from_four_draws(kernel_size, reo
     tp = transplant(kernel_size, reorder_seed=reorder_seed)
     s = exp1()
     solution = C.solve_single_conv_adapter(tp, s.cache, s.scalars, num_draws=4)
-    ideal = tp.adapter.ideal_params(BETA)
+    ideal = tp.adapter.ideal_params(EXP1_BETA)
     chex.assert_trees_all_equal_shapes_and_dtypes(solution, ideal)
     np.testing.assert_allclose(solution["adapter_conv1"]["kernel"],
-                               ideal["adapter_conv1"]["kernel"], rtol=0, atol=SOLVE_TOL / BETA)
+                               ideal["adapter_conv1"]["kernel"], rtol=0, atol=SOLVE_TOL / EXP1_BETA)
     np.testing.assert_array_equal(solution["adapter_conv1"]["bias"], 0.0)
     assert float(O.back_distill_term(tp, solution, s.cache, s.scalars)) < 1e-8 * LAMBDA0
 
@@ -880,7 +932,7 @@ def test_jacobian_term_is_zero_when_the_student_is_the_teacher_and_positive_othe
     def jacobian(adapter_params):
         return float(O.jacobian_term(TRAINED, adapter_params, s.frozen, data, s.scalars.beta))
 
-    assert jacobian(TRAINED.adapter.ideal_params(BETA)) < 1e-10
+    assert jacobian(TRAINED.adapter.ideal_params(EXP1_BETA)) < 1e-10
     assert jacobian(training().adapter) > 0.1
     no_reorder = Adapter(CHANNELS, 3, 3)
-    assert jacobian(no_reorder.ideal_params(BETA)) > 0.1
+    assert jacobian(no_reorder.ideal_params(EXP1_BETA)) > 0.1
