@@ -270,23 +270,26 @@ def cmd_predict(args) -> None:
 
 def write_overlays(images: np.ndarray, masks: np.ndarray, folder: Path,
                    min_side: int = 128) -> None:
-    """PNGs of each image with its predicted object pixels tinted red.
+    """A PNG per image: the image beside its prediction (background darkened, object tinted).
 
-    Small images are enlarged (nearest neighbour) to at least ``min_side``
-    pixels so that a person can see the mask.
+    Darkening the background shows the mask whatever the image's colours; small
+    images are enlarged (nearest neighbour) to at least ``min_side`` pixels.
     """
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    tint = np.array([255, 0, 0], np.float32)
+    tint = np.array([0, 255, 0], np.float32)
     scale = max(1, -(-min_side // max(images.shape[1:3])))
     for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        blended = image.astype(np.float32)
+        shown = image.astype(np.float32)
         on = mask.astype(bool)
-        blended[on] = 0.5 * blended[on] + 0.5 * tint
-        blended = blended.repeat(scale, axis=0).repeat(scale, axis=1)
+        shown[~on] *= 0.25
+        shown[on] = 0.6 * shown[on] + 0.4 * tint
+        gap = np.full((image.shape[0], 2, 3), 255, np.float32)
+        panel = np.concatenate([image.astype(np.float32), gap, shown], axis=1)
+        panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
         staging = folder / f".{i:05d}.png.tmp"
-        Image.fromarray(blended.astype(np.uint8)).save(staging, format="PNG")
+        Image.fromarray(panel.astype(np.uint8)).save(staging, format="PNG")
         staging.replace(folder / f"{i:05d}.png")
 
 
