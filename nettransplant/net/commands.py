@@ -1,16 +1,6 @@
 """The ``python -m launch.net`` commands: build, grow, inspect and use a transplant net.
 
-    python -m launch.net build --teacher W/teachers/dog --out NET
-    python -m launch.net samples --category horse --task segmentation --num 10 --out h.npz
-    python -m launch.net transplant --net NET --teacher W/teachers/horse \\
-        --onto dog.segmentation --samples h.npz --out NET2
-    python -m launch.net connect --net NET2 --category cat --task-module dog.segmentation \\
-        --samples cat.npz --out NET3
-    python -m launch.net add-task --net NET --name shared.classification \\
-        --task classification --data cat=cat.npz --data dog=dog.npz --out NET4
-    python -m launch.net info --net NET --json
-    python -m launch.net predict --net NET --category cat --task cat.segmentation \\
-        --images imgs.npz --out preds.npz --overlays overlays/
+Usage examples: :mod:`launch.net`.
 
 Every command that grows a net writes a new net (``--out``) and leaves the
 input net untouched. Labelled samples are ``.npz`` files with a uint8
@@ -322,8 +312,10 @@ def _add_growth_args(parser: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.net", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.net",
+        description="Build, grow, inspect and use a transplant net.",
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build", help="a net from teacher checkpoints")
