@@ -71,6 +71,11 @@ def results_without_timing(workdir: Path) -> dict:
     return results
 
 
+def committed_steps(partial: Path) -> list[str]:
+    """The steps orbax has committed in a resumable state (not its temporary folders)."""
+    return [p.name for p in partial.iterdir() if p.name.isdigit()] if partial.is_dir() else []
+
+
 def cells(workdir: Path) -> list[Path]:
     return sorted((workdir / "cells").rglob("*.json"))
 
@@ -88,8 +93,8 @@ def test_kills_anywhere_resume_to_the_uninterrupted_results(uninterrupted, tmp_p
     workdir = tmp_path / "w"
     teachers_dir = workdir / "teachers"
     # 1. kill -9 during the first teacher, once its resumable state is on disk.
-    killed = kill_when(workdir, lambda: (teachers_dir / "cat.partial").is_dir()
-                       and any((teachers_dir / "cat.partial").glob("[0-9]*")), "cat.partial")
+    killed = kill_when(workdir, lambda: committed_steps(teachers_dir / "cat.partial"),
+                       "a committed step in cat.partial")
     assert killed.returncode == -signal.SIGKILL
     assert not checkpoint.is_checkpoint(teachers_dir / "cat")
     # 2. kill -9 between teachers: the first is finished, the second not.
@@ -130,6 +135,39 @@ def test_kills_anywhere_resume_to_the_uninterrupted_results(uninterrupted, tmp_p
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
     assert results_without_timing(workdir) == results_without_timing(uninterrupted)
+
+
+def tiny_job_config():
+    """The config of :data:`TINY` (what the subprocess runs), in this process."""
+    config = silhouettes.get_config("quick")
+    config.pretrain.num_steps = 0
+    config.experiments, config.categories = ("exp3",), ("cat",)
+    config.transplant.num_steps = 6
+    return config
+
+
+def test_a_diverging_transplant_is_a_named_failed_cell_and_the_job_goes_on(uninterrupted,
+                                                                          tmp_path, capsys):
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted / "teachers", workdir / "teachers")  # reused, not trained
+    config = tiny_job_config()
+    config.transplant.learning_rate = 1e12
+    results = experiments.run(config, workdir, progress=False)
+    failed = results["failed_cells"]
+    assert failed, "no cell diverged at a learning rate of 1e12"
+    err = capsys.readouterr().err
+    md = (workdir / "results.md").read_text()
+    assert "## Failed cells" in md
+    for f in failed:
+        assert (f["experiment"], f["category"], f["samples"]) == ("exp3", "cat", 10)
+        assert f["message"].startswith(f"exp3 cat {f['method']} n=10: non-finite")
+        assert f"failed cell exp3 cat {f['method']} n=10: diverged at step {f['step']}" in err
+        assert f"| exp3 | cat | {f['method']} | 10 | {f['step']} |" in md
+        # Scored with the last finite parameters: a number, not NaN.
+        assert np.isfinite(results["exp3"][f["method"]]["10"]["cat"])
+    # Failed cells are kept like finished ones: a re-run reads them back.
+    again = experiments.run(config, workdir, progress=False)
+    assert again["failed_cells"] == failed and again["exp3"] == results["exp3"]
 
 
 def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
