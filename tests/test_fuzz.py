@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -34,10 +35,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def loose_config(**changes):
-    """The default config without ml_collections' type locks, so any value can be set."""
-    config = ml_collections.ConfigDict(silhouettes.get_config().to_dict(), type_safe=False)
-    config.update_from_flattened_dict(changes)
-    return config
+    """The default config without ml_collections' type locks (which would turn ``True``
+    into ``1.0``), so any value reaches the checks as given."""
+    def loose(tree):
+        return ml_collections.ConfigDict({k: loose(v) if isinstance(v, dict) else v
+                                          for k, v in tree.items()}, type_safe=False)
+
+    tree = silhouettes.get_config().to_dict()
+    for field, value in changes.items():
+        *parents, leaf = field.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return loose(tree)
 
 
 def bad_values(kind: type, low: float, high: float) -> list:
@@ -302,21 +313,34 @@ def damage_manifest(path: Path) -> None:
     manifest.write_text(json.dumps(record))
 
 
-@pytest.mark.parametrize("damage, match", [
-    (damage_truncate, "bytes, .* when built"),
-    (damage_flip, "another SHA-256 than when built"),
-    (damage_manifest, "another SHA-256 than when built"),
-], ids=["truncated", "flipped", "bad checksum"])
-def test_a_damaged_shard_is_named_moved_aside_and_rebuilt(tmp_path, dataset_copy, damage,
-                                                          match):
+DAMAGE = {"truncated": (damage_truncate, "bytes, .* when built"),
+          "flipped": (damage_flip, "another SHA-256 than when built"),
+          "bad checksum": (damage_manifest, "another SHA-256 than when built")}
+
+
+def damaged_copy(dataset_copy: Path, tmp_path: Path, damage) -> tuple[Path, Path]:
     root = tmp_path / "tfds"
     shutil.copytree(dataset_copy, root)
-    original = shard(root).read_bytes()
-    damage(shard(root))
-    damaged = shard(root).read_bytes()
-    with pytest.warns(RuntimeWarning, match=rf"{shard(root).name}.*{match}"):
-        silhouettes_data.build_silhouettes(data_dir=root)
-    assert shard(root).read_bytes() == original
-    aside = [p for p in (root / "animal_silhouettes").rglob(shard(root).name)
-             if ".damaged-" in str(p)]
-    assert len(aside) == 1 and aside[0].read_bytes() == damaged  # kept, not deleted
+    path = shard(root)
+    damage(path)
+    return root, path
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_a_damaged_shard_is_found_and_named(tmp_path, dataset_copy, name):
+    damage, match = DAMAGE[name]
+    root, path = damaged_copy(dataset_copy, tmp_path, damage)
+    builder = silhouettes_data._prepare(silhouettes_data.AnimalSilhouettesConfig(), root)
+    problem = silhouettes_data._check_shards(builder)
+    assert problem is not None and "\n" not in problem
+    assert re.search(rf"shard {re.escape(str(path))} .*{match}", problem), problem
+
+
+def test_a_damaged_shard_is_moved_aside_never_deleted_and_rebuilt(tmp_path, dataset_copy):
+    root, path = damaged_copy(dataset_copy, tmp_path, damage_truncate)
+    damaged = path.read_bytes()
+    with pytest.warns(RuntimeWarning, match=rf"{path.name}.*bytes, .* when built"):
+        builder = silhouettes_data.build_silhouettes(data_dir=root)
+    assert silhouettes_data._check_shards(builder) is None and path.read_bytes() != damaged
+    aside = [p for p in (root / "animal_silhouettes").rglob(path.name) if ".damaged-" in str(p)]
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged

@@ -163,7 +163,7 @@ def load_config_file(spec: str):
     path, _, variant = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_checked_config", path)
     if module_spec is None or not Path(path).is_file():
-        raise ValueError(f"--config: no config file {path}")
+        raise ValueError(f"no config file {path}")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant or None)
