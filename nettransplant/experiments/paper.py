@@ -11,7 +11,13 @@
 3. the results, paper-format tables, plots, and the *transplant net* the
    experiments grew (Exps. 2-3, back-distill, the largest sample count: the
    generic category's task modules serving every target) are written to the
-   workdir.
+   workdir, each file replaced in one rename.
+
+The job is resumable and safe to interrupt: it holds ``W/.lock``
+(:mod:`~nettransplant.experiments.workdir`), finished teachers are reused, and
+every finished cell is kept in ``W/cells`` (:mod:`~nettransplant.experiments.cells`)
+and read back by the next run. A cell whose training diverges is recorded as
+failed (``results.json`` ``failed_cells``) and the job goes on.
 """
 
 from __future__ import annotations
