@@ -320,3 +320,20 @@ def test_staging_folders_of_a_killed_save_are_cleaned(trained, tmp_path, capsys)
     _, zoo, err = retrain(trained, workdir, capsys)
     assert not stale.exists() and "removed .cat.tmp-0123abcd" in err
     assert zoo.trained == []
+
+
+def test_a_full_disk_leaves_the_previous_results_whole(tmp_path, monkeypatch):
+    from nettransplant.experiments import workdir as workdir_lib
+    results = tmp_path / "results.json"
+    workdir_lib.write_atomically(results, '{"exp1": 1}')
+    real_write = Path.write_bytes
+
+    def disk_full(self, data):
+        real_write(self, data[: len(data) // 2])  # half written, then no space left
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        workdir_lib.write_atomically(results, json.dumps({"exp1": 2, "exp2": 3}))
+    assert json.loads(results.read_text()) == {"exp1": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left
