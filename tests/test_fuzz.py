@@ -344,3 +344,18 @@ def test_a_damaged_shard_is_moved_aside_never_deleted_and_rebuilt(tmp_path, data
     assert silhouettes_data._check_shards(builder) is None and path.read_bytes() != damaged
     aside = [p for p in (root / "animal_silhouettes").rglob(path.name) if ".damaged-" in str(p)]
     assert len(aside) == 1 and aside[0].read_bytes() == damaged
+
+
+def test_ctrl_c_while_converting_is_one_line_and_leaves_out_as_it_was(tmp_path, monkeypatch,
+                                                                      capsys):
+    from launch import convert_torchvision
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "read_state_dict", interrupted)
+    weights = tmp_path / "w.safetensors"
+    save_file({"a": np.zeros(2, np.float32)}, str(weights))
+    code = convert_torchvision.main(["--weights", str(weights), "--out", str(tmp_path / "out")])
+    assert code == 130 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == f"interrupted; {tmp_path / 'out'} is as it was\n"
