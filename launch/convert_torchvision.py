@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import nettransplant
-from nettransplant import checkpoint, convert
+from nettransplant import checkpoint, cli, convert
 
 # Raised by the library for refused weights; anything else is reported as unexpected.
 CONVERSION_ERRORS = (ValueError, ImportError, OSError, AssertionError)
@@ -160,11 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns 0 on success and 1 when the weights are refused, verification fails
     or the checkpoint cannot be written, after printing one ``error:`` line;
-    invalid arguments exit with status 2 (``SystemExit``).
+    invalid arguments exit with status 2 (``SystemExit``), Ctrl-C with
+    :data:`nettransplant.cli.EXIT_INTERRUPTED` after one line.
     """
     args = parse_args(argv)
     try:
         return _convert(args)
+    except KeyboardInterrupt:
+        # The checkpoint is written last and atomically: nothing at --out has changed.
+        print(f"interrupted; {args.out} is as it was", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
     except CONVERSION_ERRORS as e:
         message = _one_line(e) or type(e).__name__
     except Exception as e:  # a bug or an unforeseen input: still one line, not a traceback

@@ -7,19 +7,25 @@
         --config.voc.manual_dir=D --config.pretrain.weights=vgg16.pth   # paper scale
 
 Everything happens in :func:`nettransplant.experiments.paper.run`; the layout of
-``W`` is described in the README ("The main job").
+``W`` is described in the README ("The main job"). The same command resumes an
+interrupted run (finished teachers and transplant cells are kept). A bad flag or
+config field prints one ``error:`` line and exits with 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from nettransplant import report
+from nettransplant import cli, report
+from nettransplant.experiments import config as config_checks
 from nettransplant.experiments import paper
+from nettransplant.experiments.workdir import WorkdirLockedError
 
 _DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
@@ -27,16 +33,39 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce", "where everything is written")
 
 
-def main(argv) -> None:
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error (an unknown or mistyped ``--config.*`` field, a
+    config file that fails to load) as one ``error:`` line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - config files raise anything while loading
+        message = config_checks.override_error(argv[1:], _DEFAULT_CONFIG) or cli.error_message(e)
+        print(f"error: {cli.one_line(message)}", file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+
+
+def main(argv) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return cli.EXIT_USAGE
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     workdir = Path(_WORKDIR.value)
-    results = paper.run(_CONFIG.value, workdir, progress=True)
-    print(report.summary(results))
-    print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.json, "
-          f"results.md, fig5_pca.png, learning_curves.png; the transplant net in {workdir}/net")
+
+    def work() -> None:
+        try:
+            results = paper.run(_CONFIG.value, workdir, progress=True)
+        except WorkdirLockedError as e:
+            raise cli.UsageError(str(e)) from None
+        print(report.summary(results))
+        print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.json, "
+              f"results.md, fig5_pca.png, learning_curves.png; the transplant net in "
+              f"{workdir}/net")
+
+    command = " ".join(["python -m launch.reproduce", *map(shlex.quote, sys.argv[1:])])
+    return cli.run_main(work, interrupted=(
+        f"interrupted; finished teachers and transplant cells are kept in {workdir}: run "
+        f"the same command again to resume ({command})"))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

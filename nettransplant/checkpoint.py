@@ -481,6 +481,20 @@ class TrainingCheckpoints:
                                   "not match the SHA-256 recorded when it was saved")
         return state, list(meta.get("history", []))
 
+    def stored_fingerprint(self) -> str | None:
+        """The fingerprint of the latest save (None: no save, or unreadable)."""
+        if not self.exists():
+            return None
+        try:
+            manager = self._open()
+            step = manager.latest_step()
+            if step is None:
+                return None
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return (meta["meta"] or {}).get("fingerprint")
+        except Exception:  # noqa: BLE001 - a damaged folder has no trustworthy fingerprint
+            return None
+
     def close(self) -> None:
         if self._manager is not None:
             self._manager.close()

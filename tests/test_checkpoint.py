@@ -236,3 +236,18 @@ def test_directories_are_exchanged_atomically_on_linux(tmp_path):
     (tmp_path / "b" / "x").write_text("b")
     assert checkpoint._exchange(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+
+
+def test_a_resumable_state_names_the_configuration_that_saved_it(tmp_path):
+    saved = checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "abc")
+    assert saved.stored_fingerprint() is None
+    state = {"step": jnp.asarray(3), "params": {"w": jnp.ones(3)}}
+    saved.save(3, state, [{"loss": 1.0}])
+    saved.close()
+    assert checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "other").stored_fingerprint() \
+        == "abc"
+    restored, history = checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "abc").restore(
+        state)
+    assert history == [{"loss": 1.0}]
+    with pytest.raises(checkpoint.CheckpointError, match="another configuration"):
+        checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "other").restore(state)

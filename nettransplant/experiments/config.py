@@ -1,11 +1,17 @@
 """The main job's configuration: checked before anything runs, each error naming its field.
 
 :func:`validate_config` fails early — before a teacher is trained or a file
-written — on categories, experiments, counts and settings that cannot run.
+written — on categories, experiments, counts and settings that cannot run, and
+on every number outside its range (negative, zero, huge, NaN, of the wrong
+type). :func:`override_error` names a ``--config.<field>`` flag that names no
+field, with the valid ones.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from nettransplant import convert
@@ -13,9 +19,100 @@ from nettransplant.data import benchmarks
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "table4")
 
+# Bounds far above any sensible run: a value beyond them is a typo (an extra zero
+# or a missing decimal point), caught before hours of work are spent on it.
+_STEPS, _BATCH, _IMAGES = 10**7, 2**16, 10**6
+
+# (field, type, low, high): every number of the main job's config and its range;
+# a learning rate only has to be positive and finite (divergence is caught in
+# training: a failed cell).
+NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
+    ("seed", int, 0, 2**31 - 1),
+    ("model.width", float, 1e-3, 16),
+    ("model.image_size", int, 32, 1024),
+    ("model.dropout_rate", float, 0, 0.99),
+    ("model.num_classes", int, 2, 1000),
+    ("pretrain.num_steps", int, 0, _STEPS),
+    ("pretrain.batch_size", int, 1, _BATCH),
+    ("pretrain.learning_rate", float, 1e-12, math.inf),
+    ("teacher.num_steps", int, 1, _STEPS),
+    ("teacher.batch_size", int, 1, _BATCH),
+    ("teacher.seg_batch_size", int, 1, _BATCH),
+    ("teacher.learning_rate", float, 1e-12, math.inf),
+    ("teacher.checkpoint_every", int, 0, _STEPS),
+    ("teacher.renderings", int, 1, 1000),
+    ("teacher.generic_images", int, 1, _IMAGES),
+    ("transplant.score_size", int, 1, 1024),
+    ("transplant.positive_fraction", float, 1e-6, 1),
+    ("transplant.num_draws", int, 1, _IMAGES),
+    ("transplant.draws_per_step", int, 1, _BATCH),
+    ("transplant.batch_size", int, 1, _BATCH),
+    ("transplant.lambda0_classification", float, 1e-12, 1e12),
+    ("transplant.lambda0_segmentation", float, 1e-12, 1e12),
+    ("transplant.learning_rate", float, 1e-12, math.inf),
+    ("transplant.num_steps", int, 1, _STEPS),
+    ("transplant.closed_form_ridge", float, 0, 1e12),
+    ("transplant.closed_form_draws", int, 1, _IMAGES),
+    ("transplant.beta_images", int, 1, _IMAGES),
+    ("transplant.log_every", int, 1, _STEPS),
+)
+
+
+def _lookup(config, field: str):
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def check_number(field: str, value, kind: type, low: float, high: float) -> None:
+    """Raise a ValueError naming ``config.<field>`` unless ``value`` is a ``kind`` in
+    ``[low, high]`` (an int for ``int``; an int or a finite float for ``float``)."""
+    ok_type = (isinstance(value, int) if kind is int else isinstance(value, int | float)) \
+        and not isinstance(value, bool)
+    if not ok_type:
+        raise ValueError(f"config.{field} must be {'an integer' if kind is int else 'a number'}"
+                         f", got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"config.{field} must be finite, got {value}")
+    if not low <= value <= high:
+        bound = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        if kind is float and low > 0 and low < 1e-6:
+            bound = "> 0"
+        raise ValueError(f"config.{field} must be {bound}, got {value}")
+
+
+def _check_numbers(config) -> None:
+    for field, kind, low, high in NUMERIC_FIELDS:
+        try:
+            value = _lookup(config, field)
+        except (KeyError, AttributeError):
+            raise ValueError(f"config.{field} is missing") from None
+        check_number(field, value, kind, low, high)
+    if config.model.image_size % 32:
+        raise ValueError(f"config.model.image_size must be a multiple of 32 (VGG-16 halves it "
+                         f"five times), got {config.model.image_size}")
+    for name, spec in config.adapters.items():
+        if not (isinstance(spec, Sequence) and len(spec) == 2):
+            raise ValueError(f"config.adapters.{name} must be (num_convs, kernel_size), got "
+                             f"{spec!r}")
+        check_number(f"adapters.{name}[0] (num_convs)", spec[0], int, 1, 64)
+        check_number(f"adapters.{name}[1] (kernel_size)", spec[1], int, 1, 15)
+        if spec[1] % 2 == 0:
+            raise ValueError(f"config.adapters.{name}: the kernel size must be odd (a "
+                             f"'same' conv), got {spec[1]}")
+    for n in config.sample_counts:
+        check_number("sample_counts", n, int, 0, _IMAGES)
+
 
 def validate_config(config) -> None:
-    """Fail early, naming the config field, on categories or experiments that cannot run."""
+    """Fail early, naming the config field, on categories, experiments or numbers that cannot
+    run.
+
+    Raises:
+      ValueError: one line, naming the field and what it must be.
+    """
+    _check_numbers(config)
     if config.data not in benchmarks.BENCHMARKS:
         raise ValueError(f"config.data={config.data!r}: unknown benchmark; choose from "
                          f"{list(benchmarks.BENCHMARKS)}")
@@ -42,13 +139,6 @@ def validate_config(config) -> None:
         if not_mammal:
             raise ValueError(f"config.target_categories: Table 4's leave-one-out modules hold "
                              f"out a mammal, got {not_mammal}")
-    for field, value, low in (("pretrain.num_steps", config.pretrain.num_steps, 0),
-                              ("teacher.num_steps", config.teacher.num_steps, 1),
-                              ("teacher.renderings", config.teacher.renderings, 1),
-                              ("teacher.batch_size", config.teacher.batch_size, 1),
-                              ("teacher.seg_batch_size", config.teacher.seg_batch_size, 1)):
-        if int(value) < low:
-            raise ValueError(f"config.{field} must be >= {low}, got {value}")
     counts = [int(n) for n in config.sample_counts]
     if any(n < 0 for n in counts) or sorted(set(counts)) != counts:
         raise ValueError(f"config.sample_counts must be increasing and >= 0, got {counts}")
@@ -66,3 +156,45 @@ def validate_config(config) -> None:
                 f"config.pretrain.weights holds torchvision's full VGG-16: it needs "
                 f"config.model.width = 1.0 and config.model.image_size = {size}, got "
                 f"{config.model.width} and {config.model.image_size}")
+
+
+def load_config_file(spec: str):
+    """The config of ``path[:variant]`` (what ``--config`` names), via its ``get_config``."""
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_checked_config", path)
+    if module_spec is None or not Path(path).is_file():
+        raise ValueError(f"no config file {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant or None)
+
+
+def override_error(args: Sequence[str], default_config: str) -> str | None:
+    """The first problem with ``args``' ``--config…`` flags, as one line; None if none found.
+
+    Names a config file that does not load, or a ``--config.<field>`` that names no
+    field of the config, with the valid fields where it went wrong.
+    """
+    spec = default_config
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+    try:
+        config = load_config_file(spec)
+    except Exception as e:  # noqa: BLE001 - a config file may raise anything
+        return f"--config {spec}: {e}"
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        node, parts = config, name.split(".")[1:]
+        for depth, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(["config", *parts[:depth]])
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                return (f"--{name}: {where} has no field {part!r}"
+                        + (f"; valid fields: {', '.join(valid)}" if valid else ""))
+            node = node[part]
+    return None

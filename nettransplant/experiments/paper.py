@@ -11,7 +11,13 @@
 3. the results, paper-format tables, plots, and the *transplant net* the
    experiments grew (Exps. 2-3, back-distill, the largest sample count: the
    generic category's task modules serving every target) are written to the
-   workdir.
+   workdir, each file replaced in one rename.
+
+The job is resumable and safe to interrupt: it holds ``W/.lock``
+(:mod:`~nettransplant.experiments.workdir`), finished teachers are reused, and
+every finished cell is kept in ``W/cells`` (:mod:`~nettransplant.experiments.cells`)
+and read back by the next run. A cell whose training diverges is recorded as
+failed (``results.json`` ``failed_cells``) and the job goes on.
 """
 
 from __future__ import annotations
@@ -26,14 +32,23 @@ import jax
 import numpy as np
 import optax
 
-from nettransplant import data, modules, problem, report
+from nettransplant import data, metric_writers, modules, problem, report
+from nettransplant import train as adapter_training
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
+from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments.config import EXPERIMENTS, validate_config
+from nettransplant.experiments.workdir import (
+    WorkdirLock,
+    atomic_path,
+    check_writable,
+    write_atomically,
+)
 from nettransplant.experiments.zoo import TeacherZoo, generic_name, stable_hash
 from nettransplant.net import operations
 from nettransplant.net.graph import ModuleRef, TransplantNet
-from nettransplant.progress import progress_bar
+from nettransplant.progress import message, progress_bar
+from nettransplant.training import NonFiniteError
 
 __all__ = ["EXPERIMENTS", "Runner", "run", "validate_config"]
 
@@ -96,10 +111,14 @@ class Runner:
       net: the zoo net (every teacher, by id).
       benchmark: the data views.
       bar: the stage's progress bar (one update per finished cell).
+      store: where finished cells are kept and read back (resuming).
+      logdir: where each training's metrics are logged (None: not logged).
     """
 
-    def __init__(self, config, net: TransplantNet, benchmark: benchmarks.Benchmark, bar):
+    def __init__(self, config, net: TransplantNet, benchmark: benchmarks.Benchmark, bar,
+                 store: cells_lib.CellStore, logdir: Path | None = None):
         self.config, self.net, self.benchmark, self.bar = config, net, benchmark, bar
+        self.store, self.logdir = store, logdir
         tc = config.transplant
         self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
         self.steps = problem.StepCache(optax.adam(tc.learning_rate))
@@ -116,6 +135,8 @@ class Runner:
         # {experiment: {target: (adapter, params, beta, provenance)}}: back-distill at the
         # largest sample count, for the exported transplant net.
         self.learned: dict = {}
+        # Cells whose training diverged: {experiment, category, method, samples, step, message}.
+        self.failed: list[dict] = []
 
     def adapter(self, spec) -> Adapter:
         num_convs, kernel = spec
@@ -159,61 +180,169 @@ class Runner:
         residual = operations.warm_start_residual(prob, warm_start, lambda0)
         return prob, warm_start, exact, residual
 
+    def _fingerprint(self, experiment: str, adapter_spec, protocol: str, target: str,
+                     student: str, reference: str) -> dict:
+        """What a cell of this problem depends on, besides its method and sample count."""
+        c = self.config
+        teachers = sorted({target, student.split(".", 1)[0], reference.split(".", 1)[0]})
+        return {"experiment": experiment, "category": target, "seed": c.seed, "data": c.data,
+                "data_version": self.benchmark.version, "model": c.model.to_dict(),
+                "transplant": c.transplant.to_dict(), "adapter": list(adapter_spec),
+                "protocol": protocol, "student": student, "reference": reference,
+                "pad_to": self.pad_to,
+                "teachers": {t: self.net.category(t).provenance.get("params_sha256")
+                             for t in teachers}}
+
     def run(self, experiment: str, adapter_spec, protocol: str, target: str, student: str,
             reference: str, beta: float, counts, curve_key: str):
-        """All methods × ``counts`` for one target category; returns ``{method: {n: %}}``."""
-        c, tc = self.config, self.config.transplant
-        prob, warm_start, exact, residual = self.problem(
-            experiment, adapter_spec, protocol, target, self.net.task_ref(student),
-            self.net.task_ref(reference), beta)
-        self.residual.setdefault(experiment, {})[target] = residual
-        key = problem_key(c, experiment, target)
-        task = prob.task
-        pool = (self.benchmark.segmentation if task.name == "segmentation"
-                else self.benchmark.classification)(target, "train")
+        """All methods × ``counts`` for one target category; returns ``{method: {n: %}}``.
+
+        Each finished cell is stored (:class:`~nettransplant.experiments.cells.CellStore`)
+        and a stored cell is read back instead of run again; the problem itself is
+        built only when some cell still has to run.
+        """
+        c = self.config
+        problem_spec = self._fingerprint(experiment, adapter_spec, protocol, target, student,
+                                         reference)
+        built: dict = {}  # the problem, its warm start and labelled data, made on demand
+
+        def the_problem():
+            if "problem" not in built:
+                prob, warm_start, exact, residual = self.problem(
+                    experiment, adapter_spec, protocol, target, self.net.task_ref(student),
+                    self.net.task_ref(reference), beta)
+                built.update(problem=prob, warm_start=warm_start, exact=exact,
+                             residual=residual)
+            return built
+
+        task = self.net.task_ref(student).module.task
         out: dict = {}
-        for n in counts:
-            shots = data.few_shot(pool, n, seed=c.seed)
-            targets = task.targets(shots).astype(np.int32) if task.name == "segmentation" \
-                else task.targets(shots)
-            transfer = None
-            if n:
-                transfer = problem.transfer_data(
+        live = None
+        cells = [(n, method) for n in counts for method in problem.methods_for(task)
+                 if n or method == "back-distill"]
+        if not cells:  # nothing to run, but the problem's residual is still reported
+            the_problem()
+        for n, method in cells:
+            self.bar.set_postfix_str(f"{experiment} {target} {method} n={n}")
+            fig5 = (experiment == "exp1_3conv" and target == c.categories[0]
+                    and method in ("back-distill", "direct-learn") and n == fig5_count(c))
+            name = f"{method}_n{n}"
+            key = cells_lib.fingerprint({**problem_spec, "method": method, "samples": n,
+                                         "fig5": fig5})
+            stored = self.store.load(experiment, target, name, key)
+            if stored is None:
+                stored = self._run_cell(the_problem(), experiment, target, method, n, fig5,
+                                        beta)
+                self.store.save(experiment, target, name, key, *stored)
+            record, arrays = stored
+            live = record["live_draw_fraction"]
+            self._absorb(record, arrays, experiment, target, method, n, counts, curve_key,
+                         adapter_spec, beta, fig5, out)
+            self.bar.update()
+        if "problem" in built:
+            self.residual.setdefault(experiment, {})[target] = built["residual"]
+            live = built["problem"].live_draw_fraction
+        return out, live
+
+    def _run_cell(self, built: dict, experiment: str, target: str, method: str, n: int,
+                  fig5: bool, beta: float) -> tuple[dict, dict]:
+        """Train and evaluate one cell; returns its ``(record, arrays)`` for the store.
+
+        A run that diverges (:class:`~nettransplant.training.NonFiniteError`) is a
+        *failed* cell: it keeps the last finite parameters, is evaluated with them
+        and is named in ``record["failed"]``; the job goes on.
+        """
+        c = self.config
+        prob, warm_start, exact = built["problem"], built["warm_start"], built["exact"]
+        task = prob.task
+        transfer = None
+        if n:
+            transfers = built.setdefault("transfer", {})
+            if n not in transfers:
+                pool = (self.benchmark.segmentation if task.name == "segmentation"
+                        else self.benchmark.classification)(target, "train")
+                shots = data.few_shot(pool, n, seed=c.seed)
+                targets = task.targets(shots).astype(np.int32) \
+                    if task.name == "segmentation" else task.targets(shots)
+                transfers[n] = problem.transfer_data(
                     prob, data.normalize_images(shots.images), targets,
-                    key=jax.random.fold_in(key, n), pad_to=self.pad_to)
-            for method in problem.methods_for(task):
-                if n == 0 and method != "back-distill":
-                    continue
-                self.bar.set_postfix_str(f"{experiment} {target} {method} n={n}")
-                if method == "back-distill" and n == 0 and exact:
-                    params, history = warm_start, []
-                else:
-                    init = warm_start if method == "back-distill" else prob.adapter_init
-                    params, history = problem.fit(
-                        prob, method, self.steps, data=transfer, num_samples=n, init=init,
-                        num_steps=tc.num_steps, batch_size=tc.batch_size,
-                        draws_per_step=tc.draws_per_step, seed=c.seed + n,
-                        log_every=tc.log_every)
-                out.setdefault(method, {})[str(n)] = problem.evaluate(prob, params)
-                if n:
-                    self.train_fit.setdefault(experiment, {}).setdefault(target, {}).setdefault(
-                        method, {})[str(n)] = problem.training_fit(prob, params, transfer, n)
-                if history:
-                    self.curves.setdefault(curve_key, {}).setdefault(method, {}).setdefault(
-                        str(n), []).append([h["loss"] for h in history])
-                if experiment == "exp1_3conv" and target == c.categories[0] and \
-                        method in ("back-distill", "direct-learn") and n == fig5_count(c):
-                    self.fig5[method] = problem.hidden_features(prob, params)
-                if method == "back-distill" and n == max(counts):
-                    self.learned.setdefault(experiment, {})[target] = (
-                        prob.transplant.adapter, params, beta, {
-                            "operation": "transplant", "experiment": experiment,
-                            "method": method, "samples": n, **prob.scalars.as_dict(),
-                            "warm_start_residual": residual,
-                            "live_draw_fraction": prob.live_draw_fraction,
-                            "metrics": {task.metric_name: out[method][str(n)]}})
-                self.bar.update()
-        return out, prob.live_draw_fraction
+                    key=jax.random.fold_in(problem_key(c, experiment, target), n),
+                    pad_to=self.pad_to)
+            transfer = transfers[n]
+        failed = None
+        if method == "back-distill" and n == 0 and exact:
+            params, history = warm_start, []
+        else:
+            init = warm_start if method == "back-distill" else prob.adapter_init
+            what = f"{experiment} {target} {method} n={n}"
+            writer = (metric_writers.open_writer(
+                self.logdir, f"transplants/{experiment}_{target}_{method}_n{n}")
+                if self.logdir is not None else None)
+            try:
+                params, history = self._fit(prob, method, transfer, n, init, what, writer)
+            except NonFiniteError as e:
+                params, history = e.state.params, []
+                failed = {"step": int(e.step), "message": str(e)}
+                message(f"failed cell {what}: diverged at step {e.step}; kept its last "
+                        "finite state and going on")
+            finally:
+                if writer is not None:
+                    writer.close()
+        record = {"experiment": experiment, "category": target, "method": method,
+                  "samples": n, "metric": float(problem.evaluate(prob, params)),
+                  "metric_name": task.metric_name,
+                  "train_fit": (float(problem.training_fit(prob, params, transfer, n))
+                                if n else None),
+                  "losses": [h["loss"] for h in history], "beta": beta,
+                  "scalars": prob.scalars.as_dict(), "warm_start_residual": built["residual"],
+                  "live_draw_fraction": prob.live_draw_fraction, "failed": failed}
+        arrays = {f"params/{k}": v for k, v in cells_lib.flatten(params).items()}
+        if fig5:
+            arrays["fig5"] = np.asarray(problem.hidden_features(prob, params))
+        return record, arrays
+
+    def _fit(self, prob, method: str, transfer, n: int, init, what: str, writer):
+        """:func:`nettransplant.problem.fit`, with the cell's name in errors and a metric log."""
+        tc = self.config.transplant
+        if n == 0 and method != "back-distill":
+            raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
+        state = adapter_training.create_train_state(init, self.steps.optimizer)
+        state, history = adapter_training.train_adapter(
+            self.steps(prob.transplant, method), state, prob.frozen, prob.scalars,
+            num_steps=tc.num_steps, data=transfer if n else None, num_samples=n,
+            batch_size=tc.batch_size, draws=prob.cache if method == "back-distill" else None,
+            draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
+            log_every=tc.log_every, writer=writer, what=what)
+        return state.params, history
+
+    def _absorb(self, record: dict, arrays: dict, experiment: str, target: str, method: str,
+                n: int, counts, curve_key: str, adapter_spec, beta: float, fig5: bool,
+                out: dict) -> None:
+        """Add one finished cell (run now or read back) to the job's results."""
+        out.setdefault(method, {})[str(n)] = record["metric"]
+        self.residual.setdefault(experiment, {})[target] = record["warm_start_residual"]
+        if n:
+            self.train_fit.setdefault(experiment, {}).setdefault(target, {}).setdefault(
+                method, {})[str(n)] = record["train_fit"]
+        if record["losses"]:
+            self.curves.setdefault(curve_key, {}).setdefault(method, {}).setdefault(
+                str(n), []).append(record["losses"])
+        if fig5:
+            self.fig5[method] = arrays["fig5"]
+        if record["failed"] is not None:
+            self.failed.append({k: record[k] for k in ("experiment", "category", "method",
+                                                       "samples")} | record["failed"])
+        if method == "back-distill" and n == max(counts):
+            params = cells_lib.unflatten({k.split("/", 1)[1]: jax.numpy.asarray(v)
+                                          for k, v in arrays.items()
+                                          if k.startswith("params/")})
+            self.learned.setdefault(experiment, {})[target] = (
+                self.adapter(adapter_spec), params, beta, {
+                    "operation": "transplant", "experiment": experiment,
+                    "method": method, "samples": n, **record["scalars"],
+                    "warm_start_residual": record["warm_start_residual"],
+                    "live_draw_fraction": record["live_draw_fraction"],
+                    "metrics": {record["metric_name"]: record["metric"]}})
 
     def head_swap(self, student: str, teacher: str, target: str, beta: float) -> dict:
         """Exp. 2's diagnostic: are the two classification heads (fc8) what differs?
@@ -225,14 +354,21 @@ class Runner:
         says the lower task layers are related and only the heads are not.
         """
         c = self.config
+        key = cells_lib.fingerprint({**self._fingerprint("exp2", c.adapters.exp2, "exp2", target,
+                                                         student, teacher), "cell": "head_swap"})
+        stored = self.store.load("exp2_head_swap", target, "head_swap", key)
+        if stored is not None:
+            return stored[0]["head_swap"]
         s_ref, t_ref = self.net.task_ref(student), self.net.task_ref(teacher)
         a, b = (np.ravel(np.asarray(ref.params["fc8"]["kernel"])) for ref in (s_ref, t_ref))
         swapped = ModuleRef(s_ref.module, {**s_ref.params, "fc8": t_ref.params["fc8"]})
         self.bar.set_postfix_str(f"exp2 head swap {target}")
         *_, residual = self.problem("exp2", c.adapters.exp2, "exp2", target, swapped, t_ref,
                                     beta)  # Exp. 2's draws
-        return {"fc8_cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+        swap = {"fc8_cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
                 "residual_with_own_head": residual}
+        self.store.save("exp2_head_swap", target, "head_swap", key, {"head_swap": swap}, {})
+        return swap
 
 
 def train_teachers(config, zoo: TeacherZoo, progress: bool) -> TransplantNet:
@@ -291,11 +427,31 @@ def _parts_of(net: TransplantNet, name: str):
 
 
 def run(config, workdir: Path, progress: bool = True) -> dict:
-    """Everything; returns the ``results.json`` dict."""
+    """Everything; returns the ``results.json`` dict.
+
+    Resumable: finished teachers (``W/teachers``) and transplant cells
+    (``W/cells``) are read back, not run again, so a run interrupted anywhere
+    and started again ends with the results of an uninterrupted one.
+
+    Raises:
+      ValueError: a config field that cannot run (named).
+      WorkdirLockedError: another run holds ``W/.lock``.
+      PermissionError: the workdir cannot be written (checked before any work).
+    """
     validate_config(config)
     start = time.perf_counter()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
+    check_writable(workdir)
+    with WorkdirLock(workdir):
+        check_writable(*(workdir / d for d in ("teachers", cells_lib.CELLS_DIR, "logs", "net")))
+        return _run_locked(config, workdir, start, progress)
+
+
+def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
     benchmark = benchmarks.make_benchmark(config)
     zoo = TeacherZoo(config, workdir, benchmark, progress)
     zoo_net = train_teachers(config, zoo, progress)
@@ -310,7 +466,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
                      "config": config.to_dict()}
     live: dict = {}
     bar = progress_bar(num_runs(config), "transplants", enabled=progress)
-    runner = Runner(config, zoo_net, benchmark, bar)
+    runner = Runner(config, zoo_net, benchmark, bar, cells_lib.CellStore(workdir),
+                    logdir=workdir / "logs")
     counts = [int(n) for n in config.sample_counts]
     labelled = [n for n in counts if n > 0]
     generic = config.generic_category
@@ -367,6 +524,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     results["warm_start_residual"] = {
         e: {**r, "avg": float(np.mean(list(r.values())))} for e, r in runner.residual.items()}
     results["train_fit"] = {e: with_avg(cells) for e, cells in runner.train_fit.items()}
+    if runner.failed:
+        results["failed_cells"] = runner.failed
     results["runtime_s"] = time.perf_counter() - start
     write_outputs(config, workdir, results, zoo, runner, product_net(config, zoo_net, runner))
     return results
@@ -376,14 +535,33 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
                   net: TransplantNet | None) -> None:
     """results.json, results.md, the curves, Fig. 5 and the transplant net ``W/net``."""
     from nettransplant.net import io as net_io
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
-    (workdir / "results.md").write_text(report.results_markdown(results))
+    # Each output replaces its previous version in one rename: a full disk or a kill
+    # leaves the last complete version, never half a file.
+    write_atomically(workdir / "results.json", json.dumps(results, indent=2))
+    write_atomically(workdir / "results.md",
+                     report.results_markdown(results) + failed_cells_markdown(results))
     curves: dict[str, Any] = {"teachers": zoo.curves, "transplants": runner.curves}
-    (workdir / "learning_curves.json").write_text(json.dumps(curves))
-    report.plot_learning_curves(curves, workdir / "learning_curves.png")
+    write_atomically(workdir / "learning_curves.json", json.dumps(curves))
+    with atomic_path(workdir / "learning_curves.png") as path:
+        report.plot_learning_curves(curves, path)
     if len(runner.fig5) == 2:
-        report.plot_fig5(runner.fig5, workdir / "fig5_pca.png",
-                         title=f"Exp. 1, 3-conv adapter, {config.categories[0]}, "
-                               f"{fig5_count(config)} samples")
+        with atomic_path(workdir / "fig5_pca.png") as path:
+            report.plot_fig5(runner.fig5, path,
+                             title=f"Exp. 1, 3-conv adapter, {config.categories[0]}, "
+                                   f"{fig5_count(config)} samples")
     if net is not None:
         net_io.export_net(net, workdir / "net", overwrite=True)
+
+
+def failed_cells_markdown(results: dict) -> str:
+    """A results.md section naming every cell whose training diverged ("" if none)."""
+    failed = results.get("failed_cells", [])
+    if not failed:
+        return ""
+    lines = ["", "## Failed cells", "",
+             "Training diverged (a non-finite loss or gradient); each cell's numbers above "
+             "come from its last finite parameters.", "",
+             "| experiment | category | method | samples | step |", "|---|---|---|---|---|"]
+    lines += [f"| {f['experiment']} | {f['category']} | {f['method']} | {f['samples']} | "
+              f"{f['step']} |" for f in failed]
+    return "\n".join(lines) + "\n"

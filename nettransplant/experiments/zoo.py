@@ -187,11 +187,20 @@ class TeacherZoo:
                 optimizer, teacher_lib.make_teacher_step(teacher, optimizer))
         optimizer, step_fn = self._steps[teacher, learning_rate]
         params = self._reusable(final, fingerprint, init_params)
+        partial_dir = self.root / f"{name}.partial"
         if params is not None:
+            partial = checkpoint.TrainingCheckpoints(partial_dir, fingerprint)
+            # A kill between the final save and the clean-up leaves this teacher's
+            # resumable state behind; one of another configuration is left alone.
+            if partial.stored_fingerprint() == fingerprint:
+                partial.delete()
+                message(f"teacher {name}: removed {partial_dir.name}, the resumable state of "
+                        "a teacher that had finished")
+            partial.close()
             return params
         state = TrainState(jnp.zeros((), jnp.int32), init_params, optimizer.init(init_params))
         history: list = []
-        partial = checkpoint.TrainingCheckpoints(self.root / f"{name}.partial", fingerprint)
+        partial = checkpoint.TrainingCheckpoints(partial_dir, fingerprint)
         try:
             resumed = partial.restore(state.as_tree())
         except checkpoint.CheckpointError as e:
