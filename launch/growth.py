@@ -13,15 +13,16 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import configs
-from nettransplant.cli import run_main
+from nettransplant.cli import UsageError, run_main
+from nettransplant.experiments import config as config_checks
 from nettransplant.experiments import growth
+from nettransplant.experiments.workdir import WorkdirLockedError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(configs.__file__).parent / "net_growth.py"),
-    "experiment config (configs/net_growth.py[:variant])")
+_DEFAULT_CONFIG = str(Path(configs.__file__).parent / "net_growth.py")
+_CONFIG = config_checks.define_config_flag(
+    _DEFAULT_CONFIG, "experiment config (configs/net_growth.py[:variant])")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce",
                                "the main job's workdir (its teachers are reused)")
 
@@ -31,7 +32,10 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
     def work():
-        results = growth.run(_CONFIG.value, Path(_WORKDIR.value))
+        try:
+            results = growth.run(_CONFIG.value, Path(_WORKDIR.value))
+        except WorkdirLockedError as e:
+            raise UsageError(str(e)) from None
         print(growth.results_markdown(results))
         print(f"runtime {results['runtime_s']:.0f} s; results in "
               f"{Path(_WORKDIR.value) / 'growth'}")
@@ -41,4 +45,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))

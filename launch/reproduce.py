@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 import configs
 from nettransplant import cli, report
@@ -28,20 +27,9 @@ from nettransplant.experiments import paper
 from nettransplant.experiments.workdir import WorkdirLockedError
 
 _DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                          "experiment config (a configs/*.py file[:variant])")
+_CONFIG = config_checks.define_config_flag(
+    _DEFAULT_CONFIG, "experiment config (a configs/*.py file[:variant])")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce", "where everything is written")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every error (an unknown or mistyped ``--config.*`` field, a
-    config file that fails to load) as one ``error:`` line and exit code 2."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - config files raise anything while loading
-        message = config_checks.override_error(argv[1:], _DEFAULT_CONFIG) or cli.error_message(e)
-        print(f"error: {cli.one_line(message)}", file=sys.stderr)
-        sys.exit(cli.EXIT_USAGE)
 
 
 def main(argv) -> int:
@@ -68,4 +56,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))

@@ -26,6 +26,7 @@ from nettransplant.data.silhouettes import (
     build_silhouettes,
     load_silhouettes,
 )
+from nettransplant.files import write_atomically
 
 OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)
 
@@ -117,9 +118,7 @@ def data_report(*, json_path: str | Path, out: str | Path, image_size: int = 32,
           f"majority baseline: {report['majority_baseline_pixel_acc']:.1f} %")
     json_file = Path(json_path)
     json_file.parent.mkdir(parents=True, exist_ok=True)
-    staging = json_file.with_name(f".{json_file.name}.tmp")
-    staging.write_text(json.dumps(report, indent=2))
-    staging.replace(json_file)
+    write_atomically(json_file, json.dumps(report, indent=2))
     print(f"wrote {json_path} and {', '.join(report['grids'])}")
     return report
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from nettransplant.experiments.workdir import write_atomically
+from nettransplant.files import write_atomically
 from nettransplant.progress import message
 
 CELLS_DIR = "cells"

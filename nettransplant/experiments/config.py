@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from nettransplant import convert
+from absl import flags
+
+from nettransplant import cli, convert
 from nettransplant.data import benchmarks
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "table4")
@@ -198,3 +201,36 @@ def override_error(args: Sequence[str], default_config: str) -> str | None:
                         + (f"; valid fields: {', '.join(valid)}" if valid else ""))
             node = node[part]
     return None
+
+
+
+def _exit_with_one_line(error: BaseException, argv: Sequence[str], default_config: str):
+    message = override_error(argv, default_config) or cli.error_message(error)
+    print(f"error: {cli.one_line(message)}", file=sys.stderr)
+    sys.exit(cli.EXIT_USAGE)
+
+
+def define_config_flag(default_config: str, help_text: str):
+    """``config_flags.DEFINE_config_file("config", default_config, help_text)``, with the
+    errors it raises while reading ``--config.*`` overrides from the command line (it does
+    so when the flag is defined) as one ``error:`` line and exit code 2."""
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file("config", default_config, help_text)
+    except Exception as e:  # noqa: BLE001 - config files raise anything while loading
+        _exit_with_one_line(e, sys.argv[1:], default_config)
+
+
+def flags_parser(default_config: str) -> Callable[[list[str]], list[str]]:
+    """absl's flag parsing for ``app.run(..., flags_parser=)``, with every error (an unknown
+    or mistyped ``--config.*`` field, a config file that fails to load) as one ``error:``
+    line and exit code 2."""
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - config files raise anything while loading
+            _exit_with_one_line(e, argv[1:], default_config)
+
+    return parse

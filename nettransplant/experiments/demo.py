@@ -25,6 +25,7 @@ import optax
 from nettransplant import checkpoint, data, modules, problem, teachers
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
+from nettransplant.files import write_atomically
 from nettransplant.net import TeacherParts, TransplantNet, TransplantSettings, build_problem
 
 
@@ -101,9 +102,7 @@ def run(config, workdir: str | Path, *, category: str, num_samples: int,
         rows[f"{method}, {num_samples} samples"] = problem.evaluate(prob, params)
     results["transplant_cls_error"] = rows
     results["runtime_s"] = time.perf_counter() - start
-    staging = workdir / ".demo_results.json.tmp"
-    staging.write_text(json.dumps(results, indent=2))
-    staging.replace(workdir / "demo_results.json")
+    write_atomically(workdir / "demo_results.json", json.dumps(results, indent=2))
     return results
 
 

@@ -21,7 +21,6 @@ what fine-tuning a shared task module costs the other routes.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ from scipy import stats
 from nettransplant import data, tasks
 from nettransplant.data import benchmarks
 from nettransplant.experiments.config import validate_config
+from nettransplant.experiments.workdir import WorkdirLock, check_writable
 from nettransplant.experiments.zoo import TeacherZoo
+from nettransplant.files import write_atomically
 from nettransplant.net import TaskTrainingSettings, TransplantNet, TransplantSettings, operations
 from nettransplant.net.graph import TeacherParts
 from nettransplant.progress import progress_bar
@@ -202,12 +203,6 @@ def fine_tuning_forgetting(config, teachers: dict[str, TeacherParts], benchmark,
             "mean_error_change_fine_tuned_routes": _mean(tuned_routes)}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
 def results_markdown(results: dict) -> str:
     """The two tables a person reads: the ranking and the forgetting."""
     lines = ["# Growing the transplant net", "",
@@ -253,6 +248,12 @@ def run(config, workdir: str | Path, progress: bool = True) -> dict:
     workdir = Path(workdir)
     out = workdir / "growth"
     out.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir, out)
+    with WorkdirLock(workdir):  # the teachers are shared with the main job
+        return _run(config, workdir, out, start, progress)
+
+
+def _run(config, workdir: Path, out: Path, start: float, progress: bool) -> dict:
     benchmark = benchmarks.make_benchmark(config)
     zoo = TeacherZoo(config, workdir, benchmark, progress)
     names = list(dict.fromkeys([*config.categories, config.generic_category,
@@ -275,6 +276,6 @@ def run(config, workdir: str | Path, progress: bool = True) -> dict:
     results["forgetting"] = fine_tuning_forgetting(config, teachers, benchmark, settings, bar)
     bar.close()
     results["runtime_s"] = time.perf_counter() - start
-    _atomic_write(out / "results.json", json.dumps(results, indent=2))
-    _atomic_write(out / "results.md", results_markdown(results))
+    write_atomically(out / "results.json", json.dumps(results, indent=2))
+    write_atomically(out / "results.md", results_markdown(results))
     return results

@@ -9,7 +9,6 @@ is the median over rounds of the mean step time in a round. Times are in seconds
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nettransplant import closed_form, objectives, train
 from nettransplant.adapter import Adapter
+from nettransplant.files import write_atomically
 from nettransplant.modules import CategoryModule, ClassificationTaskModule, category_channels
 from nettransplant.transplant import Transplant, split_params
 
@@ -222,7 +222,5 @@ def run(config, *, mode: str, adapters: list[str], steps: int, rounds: int,
 
 def write_json(results: dict, path: str) -> None:
     """``results`` as JSON at ``path`` (atomically)."""
-    staging = f"{path}.tmp"
-    with open(staging, "w") as fh:
-        json.dump(results, fh, indent=2, default=lambda o: np.asarray(o).tolist())
-    os.replace(staging, path)
+    write_atomically(path, json.dumps(results, indent=2,
+                                      default=lambda o: np.asarray(o).tolist()))

@@ -6,20 +6,20 @@
   so the lock of a killed run never blocks the next one.
 * :func:`check_writable` — fails before any teacher is trained when the
   workdir (or a folder the job writes in it) cannot take a new file.
-* :func:`write_atomically` / :func:`atomic_path` — a file is written under a
-  temporary name beside it and renamed over the old one only once complete, so
-  a full disk or a kill leaves the previous version intact, never half a file.
+* :func:`~nettransplant.files.write_atomically` / :func:`~nettransplant.files.atomic_path`
+  (re-exported) — files replaced whole, so a full disk or a kill leaves the
+  previous version intact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+
+from nettransplant.files import atomic_path, write_atomically  # noqa: F401 - re-exported
 
 LOCK_FILE = ".lock"
 
@@ -85,34 +85,3 @@ def check_writable(*folders: str | os.PathLike) -> None:
         except OSError as e:
             raise PermissionError(f"cannot write in {folder}: {e.strerror or e}; the run "
                                   "needs a writable workdir (see --workdir)") from None
-
-
-def _temporary_sibling(path: Path) -> Path:
-    # The same suffix keeps writers that choose a format by extension (matplotlib) working.
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path to write ``path``'s new content to; renamed over ``path`` on success.
-
-    On an error inside the block the temporary file is removed and ``path``
-    keeps its previous content.
-    """
-    path = Path(path)
-    temporary = _temporary_sibling(path)
-    try:
-        yield temporary
-        with open(temporary, "rb+") as f:  # on disk before it replaces the old file
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def write_atomically(path: str | os.PathLike, content: str | bytes) -> None:
-    """Replace ``path`` with ``content`` (text is UTF-8) in one rename."""
-    data = content.encode() if isinstance(content, str) else content
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(data)

@@ -20,6 +20,7 @@ import numpy as np
 
 from nettransplant import tasks
 from nettransplant.cli import UsageError, one_line, run_main
+from nettransplant.files import atomic_path
 from nettransplant.net import (
     TaskTrainingSettings,
     TransplantNet,
@@ -278,17 +279,14 @@ def write_overlays(images: np.ndarray, masks: np.ndarray, folder: Path,
         gap = np.full((image.shape[0], 2, 3), 255, np.float32)
         panel = np.concatenate([image.astype(np.float32), gap, shown], axis=1)
         panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
-        staging = folder / f".{i:05d}.png.tmp"
-        Image.fromarray(panel.astype(np.uint8)).save(staging, format="PNG")
-        staging.replace(folder / f"{i:05d}.png")
+        with atomic_path(folder / f"{i:05d}.png") as staging:
+            Image.fromarray(panel.astype(np.uint8)).save(staging, format="PNG")
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    with open(staging, "wb") as f:
+    with atomic_path(path) as staging, open(staging, "wb") as f:
         np.savez(f, **arrays)
-    staging.replace(path)
 
 
 def _brief(report: dict) -> dict:
