@@ -1,0 +1,1 @@
+"""Jacobian matching."""
