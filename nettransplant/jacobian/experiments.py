@@ -77,7 +77,7 @@ def supervised_loss(model: ConvClassifier, head: str):
 
 
 def distillation_loss(student: ConvClassifier, teacher: ConvClassifier, method: str, cfg):
-    """``loss_fn`` of one distillation method (``frozen = {"teacher": params}``).
+    """``loss_fn`` of one distillation method (``frozen = {"teacher": params, "sigma": σ}``).
 
     ``batch`` holds ``images`` and the cached teacher targets ``teacher_logits``,
     ``outputs`` (selected outputs) and ``teacher_gradients`` (normalised).
@@ -104,7 +104,7 @@ def distillation_loss(student: ConvClassifier, teacher: ConvClassifier, method: 
                 return teacher.logits(frozen["teacher"], x, "logits")
 
             terms["noisy_outputs"], _ = losses.noisy_output_matching_loss(
-                student_fn, teacher_fn, batch["images"], key, cfg.noise_sigma, cfg.temperature)
+                student_fn, teacher_fn, batch["images"], key, frozen["sigma"], cfg.temperature)
         return sum(terms.values()), terms
 
     return loss_fn
@@ -168,15 +168,45 @@ def _chunks(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return out
 
 
+def predictions(model: ConvClassifier, params, head: str, images: np.ndarray, *,
+                batch_size: int, sigma: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Predicted classes ``(N,)`` of ``head`` on ``images`` + Gaussian noise of std ``sigma``."""
+    predict = _predictor(model, head)
+    keys = jax.random.split(jax.random.key(seed), -(-len(images) // batch_size))
+    chunks = [predict(params, images[r], keys[i], jnp.float32(sigma))
+              for i, r in enumerate(_chunks(np.arange(len(images)), batch_size))]
+    return np.concatenate(jax.device_get(chunks))[: len(images)]
+
+
 def accuracy(model: ConvClassifier, params, head: str, data: LabelledImages, *,
              batch_size: int, sigma: float = 0.0, seed: int = 0) -> float:
     """Test accuracy (%) of ``head``, on inputs with Gaussian noise of std ``sigma`` (seeded)."""
-    predict = _predictor(model, head)
-    keys = jax.random.split(jax.random.key(seed), -(-len(data) // batch_size))
-    chunks = [predict(params, data.images[r], keys[i], jnp.float32(sigma))
-              for i, r in enumerate(_chunks(np.arange(len(data)), batch_size))]
-    predictions = np.concatenate(jax.device_get(chunks))[: len(data)]
-    return float(100.0 * np.mean(predictions == data.labels))
+    predicted = predictions(model, params, head, data.images, batch_size=batch_size,
+                            sigma=sigma, seed=seed)
+    return float(100.0 * np.mean(predicted == data.labels))
+
+
+def select_noise_sigma(model: ConvClassifier, params, head: str, images: np.ndarray, *,
+                       grid, min_agreement: float, batch_size: int, seed: int
+                       ) -> tuple[float, dict[str, float]]:
+    """The training noise of noise-augmented distillation, chosen on training images only.
+
+    The equivalence with Jacobian matching is a small-σ one, and a teacher
+    queried far from its data answers noise: take the largest σ of ``grid`` at
+    which the teacher's predictions on ``x + ξ`` still agree with its
+    predictions on ``x`` for at least ``min_agreement`` of the images.
+
+    Returns:
+      ``(σ, {str(σ): agreement})`` (the smallest σ of the grid if none qualifies).
+    """
+    clean = predictions(model, params, head, images, batch_size=batch_size)
+    agreement = {}
+    for sigma in sorted(float(s) for s in grid):
+        noisy = predictions(model, params, head, images, batch_size=batch_size, sigma=sigma,
+                            seed=seed)
+        agreement[f"{sigma:g}"] = float(np.mean(noisy == clean))
+    passing = [float(k) for k, v in agreement.items() if v >= min_agreement]
+    return (max(passing) if passing else min(float(k) for k in agreement)), agreement
 
 
 @functools.cache
@@ -241,6 +271,15 @@ def run_distillation(config, teacher: ConvClassifier, teacher_params, splits, ba
     cached = teacher_targets(teacher, teacher_params, "logits", train_set,
                              selection=cfg.selection, batch_size=config.eval_batch_size)
     cached = {"images": train_set.images, **cached}
+    probe = np.random.default_rng(config.seed).permutation(len(train_set))
+    noise_sigma, agreement = select_noise_sigma(
+        teacher, teacher_params, "logits",
+        train_set.images[np.sort(probe[:cfg.noise_selection_images])],
+        grid=cfg.noise_sigma_grid, min_agreement=cfg.noise_min_agreement,
+        batch_size=config.eval_batch_size, seed=config.seed)
+    message(f"noise-augmented distillation: σ = {noise_sigma:g} (teacher agreement on noisy "
+            f"training images {agreement})")
+    frozen = {"teacher": teacher_params, "sigma": jnp.float32(noise_sigma)}
     sigmas = [float(s) for s in config.robustness.sigmas]
     distill = {m: {} for m in cfg.methods}
     robust = {m: {} for m in cfg.methods}
@@ -254,7 +293,7 @@ def run_distillation(config, teacher: ConvClassifier, teacher_params, splits, ba
                 rows = _subset_rows(train_set, _count(n), seed)
                 what = f"distill {method} n={label} seed={seed}"
                 state = create_train_state(student.init(jax.random.key(seed)), _optimizer(cfg))
-                state, _ = fit(step, state, {"teacher": teacher_params},
+                state, _ = fit(step, state, frozen,
                                {k: v[rows] for k, v in cached.items()},
                                batch_size=cfg.batch_size, num_steps=cfg.num_steps, seed=seed,
                                log_every=cfg.log_every, progress=what, what=what)
@@ -271,6 +310,7 @@ def run_distillation(config, teacher: ConvClassifier, teacher_params, splits, ba
                               batch_size=config.eval_batch_size, sigma=s,
                               seed=config.robustness.noise_seed) for s in sigmas]
     return {"distillation": distill,
+            "noise_selection": {"sigma": noise_sigma, "teacher_agreement": agreement},
             "robustness": {"sigmas": sigmas, "students": robust, "teacher": teacher_curve}}
 
 
