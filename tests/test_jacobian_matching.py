@@ -275,7 +275,6 @@ def test_whole_student_step_compiles_once_for_every_sample_count():
                              log_every=5)
         assert int(state.step) == 12
         assert {"loss", "task", "grad_norm", "param_norm"} <= set(history[-1])
-    if n == 40:
         assert history[-1]["loss"] < history[0]["loss"]
     chex.clear_trace_counter()
 

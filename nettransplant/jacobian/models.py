@@ -13,6 +13,7 @@ so every function of them can be jitted with the parameters as arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,10 +67,11 @@ class ConvClassifier:
         return dict(self.heads)
 
     def features_dim(self) -> int:
+        """Length of the flattened trunk output (what the heads read)."""
         x = jnp.zeros((1, self.image_size, self.image_size, self.in_channels), jnp.float32)
         shapes = jax.eval_shape(lambda p: L.forward(p, x, self.trunk)[0],
                                 _trunk_shapes(self.trunk, self.in_channels))
-        return int(jnp.prod(jnp.array(shapes.shape[1:])))
+        return math.prod(shapes.shape[1:])
 
     def init(self, key: Array) -> dict[str, Any]:
         """He-normal kernels, zero biases (seeded by ``key``)."""
