@@ -52,6 +52,8 @@ def claims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each of the paper's claims, checked on ``results``: ``{claim, holds, evidence}``."""
     out = []
     distill = results["distillation"]
+    se_distill = standard_error(50.0, results["test_images"])
+    se_transfer = standard_error(50.0, results["transfer"]["test_images"])
     if "outputs" in distill and "outputs+jacobians" in distill:
         few = _few_counts(distill["outputs"])
         gains = {n: distill["outputs+jacobians"][n] - distill["outputs"][n] for n in few}
@@ -61,7 +63,7 @@ def claims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             mean_gain > 0 and sum(g > 0 for g in gains.values()) > len(gains) / 2,
             "outputs+jacobians − outputs, points at n = "
             + ", ".join(f"{n}: {g:+.1f}" for n, g in gains.items())
-            + f" (mean {mean_gain:+.1f})"))
+            + f" (mean {mean_gain:+.1f}; one accuracy's standard error ≤ {se_distill:.1f})"))
     robust = results["robustness"]
     students = robust["students"]
     noisy = [i for i, s in enumerate(robust["sigmas"]) if s > 0]
@@ -95,7 +97,8 @@ def claims(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             out.append(_claim(
                 f"transfer: {name}", all(g > 0 for g in gains.values()),
                 f"{after} − {before}, points at n = "
-                + ", ".join(f"{n}: {g:+.1f}" for n, g in gains.items())))
+                + ", ".join(f"{n}: {g:+.1f}" for n, g in gains.items())
+                + f" (one accuracy's standard error ≤ {se_transfer:.1f})"))
     return out
 
 
