@@ -29,6 +29,15 @@ def images(key, batch=5):
     return jax.random.normal(key, (batch, 6, 6, 2))
 
 
+def full_jacobians(model, params, x):
+    """Independent: every example's full Jacobian ``(B, K, *input)`` by ``jax.jacrev``."""
+    @jax.jit
+    def jacobians(p, images):
+        return jax.vmap(jax.jacrev(lambda v: model.logits(p, v[None], "logits")[0]))(images)
+
+    return np.asarray(jacobians(params, x))
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -38,16 +47,16 @@ def test_input_gradients_of_selected_outputs_are_rows_of_the_full_jacobian():
     x = images(jax.random.key(1))
     outputs = jnp.array([[0, 2], [1, 1], [2, 0], [0, 1], [2, 2]], jnp.int32)
 
-    def logits_fn(v):
-        return model.logits(params, v, "logits")
+    @jax.jit
+    def gradients(p, images, selected):  # parameters as arguments
+        return losses.input_gradients(lambda v: model.logits(p, v, "logits"), images, selected)
 
-    logits, grads = jax.jit(losses.input_gradients, static_argnums=0)(logits_fn, x, outputs)
-    # Independent: jacrev of each example's logits w.r.t. its own image.
-    full = jax.jit(jax.vmap(jax.jacrev(lambda v: logits_fn(v[None])[0])))(x)  # (B, K, 6, 6, 2)
-    expected = jnp.stack([full[b, outputs[b]] for b in range(x.shape[0])])
+    logits, grads = gradients(params, x, outputs)
+    full = full_jacobians(model, params, x)
+    expected = np.stack([full[b, outputs[b]] for b in range(x.shape[0])])
     chex.assert_shape(grads, (5, 2, 6, 6, 2))
     chex.assert_trees_all_close(grads, expected, atol=1e-5, rtol=1e-5)
-    chex.assert_trees_all_close(logits, logits_fn(x), atol=1e-6)
+    chex.assert_trees_all_close(logits, model.logits(params, x, "logits"), atol=1e-6)
 
 
 def test_jacobian_matching_loss_equals_normalised_jacrev_distance():
@@ -56,20 +65,18 @@ def test_jacobian_matching_loss_equals_normalised_jacrev_distance():
     x = images(jax.random.key(2))
     t_logits = teacher.logits(pt, x, "logits")
 
-    def full(model, p):  # independent: every example's full Jacobian (B, K, 6, 6, 2)
-        return jax.jit(jax.vmap(jax.jacrev(lambda v: model.logits(p, v[None], "logits")[0])))(x)
+    jt, js = full_jacobians(teacher, pt, x), full_jacobians(student, ps, x)
 
-    jt, js = np.asarray(full(teacher, pt)), np.asarray(full(student, ps))
-    loss_fn = jax.jit(losses.jacobian_matching_loss, static_argnums=0)
-
-    def student_fn(v):
-        return student.logits(ps, v, "logits")
+    @jax.jit
+    def loss_fn(params, images, outputs, teacher_rows):  # parameters as arguments
+        return losses.jacobian_matching_loss(lambda v: student.logits(params, v, "logits"),
+                                             images, outputs, teacher_rows)[0]
 
     labels = jnp.array([0, 1, 2, 1, 0])
     for selection in ("top", "label", "all"):
         outputs = np.asarray(losses.selected_outputs(t_logits, labels, selection))
         teacher_rows = np.stack([jt[b, outputs[b]] for b in range(len(outputs))])
-        loss, _ = loss_fn(student_fn, x, outputs, teacher_rows)
+        loss = loss_fn(ps, x, outputs, teacher_rows)
         expected = 0.0
         for b in range(x.shape[0]):
             for i in outputs[b]:
