@@ -10,7 +10,7 @@ samples per class (outputs, outputs + Jacobians, noise-augmented outputs),
 robustness to input noise, and transfer from a teacher of five categories to
 the other five (no transfer, fine-tuning, LwF, + Jacobians, + attention).
 
-Full run: about 5 minutes on a 2-core CPU; writes results.json, results.md,
+Full run: 3.5-5 minutes on a 2-core CPU; writes results.json, results.md,
 accuracy_vs_samples.png and accuracy_vs_noise.png (measured numbers in
 docs/jacobian_matching.md). Quick: every table row, about a minute.
 

@@ -4,7 +4,7 @@
     python -m launch.jacobian_matching --workdir W --config configs/jacobian_matching.py:quick
     python -m launch.jacobian_matching --workdir W --config.distillation.jacobian_weight=3
 
-The full run takes about 5 minutes on a 2-core CPU and writes
+The full run takes 3.5-5 minutes on a 2-core CPU and writes
 ``W/results.json``, ``W/results.md`` (our tables beside the paper's, each claim
 marked holds / does not hold) and ``W/accuracy_vs_samples.png``,
 ``W/accuracy_vs_noise.png``. Everything happens in
