@@ -14,6 +14,12 @@ Full run: 3.5-5 minutes on a 2-core CPU; writes results.json, results.md,
 accuracy_vs_samples.png and accuracy_vs_noise.png (measured numbers in
 docs/jacobian_matching.md). Quick: every table row, about a minute.
 
+Result (full run): teacher 92.45 %; outputs + Jacobians beat outputs alone by
++5.3 / +3.6 / +2.1 / +1.2 points at 1 / 5 / 10 / 50 samples per class (76.35
+vs 76.05 % with all); robustness gain +0.8 points (mean over σ > 0); LwF and its
+Jacobian / attention variants stay within a standard error of no transfer at
+25 / 50 per class and 5 points below it with all samples.
+
 Every hyper-parameter below was fixed before any run and is the same for
 every method; none was chosen on test data.
 """
