@@ -2,7 +2,7 @@
 
 Every learned thing in the project — adapters (:mod:`nettransplant.train`),
 teachers (:mod:`nettransplant.teachers`), whole students
-(:mod:`nettransplant.jacobian_matching`) — is trained by :func:`train_loop`
+(:mod:`nettransplant.jacobian.train`) — is trained by :func:`train_loop`
 with a jitted step ``step(state, *args) -> (state, metrics)`` whose update
 goes through :func:`guarded_update`:
 
