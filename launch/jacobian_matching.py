@@ -13,17 +13,19 @@ marked holds / does not hold) and ``W/accuracy_vs_samples.png``,
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
 import configs
+from nettransplant.cli import run_main
+from nettransplant.experiments import config as config_checks
 from nettransplant.jacobian import experiments
 
 _DEFAULT_CONFIG = str(Path(configs.__file__).parent / "jacobian_matching.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "experiment config (configs/jacobian_matching.py[:quick])")
+_CONFIG = config_checks.define_config_flag(
+    _DEFAULT_CONFIG, "experiment config (configs/jacobian_matching.py[:quick])")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/jacobian_matching", "where results go")
 
 
@@ -31,12 +33,16 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     workdir = Path(_WORKDIR.value)
-    results = experiments.run(_CONFIG.value, workdir)
-    for claim in results["claims"]:
-        print(f"{'holds' if claim['holds'] else 'does not hold'}: {claim['claim']} "
-              f"({claim['evidence']})")
-    print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.md")
+
+    def work() -> None:
+        results = experiments.run(_CONFIG.value, workdir)
+        for claim in results["claims"]:
+            print(f"{'holds' if claim['holds'] else 'does not hold'}: {claim['claim']} "
+                  f"({claim['evidence']})")
+        print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.md")
+
+    sys.exit(run_main(work))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))

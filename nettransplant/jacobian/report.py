@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from nettransplant.files import atomic_path, write_atomically
 
 PAPER_TRANSFER = {  # accuracy % at 25 / 50 / all samples per class
     "no transfer": {"25": 35.19, "50": 46.38, "all": 59.33},
@@ -24,14 +25,6 @@ PAPER_TRANSFER = {  # accuracy % at 25 / 50 / all samples per class
 }
 PAPER_TRANSFER_COUNTS = ("25", "50", "all")
 FEW = "few"  # sample counts other than "all"
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a temporary file and ``os.replace``: never half-written."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def standard_error(accuracy_percent: float, num_images: int) -> float:
@@ -185,9 +178,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120, bbox_inches="tight")
 
 
 def plot_accuracy_vs_samples(results: Mapping[str, Any], path: Path) -> None:
@@ -239,5 +231,5 @@ def write_outputs(results: Mapping[str, Any], workdir: Path) -> None:
     workdir = Path(workdir)
     plot_accuracy_vs_samples(results, workdir / "accuracy_vs_samples.png")
     plot_accuracy_vs_noise(results, workdir / "accuracy_vs_noise.png")
-    write_atomic(workdir / "results.md", results_markdown(results))
-    write_atomic(workdir / "results.json", json.dumps(results, indent=2))
+    write_atomically(workdir / "results.md", results_markdown(results))
+    write_atomically(workdir / "results.json", json.dumps(results, indent=2))
