@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
@@ -30,6 +29,7 @@ import tensorflow_datasets as tfds
 
 from nettransplant.data.animal_mnist import CATEGORIES, DataFileError, load_animal_mnist
 from nettransplant.data.composite import composite_batch, silhouette_supports
+from nettransplant.files import file_sha256
 
 TRAIN_PER_CLASS = 800
 SPLIT_SEED = 0
@@ -164,14 +164,6 @@ def _dataset_dir(root: Path, config: AnimalSilhouettesConfig) -> Path:
     return root / AnimalSilhouettes.name / config.name / str(AnimalSilhouettes.VERSION)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _expected_shards(builder: AnimalSilhouettes) -> dict[str, int]:
     """``{shard file name: number of records}`` as TFDS recorded them at build time."""
     return {name: int(length) for split in builder.info.splits.values()
@@ -182,7 +174,7 @@ def _write_manifest(directory: Path, shards: dict[str, int]) -> None:
     """Record each shard's size and SHA-256; written atomically (concurrent builders agree)."""
     record = {"format": MANIFEST_FORMAT, "shards": {
         name: {"bytes": (directory / name).stat().st_size,
-               "sha256": _file_sha256(directory / name), "records": records}
+               "sha256": file_sha256(directory / name), "records": records}
         for name, records in sorted(shards.items())}}
     staging = directory / f".{SHARD_MANIFEST}.{os.getpid()}"
     staging.write_text(json.dumps(record, indent=1, sort_keys=True))
@@ -254,7 +246,7 @@ def _check_shards(builder: AnimalSilhouettes) -> str | None:
         actual = path.stat().st_size
         if actual != size:
             return f"shard {path} has {actual} bytes, {size} when built (truncated?)"
-        if _file_sha256(path) != sha256:
+        if file_sha256(path) != sha256:
             return f"shard {path} has another SHA-256 than when built (damaged)"
     return None
 
