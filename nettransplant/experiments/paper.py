@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import optax
 
-from nettransplant import data, modules, problem, report
+from nettransplant import data, modules, parallel, problem, report
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
 from nettransplant.experiments.config import EXPERIMENTS, validate_config
@@ -102,7 +102,8 @@ class Runner:
         self.config, self.net, self.benchmark, self.bar = config, net, benchmark, bar
         tc = config.transplant
         self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
-        self.steps = problem.StepCache(optax.adam(tc.learning_rate))
+        self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
+        self.steps = problem.StepCache(optax.adam(tc.learning_rate), mesh=self.mesh)
         self.channels = modules.category_channels(config.model.width)
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
@@ -155,7 +156,7 @@ class Runner:
             key=problem_key(c, experiment, target), beta=beta,
             test_images=data.normalize_images(view.images), test_targets=task.targets(view))
         warm_start, exact = problem.zero_sample_solution(
-            prob, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws)
+            prob, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws, mesh=self.mesh)
         residual = operations.warm_start_residual(prob, warm_start, lambda0)
         return prob, warm_start, exact, residual
 
@@ -376,6 +377,10 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
                   net: TransplantNet | None) -> None:
     """results.json, results.md, the curves, Fig. 5 and the transplant net ``W/net``."""
     from nettransplant.net import io as net_io
+    if net is not None:  # every process: orbax writes collectively
+        net_io.export_net(net, workdir / "net", overwrite=True)
+    if not parallel.is_primary():  # result files come from process 0
+        return
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     (workdir / "results.md").write_text(report.results_markdown(results))
     curves: dict[str, Any] = {"teachers": zoo.curves, "transplants": runner.curves}
@@ -385,5 +390,3 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
         report.plot_fig5(runner.fig5, workdir / "fig5_pca.png",
                          title=f"Exp. 1, 3-conv adapter, {config.categories[0]}, "
                                f"{fig5_count(config)} samples")
-    if net is not None:
-        net_io.export_net(net, workdir / "net", overwrite=True)
