@@ -36,7 +36,8 @@ def create_teacher_state(teacher: Teacher, key: Array, image_size: int,
 
 
 def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation, *,
-                      mesh: jax.sharding.Mesh | None = None):
+                      mesh: jax.sharding.Mesh | None = None,
+                      compute_dtype: jnp.dtype | None = None):
     """Jitted ``step(state, key, cls_images, cls_labels, seg_images, seg_masks)``.
 
     Data parallel over ``mesh`` (default: every device on one ``data`` axis,
@@ -45,16 +46,23 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation,
     and their labels are split over ``data`` (B and B_seg must divide by its
     size); the losses are means over the whole batch, so the gradient is the
     one-device gradient, all-reduced by XLA.
+
+    ``compute_dtype`` (e.g. ``jnp.bfloat16``): mixed precision — the forward and
+    backward passes run in that dtype on a cast of the float32 parameters, which
+    the optimizer updates; the losses are computed in float32. None: float32.
     """
     mesh = mesh or parallel.data_mesh()
 
     def loss_fn(params, key, cls_images, cls_labels, seg_images, seg_masks):
+        if compute_dtype is not None:  # the cast's VJP brings the gradients back to float32
+            params, cls_images, seg_images = jax.tree.map(
+                lambda a: a.astype(compute_dtype), (params, cls_images, seg_images))
         variables = {"params": params}
         rngs = {"dropout": key}
         y_cls = teacher.apply(variables, cls_images, train=True, rngs=rngs,
-                              method=_classification_forward)
+                              method=_classification_forward).astype(jnp.float32)
         y_seg = teacher.apply(variables, seg_images, train=True, rngs=rngs,
-                              method=_segmentation_forward)
+                              method=_segmentation_forward).astype(jnp.float32)
         ones_cls = jnp.ones((cls_images.shape[0],), jnp.float32)
         ones_seg = jnp.ones((seg_images.shape[0],), jnp.float32)
         terms = {"classification": teacher.classification_module.task.loss(

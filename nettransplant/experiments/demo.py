@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from nettransplant import checkpoint, data, modules, problem, teachers
+from nettransplant import checkpoint, data, modules, parallel, problem, teachers
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
 from nettransplant.net import TeacherParts, TransplantNet, TransplantSettings, build_problem
@@ -101,6 +101,8 @@ def run(config, workdir: str | Path, *, category: str, num_samples: int,
         rows[f"{method}, {num_samples} samples"] = problem.evaluate(prob, params)
     results["transplant_cls_error"] = rows
     results["runtime_s"] = time.perf_counter() - start
+    if not parallel.is_primary():  # the result file comes from process 0
+        return results
     staging = workdir / ".demo_results.json.tmp"
     staging.write_text(json.dumps(results, indent=2))
     staging.replace(workdir / "demo_results.json")
