@@ -31,9 +31,10 @@ process
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -127,6 +128,8 @@ def _is_key(x: Any) -> bool:
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """One leaf onto ``sharding``, the same value on every process."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x  # already there (e.g. a state saved mid-training)
     if _is_key(x):  # key arrays travel as their raw data
         impl = jax.random.key_impl(x)
         return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=impl)
@@ -144,6 +147,22 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     deterministic data); the result is one global array per leaf.
     """
     return jax.tree.map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+def state_enters_replicated(step: Callable, mesh: Mesh) -> Callable:
+    """``step(state, *args)`` whose state is put replicated on ``mesh`` first.
+
+    A jitted step returns its state replicated (``out_shardings``); a fresh
+    state (uncommitted, or on one device) would otherwise enter with another
+    sharding and cost a second trace. A state already replicated passes
+    through untouched. ``.lower`` is the jitted step's (for cost analysis).
+    """
+    @functools.wraps(step)
+    def with_replicated_state(state, *args):
+        return step(replicate(state, mesh), *args)
+
+    with_replicated_state.lower = step.lower
+    return with_replicated_state
 
 
 def local(tree: Any) -> Any:

@@ -19,7 +19,13 @@ import optax
 
 from nettransplant import parallel
 from nettransplant.modules import Teacher
-from nettransplant.training import IndexStream, TrainState, guarded_update, train_loop
+from nettransplant.training import (
+    IndexStream,
+    NonFiniteError,
+    TrainState,
+    guarded_update,
+    train_loop,
+)
 
 LOG_EVERY = 50  # teacher steps between logged metrics
 
@@ -72,7 +78,7 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation,
         return sum(terms.values()), terms
 
     @partial(jax.jit, donate_argnums=0, out_shardings=parallel.replicated(mesh))
-    def step(state: TrainState, key, cls_images, cls_labels, seg_images, seg_masks):
+    def sharded_step(state: TrainState, key, cls_images, cls_labels, seg_images, seg_masks):
         parallel.check_divisible("teacher batch size", cls_images.shape[0], mesh)
         parallel.check_divisible("teacher segmentation batch size", seg_images.shape[0], mesh)
         cls_images, cls_labels, seg_images, seg_masks = parallel.constrain_batch(
@@ -82,7 +88,7 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation,
         new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer)
         return new_state, {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
 
-    return step
+    return parallel.state_enters_replicated(sharded_step, mesh)
 
 
 def _classification_forward(teacher: Teacher, images, train=False):
@@ -153,10 +159,15 @@ def train_teacher(teacher: Teacher, state: TrainState, *, cls_images: np.ndarray
         seg = parallel.shard_batch((seg_images[si], seg_masks[si]), mesh, seg_batch_size)
         return (jax.random.fold_in(key, i), *cls, *seg)
 
-    state, history = train_loop(
-        step_fn, parallel.replicate(state, mesh), step_args, num_steps=num_steps, start=start,
-        history=history, log_every=LOG_EVERY, checkpoint_every=checkpoint_every,
-        on_checkpoint=on_checkpoint, writer=writer, progress=progress, what=what)
+    try:
+        state, history = train_loop(
+            step_fn, parallel.replicate(state, mesh), step_args, num_steps=num_steps,
+            start=start, history=history, log_every=LOG_EVERY,
+            checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint, writer=writer,
+            progress=progress, what=what)
+    except NonFiniteError as e:
+        e.state = parallel.local(e.state)
+        raise
     return parallel.local(state), history
 
 

@@ -113,7 +113,7 @@ def make_train_step(transplant: Transplant, method: Method,
     mesh = mesh or parallel.data_mesh()
 
     @partial(jax.jit, donate_argnums=0, out_shardings=parallel.replicated(mesh))
-    def step(state: AdapterTrainState, frozen, scalars: TransplantScalars,
+    def sharded_step(state: AdapterTrainState, frozen, scalars: TransplantScalars,
              data: TransferData | None, draws, batch_index, draw_index):
         batch = draw_batch = None
         if data is not None:  # the labelled batch axis, split over ``data``
@@ -129,7 +129,7 @@ def make_train_step(transplant: Transplant, method: Method,
                    "param_norm": optax.tree.norm(new_state.params), "finite": finite}
         return new_state, metrics
 
-    return step
+    return parallel.state_enters_replicated(sharded_step, mesh)
 
 
 def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
@@ -177,7 +177,11 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
         draw_index = jnp.asarray(draw_stream.next()) if draws is not None else None
         return frozen, scalars, data, draws, batch_index, draw_index
 
-    state, history = train_loop(step, state, step_args, num_steps=num_steps,
-                                log_every=log_every, progress=progress, writer=writer,
-                                what=what)
+    try:
+        state, history = train_loop(step, state, step_args, num_steps=num_steps,
+                                    log_every=log_every, progress=progress, writer=writer,
+                                    what=what)
+    except NonFiniteError as e:
+        e.state = parallel.local(e.state)
+        raise
     return parallel.local(state), history

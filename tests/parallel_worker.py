@@ -43,7 +43,10 @@ REAL_ROWS = 6  # labelled rows; the last 2 of the batch are padding (masked out)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+    def name(k):  # dict key, dataclass field or list index
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+    return {"/".join(name(k) for k in path):
             np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
