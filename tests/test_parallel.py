@@ -136,3 +136,24 @@ def test_distributed_flags_must_come_together():
     with pytest.raises(ValueError, match=r"--process_id 2 is not in \[0, 2\)"):
         parallel.initialize_distributed("localhost:1234", 2, 2)
     assert parallel.initialize_distributed() is False  # no cluster here: one process
+
+
+def test_a_bfloat16_teacher_step_keeps_float32_parameters_and_learns():
+    import jax.numpy as jnp
+    import optax
+
+    from nettransplant import modules, teachers
+
+    teacher = modules.make_teacher(width=1 / 16, input_size=32)
+    optimizer = optax.sgd(0.1)
+    state = teachers.create_teacher_state(teacher, jax.random.key(0), 32, optimizer)
+    before = jax.tree.map(np.asarray, state.params)
+    step = teachers.make_teacher_step(teacher, optimizer, compute_dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+    state, metrics = step(state, jax.random.key(1), images, np.array([0, 1, 0, 1]), images,
+                          rng.integers(0, 2, (4, 32, 32)).astype(np.int32))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    leaves = jax.tree.leaves(state.params)
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), leaves))
