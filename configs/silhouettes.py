@@ -26,6 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.data = "silhouettes"  # the embedded benchmark (nettransplant.data)
+    # Devices: {axis: size}, -1 = every remaining device. Batches and draws are split
+    # over "data", parameters replicated (nettransplant.parallel; docs/scaling.md).
+    config.mesh = ml_collections.ConfigDict({"data": -1})
 
     # Categories (DESIGN.md §3): Exp. 1 runs inside every teacher of
     # ``categories``; Exps. 2-3 and Table 4 transplant ``target_categories`` to

@@ -1,11 +1,15 @@
-"""Step-time benchmark of back-distillation, side by side in one run.
+"""Step-time benchmark of back-distillation, side by side in one run, and its data-parallel scaling.
 
     python -m launch.benchmark --quick --json bench.json      # CPU, < 2 min
+    python -m launch.benchmark --quick --cpu_devices 8 --json bench.json   # + 1..8 fake devices
     python -m launch.benchmark --json bench_gpu.json          # VGG-16 at 224² (GPU)
+    python -m launch.benchmark --json bench_gpu.json --dtype bfloat16   # teachers in bf16
 
 ``--quick`` runs the embedded default's model sizes, adapter and S
 (configs/silhouettes.py); the full mode runs configs/voc_vgg16.py. The timing
-protocol is :mod:`nettransplant.experiments.step_benchmark`'s.
+protocol is :mod:`nettransplant.experiments.step_benchmark`'s; the scaling
+section (step time, throughput and MFU per device count) is
+:mod:`nettransplant.experiments.scaling_benchmark`'s.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import argparse
 import sys
 
 from configs import silhouettes, voc_vgg16
+from nettransplant import parallel
 from nettransplant.cli import run_main
-from nettransplant.experiments import step_benchmark
+from nettransplant.experiments import scaling_benchmark, step_benchmark
 
 # --quick: the embedded default's main adapter and the single-conv Exp. 3 adapter.
 QUICK_ADAPTERS = ("exp1_1conv", "exp3")
@@ -29,7 +34,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapters", default=None,
                         help=f"comma-separated subset of {list(step_benchmark.ADAPTERS)} "
                              f"(default: {QUICK_ADAPTERS} with --quick, all otherwise)")
+    parser.add_argument("--device_counts", "--device-counts", default=None,
+                        help="comma-separated device counts to scale over (default 1, 2, 4, "
+                             "… up to every device); 0 skips the scaling section")
+    parser.add_argument("--cpu_devices", "--cpu-devices", type=int, default=0,
+                        help="fake this many CPU devices (they share the same cores)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the teachers' compute dtype in the scaling section")
+    parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
+    if args.cpu_devices:
+        import jax
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
+    parallel.initialize_from_args(args)
     config = silhouettes.get_config() if args.quick else voc_vgg16.get_config()
     default = QUICK_ADAPTERS if args.quick else tuple(step_benchmark.ADAPTERS)
     names = [a for a in (args.adapters or ",".join(default)).split(",") if a]
@@ -38,7 +55,15 @@ def main(argv: list[str] | None = None) -> dict:
         config, mode="quick" if args.quick else "full", adapters=names, steps=steps,
         rounds=rounds, num_draws=64 if args.quick else config.transplant.num_draws)
     print(step_benchmark.format_table(results))
-    if args.json:
+    counts = (None if args.device_counts is None else
+              [int(n) for n in args.device_counts.split(",") if int(n) > 0])
+    if counts != []:
+        results["scaling"] = scaling_benchmark.run(
+            config, device_counts=counts, steps=5 if args.quick else 10, rounds=3,
+            num_draws=64 if args.quick else config.transplant.num_draws,
+            compute_dtype=None if args.dtype == "float32" else args.dtype)
+        print(scaling_benchmark.format_table(results["scaling"]))
+    if args.json and parallel.is_primary():
         step_benchmark.write_json(results, args.json)
         print(f"wrote {args.json}")
     return results

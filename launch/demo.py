@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from configs import silhouettes
-from nettransplant import data
+from nettransplant import data, parallel
 from nettransplant.cli import run_main
 from nettransplant.experiments import demo
 
@@ -24,11 +24,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--category", default="cat", choices=data.CATEGORIES)
     parser.add_argument("--quick", action="store_true", help="a shorter smoke run")
     parser.add_argument("--num-samples", type=int, default=10)
+    parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
+    parallel.initialize_from_args(args)
     config = silhouettes.get_config("quick" if args.quick else None)
     results = demo.run(config, args.workdir, category=args.category,
                        num_samples=args.num_samples)
-    print(demo.format_results(results))
+    if parallel.is_primary():
+        print(demo.format_results(results))
     return results
 
 

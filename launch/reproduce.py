@@ -5,6 +5,8 @@
     python -m launch.reproduce --workdir W --config.generic_category=elephant
     python -m launch.reproduce --workdir W --config configs/voc_vgg16.py \\
         --config.voc.manual_dir=D --config.pretrain.weights=vgg16.pth   # paper scale
+    python -m launch.reproduce --workdir W --coordinator_address=host0:1234 \\
+        --num_processes=2 --process_id=0   # (and =1 on host1): docs/scaling.md
 
 Everything happens in :func:`nettransplant.experiments.paper.run`; the layout of
 ``W`` is described in the README ("The main job"). The same command resumes an
@@ -21,7 +23,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 import configs
-from nettransplant import cli, report
+from nettransplant import cli, parallel, report
 from nettransplant.experiments import config as config_checks
 from nettransplant.experiments import paper
 from nettransplant.experiments.workdir import WorkdirLockedError
@@ -30,6 +32,7 @@ _DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
 _CONFIG = config_checks.define_config_flag(
     _DEFAULT_CONFIG, "experiment config (a configs/*.py file[:variant])")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce", "where everything is written")
+parallel.define_distributed_flags()
 
 
 def main(argv) -> int:
@@ -37,6 +40,7 @@ def main(argv) -> int:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return cli.EXIT_USAGE
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    parallel.initialize_from_flags()  # a multi-process run: before any other JAX call
     workdir = Path(_WORKDIR.value)
 
     def work() -> None:
@@ -44,6 +48,8 @@ def main(argv) -> int:
             results = paper.run(_CONFIG.value, workdir, progress=True)
         except WorkdirLockedError as e:
             raise cli.UsageError(str(e)) from None
+        if not parallel.is_primary():  # process 0 reports
+            return
         print(report.summary(results))
         print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.json, "
               f"results.md, fig5_pca.png, learning_curves.png; the transplant net in "

@@ -29,7 +29,9 @@ numbers.
 
 In a multi-process run every process calls :func:`save_checkpoint` and
 :func:`load_checkpoint` (orbax writes and reads collectively); process 0 moves
-the directories.
+the directories. Parameters are saved as arrays replicated over every device and
+restored onto each process's first device, so a checkpoint written by any
+number of processes restores in any other.
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Any, metadata: Mapping
         _sync("nettransplant.checkpoint.staging")
         # orbax itself writes into a temporary folder and renames it on commit.
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-        checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(params))
+        checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(_global(params)))
         if _primary():
             record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                       "params_sha256": tree_digest(params), "metadata": meta}
@@ -265,6 +267,23 @@ def _shared_tag() -> str:
     value = np.frombuffer(bytes.fromhex(tag), np.uint8).astype(np.int32)
     shared = multihost_utils.broadcast_one_to_all(value)
     return bytes(np.asarray(shared, np.uint8).tolist()).hex()
+
+
+def _global(tree: Any) -> Any:
+    """Multi-process: orbax saves only global arrays, so replicate host-local leaves."""
+    if jax.process_count() == 1:
+        return tree
+    from nettransplant import parallel
+    return parallel.replicate(tree, parallel.data_mesh())
+
+
+def _abstract(tree: Any) -> Any:
+    """Shapes and dtypes to restore into, on this process's first device (any topology)."""
+    from nettransplant import parallel
+    sharding = parallel.local_sharding()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(  # arrays or orbax's array metadata
+        tuple(getattr(x, "shape", np.shape(x))), jnp.result_type(getattr(x, "dtype", x)),
+        sharding=sharding), tree)
 
 
 def _sync(name: str) -> None:
@@ -401,11 +420,12 @@ def _restore(path: Path, target: Any | None) -> Any:
                                   f"{shown}")
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     try:
-        if target is None:
-            return checkpointer.restore(params_path)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), target)
-        return checkpointer.restore(params_path, args=ocp.args.StandardRestore(abstract))
+        if target is None:  # the stored tree's shapes (orbax needs a target across topologies)
+            meta = checkpointer.metadata(params_path)
+            tree = getattr(meta, "item_metadata", meta)
+            target = getattr(tree, "tree", tree)
+        return checkpointer.restore(params_path,
+                                    args=ocp.args.StandardRestore(_abstract(target)))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable data
         raise CheckpointError(
             f"corrupt checkpoint {path}: cannot restore {PARAMS_DIR}/ ({_short(e)}); move it "
@@ -448,7 +468,7 @@ class TrainingCheckpoints:
         meta = _checked_metadata({"fingerprint": self.fingerprint, "step": int(step),
                                   "history": list(history), "state_sha256": tree_digest(state)})
         self._open().save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta)))
 
     def restore(self, target: Any) -> tuple[Any, list] | None:
         """``(state, history)`` of the latest save, or None if there is none.
@@ -464,10 +484,8 @@ class TrainingCheckpoints:
             step = manager.latest_step()
             if step is None:
                 return None
-            abstract = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), target)
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged folders
             raise CheckpointError(
                 f"damaged resumable state {self.directory}: {_short(e)}") from e

@@ -9,6 +9,10 @@ linear least-squares problem. The features are the im2col patches of ``G_h``
 (``k·k·M`` per position); each input channel of the conv is one right-hand
 side. One ridge-regularised solve of the ``(k²M) × (k²M)`` normal equations
 gives the optimum; biases do not enter ``D'`` and are set to zero.
+
+The normal equations are sums over draws, so they are accumulated data
+parallel: each device of the mesh sums its share of the draws and a ``psum``
+adds the shares (:func:`normal_equations`); the small solve runs on the host.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from nettransplant import layers as L
+from nettransplant import parallel
 from nettransplant.objectives import ChainCache, TransplantScalars
 from nettransplant.transplant import Transplant
 
@@ -36,10 +42,9 @@ def _patches(g: Array, k: int) -> Array:
     return jnp.stack(shifted, axis=3).reshape(-1, k * k * g.shape[-1])
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
 def _normal_equations(k: int, perm: tuple[int, ...] | None, chunk: int, g_h: Array, d_t: Array,
                       scale: Array) -> tuple[Array, Array]:
-    """``(Σ pᵀp, Σ pᵀt)`` over all draws, accumulated ``chunk`` draws at a time."""
+    """``(Σ pᵀp, Σ pᵀt)`` over the draws given, accumulated ``chunk`` draws at a time."""
     n, m = g_h.shape[0], g_h.shape[-1]
     target = d_t if perm is None else d_t[..., np.asarray(perm)]
     target = target / scale
@@ -59,10 +64,51 @@ def _normal_equations(k: int, perm: tuple[int, ...] | None, chunk: int, g_h: Arr
     return jax.lax.scan(accumulate, init, (g_h, target))[0]
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _sharded_normal_equations(mesh: jax.sharding.Mesh, k: int, perm: tuple[int, ...] | None,
+                              chunk: int, g_h: Array, d_t: Array, scale: Array
+                              ) -> tuple[Array, Array]:
+    def shard_sums(g, t, s):  # this device's draws, then the sum over devices
+        gram, rhs = _normal_equations(k, perm, chunk, g, t, s)
+        return jax.lax.psum(gram, parallel.DATA_AXIS), jax.lax.psum(rhs, parallel.DATA_AXIS)
+
+    draws = P(parallel.DATA_AXIS)
+    # check_vma=False: the scan's zero initial sums are device-invariant, its
+    # partial sums are not; the psum makes the result invariant again.
+    return jax.shard_map(shard_sums, mesh=mesh, in_specs=(draws, draws, P()),
+                         out_specs=(P(), P()), check_vma=False)(g_h, d_t, scale)
+
+
+def normal_equations(k: int, perm: tuple[int, ...] | None, g_h: Array, d_t: Array,
+                     scale: Array, *, chunk: int = 8, mesh: jax.sharding.Mesh | None = None
+                     ) -> tuple[Array, Array]:
+    """The closed form's normal equations, summed over draws split across ``mesh``'s devices.
+
+    Args:
+      k, perm: the adapter's kernel size and channel reorder (None: none).
+      g_h: ``G_h`` of ``N`` draws, ``(N, h, w, M)``; d_t: their ``D'_T``, same shape.
+      scale: ``α·β``.
+      chunk: draws per accumulation step on a device (bounds memory).
+      mesh: default every device on one ``data`` axis. ``N`` is padded with
+        zero draws to a multiple of the ``data`` size: they add nothing to either sum.
+    Returns:
+      ``(gram (k²M, k²M), rhs (k²M, M))``, replicated.
+    """
+    mesh = mesh or parallel.data_mesh()
+    devices = parallel.data_size(mesh)
+    pad = (-g_h.shape[0]) % devices
+    if pad:
+        g_h, d_t = (jnp.pad(a, ((0, pad),) + ((0, 0),) * 3) for a in (g_h, d_t))
+    per_device = g_h.shape[0] // devices
+    g_h, d_t, scale = parallel.replicate((g_h, d_t, jnp.asarray(scale)), mesh)
+    return _sharded_normal_equations(mesh, k, perm, min(chunk, per_device), g_h, d_t, scale)
+
+
 def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
                               scalars: TransplantScalars, *, ridge: float = 1e-6,
-                              num_draws: int | None = None,
-                              chunk: int = 8) -> dict[str, dict[str, Array]]:
+                              num_draws: int | None = None, chunk: int = 8,
+                              mesh: jax.sharding.Mesh | None = None
+                              ) -> dict[str, dict[str, Array]]:
     """Adapter params minimising ``E ‖α D'_S − D'_T‖²`` over the draws in ``cache``.
 
     Args:
@@ -73,6 +119,7 @@ def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
         The system has only ``k²M`` unknowns per channel and every draw
         contributes ``h·w`` equations, so a few dozen draws determine it.
       chunk: draws per accumulation step (bounds memory).
+      mesh: the devices the draws are split over (:func:`normal_equations`).
     Returns:
       ``{"adapter_conv1": {"kernel": (k, k, M, M), "bias": zeros(M)}}``.
     Raises:
@@ -92,8 +139,9 @@ def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
     perm = adapter.permutation()
     perm = None if perm is None else tuple(int(p) for p in perm)
     n = num_draws or cache.num_draws
-    gram, rhs = _normal_equations(k, perm, min(chunk, n), cache.student_task_gradient[:n],
-                                  cache.teacher_gradient[:n], scalars.alpha * scalars.beta)
+    gram, rhs = normal_equations(k, perm, cache.student_task_gradient[:n],
+                                 cache.teacher_gradient[:n], scalars.alpha * scalars.beta,
+                                 chunk=chunk, mesh=mesh)
     gram64, rhs64 = np.asarray(gram, np.float64), np.asarray(rhs, np.float64)
     gram64 += ridge * np.mean(np.diag(gram64)) * np.eye(gram64.shape[0])
     solution = np.linalg.solve(gram64, rhs64)  # rows (a, b, c_out), columns c_in
@@ -104,8 +152,8 @@ def solve_single_conv_adapter(transplant: Transplant, cache: ChainCache,
 
 
 def warm_start_adapter(transplant: Transplant, cache: ChainCache, scalars: TransplantScalars,
-                       *, ridge: float = 1e-6, num_draws: int | None = None
-                       ) -> dict[str, dict[str, Array]]:
+                       *, ridge: float = 1e-6, num_draws: int | None = None,
+                       mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, Array]]:
     """The single-conv optimum embedded in an adapter of any depth.
 
     The first conv gets the closed form of the same adapter cut to one conv;
@@ -118,7 +166,8 @@ def warm_start_adapter(transplant: Transplant, cache: ChainCache, scalars: Trans
     """
     adapter = transplant.adapter
     single = dataclasses.replace(transplant, adapter=adapter.clone(num_convs=1))
-    first = solve_single_conv_adapter(single, cache, scalars, ridge=ridge, num_draws=num_draws)
+    first = solve_single_conv_adapter(single, cache, scalars, ridge=ridge, num_draws=num_draws,
+                                      mesh=mesh)
     params = adapter.ideal_params(1.0)  # identities after the first conv
     params["adapter_conv1"] = first["adapter_conv1"]
     return params

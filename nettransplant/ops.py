@@ -358,7 +358,7 @@ def dropout_mask(key: Array, shape: Sequence[int], rate: float) -> Array:
 
 def dropout(x: Array, mask: Array | None) -> Array:
     """``x * mask`` (``mask`` from :func:`dropout_mask`); None = evaluation mode."""
-    return x if mask is None else x * mask
+    return x if mask is None else x * mask.astype(x.dtype)  # keeps bfloat16 activations
 
 
 def dropout_vjp(g: Array, mask: Array | None) -> Array:

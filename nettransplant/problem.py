@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import closed_form, evaluation, objectives, tasks
+from nettransplant import closed_form, evaluation, objectives, parallel, tasks
 from nettransplant import train as train_lib
 from nettransplant.layers import DummySpec
 from nettransplant.modules import CategoryModule
@@ -151,17 +151,18 @@ def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: fl
                              live)
 
 
-def zero_sample_solution(problem: TransplantProblem, *, ridge: float, num_draws: int
-                         ) -> tuple[Params, bool]:
+def zero_sample_solution(problem: TransplantProblem, *, ridge: float, num_draws: int,
+                         mesh: jax.sharding.Mesh | None = None) -> tuple[Params, bool]:
     """Back-distillation's starting point and whether it is the exact zero-sample optimum.
 
     Single-conv adapters: the closed form (exact). Deeper adapters: the closed
     form in the first conv and identities after it (``closed_form.warm_start_adapter``),
-    which gradient descent then refines.
+    which gradient descent then refines. The normal equations are summed over
+    draws split across ``mesh`` (default: every device).
     """
     params = closed_form.warm_start_adapter(
         problem.transplant, problem.cache, problem.scalars, ridge=ridge,
-        num_draws=min(num_draws, problem.cache.num_draws))
+        num_draws=min(num_draws, problem.cache.num_draws), mesh=mesh)
     return params, problem.transplant.adapter.num_convs == 1
 
 
@@ -175,16 +176,22 @@ def transfer_data(problem: TransplantProblem, images: np.ndarray, targets: np.nd
 
 
 class StepCache:
-    """One jitted train step per (transplant, method): problems of one shape share it."""
+    """One jitted train step per (transplant, method): problems of one shape share it.
 
-    def __init__(self, optimizer: optax.GradientTransformation):
+    ``mesh``: the devices the steps run on, data parallel (default: every device).
+    """
+
+    def __init__(self, optimizer: optax.GradientTransformation,
+                 mesh: jax.sharding.Mesh | None = None):
         self.optimizer = optimizer
+        self.mesh = mesh or parallel.data_mesh()
         self._steps: dict[tuple, train_lib.StepFn] = {}
 
     def __call__(self, transplant: Transplant, method: str) -> train_lib.StepFn:
         key = (transplant, method)
         if key not in self._steps:
-            self._steps[key] = train_lib.make_train_step(transplant, method, self.optimizer)
+            self._steps[key] = train_lib.make_train_step(transplant, method, self.optimizer,
+                                                         mesh=self.mesh)
         return self._steps[key]
 
 
@@ -206,7 +213,7 @@ def fit(problem: TransplantProblem, method: str, steps: StepCache, *,
         steps(problem.transplant, method), state, problem.frozen, problem.scalars,
         num_steps=num_steps, data=data if num_samples else None, num_samples=num_samples,
         batch_size=batch_size, draws=draws, draws_per_step=draws_per_step, seed=seed,
-        progress=progress, log_every=log_every)
+        progress=progress, log_every=log_every, mesh=steps.mesh)
     return state.params, history
 
 

@@ -7,6 +7,11 @@ ever formed. Back-back-propagation is ``jax.value_and_grad`` through the
 adapter's pseudo chain; the frozen chains come from a :class:`ChainCache`
 (``recompute_chains=True`` builds the naive step that recomputes them every
 step, for benchmarks and tests).
+
+Steps are data parallel over a device mesh (:mod:`nettransplant.parallel`):
+θ_h, its optimizer state, the frozen parameters and the cached bank are
+replicated; each step's labelled batch and its batch of draws are split over
+the ``data`` axis, so a step's batch and draw counts must divide by its size.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nettransplant import parallel
 from nettransplant.objectives import (
     ChainCache,
     Method,
@@ -72,13 +78,17 @@ StepFn = Callable[..., tuple[AdapterTrainState, dict[str, Array]]]
 def make_train_step(transplant: Transplant, method: Method,
                     optimizer: optax.GradientTransformation, *,
                     weights: ObjectiveWeights | None = None,
-                    recompute_chains: bool = False) -> StepFn:
+                    recompute_chains: bool = False,
+                    mesh: jax.sharding.Mesh | None = None) -> StepFn:
     """A jitted ``step(state, frozen, scalars, data, draws, batch_index, draw_index)``.
 
     Args:
       method: ``"direct-learn"``, ``"distill"``, ``"back-distill"`` or ``"jacobian"``.
       recompute_chains: ``draws`` is a :class:`RawDraws` and the frozen task
         modules' chains are recomputed inside the step (the naive baseline).
+      mesh: the devices, data parallel (default: every device on one ``data``
+        axis). The state comes back replicated; ``B`` and ``B_d`` must divide by
+        the ``data`` axis' size (a ValueError names both numbers).
     Step args:
       state: :class:`AdapterTrainState` (donated).
       frozen: the frozen modules' params (from :func:`split_params`).
@@ -100,11 +110,18 @@ def make_train_step(transplant: Transplant, method: Method,
                                 draw_batch, weights)
         return sum(terms.values()), terms
 
-    @partial(jax.jit, donate_argnums=0)
-    def step(state: AdapterTrainState, frozen, scalars: TransplantScalars,
+    mesh = mesh or parallel.data_mesh()
+
+    @partial(jax.jit, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+    def sharded_step(state: AdapterTrainState, frozen, scalars: TransplantScalars,
              data: TransferData | None, draws, batch_index, draw_index):
-        batch = None if data is None else data.take(batch_index)
-        draw_batch = None if draws is None else draws.take(draw_index)
+        batch = draw_batch = None
+        if data is not None:  # the labelled batch axis, split over ``data``
+            parallel.check_divisible("adapter batch size", batch_index.shape[0], mesh)
+            batch = parallel.constrain_batch(data.take(batch_index), mesh)
+        if draws is not None:  # the draws axis of the cached bank, split over ``data``
+            parallel.check_divisible("draws per step", draw_index.shape[0], mesh)
+            draw_batch = parallel.constrain_batch(draws.take(draw_index), mesh)
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, frozen, scalars, batch, draw_batch)
         new_state, grad_norm, finite = guarded_update(state, grads, loss, optimizer)
@@ -112,7 +129,7 @@ def make_train_step(transplant: Transplant, method: Method,
                    "param_norm": optax.tree.norm(new_state.params), "finite": finite}
         return new_state, metrics
 
-    return step
+    return parallel.state_enters_replicated(sharded_step, mesh)
 
 
 def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
@@ -120,7 +137,8 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
                   data: TransferData | None = None, num_samples: int = 0, batch_size: int = 32,
                   draws: ChainCache | RawDraws | None = None, draws_per_step: int = 8,
                   seed: int = 0, progress: bool | str = True,
-                  log_every: int = 1, writer=None, what: str = "train adapter"
+                  log_every: int = 1, writer=None, what: str = "train adapter",
+                  mesh: jax.sharding.Mesh | None = None
                   ) -> tuple[AdapterTrainState, list[dict[str, float]]]:
     """Run ``num_steps`` steps of :func:`make_train_step`'s step with :func:`training.train_loop`.
 
@@ -129,6 +147,8 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
       draws: the bank of cached draws, or None.
       progress: show a progress bar (a string sets its description).
       writer: a metric writer for the logged steps.
+      mesh: the mesh ``step`` was made for (default: every device). The
+        arguments are replicated on it once; the returned state is host-local.
     Returns:
       The final state and the logged metrics.
     Raises:
@@ -139,14 +159,29 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
         raise ValueError(
             f"data holds {data.size} rows, fewer than batch_size {batch_size}; "
             "pad it with make_transfer_data(..., pad_to=batch_size)")
+    mesh = mesh or parallel.data_mesh()
+    if data is not None:
+        parallel.check_divisible(f"{what}: batch_size", batch_size, mesh)
+    if draws is not None:
+        parallel.check_divisible(f"{what}: draws_per_step",
+                                 min(draws_per_step, draws.num_draws), mesh)
     batches = IndexStream(num_samples, batch_size, seed)
     draw_stream = (IndexStream(draws.num_draws, min(draws_per_step, draws.num_draws), seed + 1)
                    if draws is not None else None)
+    # Once per run, not per step: the step reads its batch out of these replicas.
+    frozen, scalars, data, draws, state = parallel.replicate(
+        (frozen, scalars, data, draws, state), mesh)
 
     def step_args(_):
         batch_index = jnp.asarray(batches.next()) if data is not None else None
         draw_index = jnp.asarray(draw_stream.next()) if draws is not None else None
         return frozen, scalars, data, draws, batch_index, draw_index
 
-    return train_loop(step, state, step_args, num_steps=num_steps, log_every=log_every,
-                      progress=progress, writer=writer, what=what)
+    try:
+        state, history = train_loop(step, state, step_args, num_steps=num_steps,
+                                    log_every=log_every, progress=progress, writer=writer,
+                                    what=what)
+    except NonFiniteError as e:
+        e.state = parallel.local(e.state)
+        raise
+    return parallel.local(state), history

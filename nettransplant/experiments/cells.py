@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from nettransplant import parallel
 from nettransplant.files import write_atomically
 from nettransplant.progress import message
 
@@ -112,7 +113,12 @@ class CellStore:
 
     def save(self, experiment: str, category: str, name: str, key: str,
              record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-        """Write a finished cell: the arrays first, then the JSON that marks it complete."""
+        """Write a finished cell: the arrays first, then the JSON that marks it complete.
+
+        In a multi-process run process 0 writes (every process computed the same cell).
+        """
+        if not parallel.is_primary():
+            return
         record_path, arrays_path = self._paths(experiment, category, name, key)
         record_path.parent.mkdir(parents=True, exist_ok=True)
         if arrays:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from nettransplant import checkpoint, data, modules, problem, teachers
+from nettransplant import checkpoint, data, modules, parallel, problem, teachers
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
 from nettransplant.files import write_atomically
@@ -102,7 +102,8 @@ def run(config, workdir: str | Path, *, category: str, num_samples: int,
         rows[f"{method}, {num_samples} samples"] = problem.evaluate(prob, params)
     results["transplant_cls_error"] = rows
     results["runtime_s"] = time.perf_counter() - start
-    write_atomically(workdir / "demo_results.json", json.dumps(results, indent=2))
+    if parallel.is_primary():  # the result file comes from process 0
+        write_atomically(workdir / "demo_results.json", json.dumps(results, indent=2))
     return results
 
 

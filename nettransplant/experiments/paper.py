@@ -22,6 +22,7 @@ failed (``results.json`` ``failed_cells``) and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 import optax
 
-from nettransplant import data, metric_writers, modules, problem, report
+from nettransplant import data, metric_writers, modules, parallel, problem, report
 from nettransplant import train as adapter_training
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
@@ -121,7 +122,8 @@ class Runner:
         self.store, self.logdir = store, logdir
         tc = config.transplant
         self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
-        self.steps = problem.StepCache(optax.adam(tc.learning_rate))
+        self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
+        self.steps = problem.StepCache(optax.adam(tc.learning_rate), mesh=self.mesh)
         self.channels = modules.category_channels(config.model.width)
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
@@ -176,7 +178,7 @@ class Runner:
             key=problem_key(c, experiment, target), beta=beta,
             test_images=data.normalize_images(view.images), test_targets=task.targets(view))
         warm_start, exact = problem.zero_sample_solution(
-            prob, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws)
+            prob, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws, mesh=self.mesh)
         residual = operations.warm_start_residual(prob, warm_start, lambda0)
         return prob, warm_start, exact, residual
 
@@ -312,7 +314,7 @@ class Runner:
             num_steps=tc.num_steps, data=transfer if n else None, num_samples=n,
             batch_size=tc.batch_size, draws=prob.cache if method == "back-distill" else None,
             draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
-            log_every=tc.log_every, writer=writer, what=what)
+            log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh)
         return state.params, history
 
     def _absorb(self, record: dict, arrays: dict, experiment: str, target: str, method: str,
@@ -446,7 +448,9 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     except OSError as e:
         raise PermissionError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
     check_writable(workdir)
-    with WorkdirLock(workdir):
+    # One run per workdir; the processes of one multi-process run share it, and process 0
+    # holds the lock for them all.
+    with WorkdirLock(workdir) if parallel.is_primary() else contextlib.nullcontext():
         check_writable(*(workdir / d for d in ("teachers", cells_lib.CELLS_DIR, "logs", "net")))
         return _run_locked(config, workdir, start, progress)
 
@@ -535,6 +539,10 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
                   net: TransplantNet | None) -> None:
     """results.json, results.md, the curves, Fig. 5 and the transplant net ``W/net``."""
     from nettransplant.net import io as net_io
+    if net is not None:  # every process: orbax writes collectively
+        net_io.export_net(net, workdir / "net", overwrite=True)
+    if not parallel.is_primary():  # result files come from process 0
+        return
     # Each output replaces its previous version in one rename: a full disk or a kill
     # leaves the last complete version, never half a file.
     write_atomically(workdir / "results.json", json.dumps(results, indent=2))
@@ -549,8 +557,6 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
             report.plot_fig5(runner.fig5, path,
                              title=f"Exp. 1, 3-conv adapter, {config.categories[0]}, "
                                    f"{fig5_count(config)} samples")
-    if net is not None:
-        net_io.export_net(net, workdir / "net", overwrite=True)
 
 
 def failed_cells_markdown(results: dict) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from nettransplant import closed_form, objectives, train
+from nettransplant import closed_form, objectives, parallel, train
 from nettransplant.adapter import Adapter
 from nettransplant.files import write_atomically
 from nettransplant.modules import CategoryModule, ClassificationTaskModule, category_channels
@@ -54,6 +54,11 @@ class StepTimer:
     @property
     def median_s(self) -> float:
         return statistics.median(self.rounds)
+
+
+def one_device():
+    """The step kinds are compared on one device (scaling_benchmark covers more)."""
+    return parallel.data_mesh(jax.devices()[:1])
 
 
 def build_transplant(config, adapter_spec: tuple[int, int]) -> tuple[Transplant, dict]:
@@ -98,7 +103,8 @@ def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws:
     optimizer = optax.adam(t.learning_rate)
 
     def timer(name, method, data_arg, draws, b_idx, d_idx, n, recompute=False):
-        step = train.make_train_step(transplant, method, optimizer, recompute_chains=recompute)
+        step = train.make_train_step(transplant, method, optimizer, recompute_chains=recompute,
+                                     mesh=one_device())
         state = train.create_train_state(adapter_params, optimizer)
         return StepTimer(name, step, state, (frozen, scalars, data_arg, draws, b_idx, d_idx), n)
 
@@ -129,7 +135,7 @@ def time_to_loss(transplant, adapter_params, frozen, cache, scalars, config) -> 
     def solve():
         return closed_form.solve_single_conv_adapter(
             transplant, cache, scalars, ridge=t.closed_form_ridge,
-            num_draws=min(t.closed_form_draws, cache.num_draws))
+            num_draws=min(t.closed_form_draws, cache.num_draws), mesh=one_device())
 
     full_loss = jax.jit(lambda p: objectives.back_distill_term(transplant, p, cache, scalars))
     _block(solve())  # compile
@@ -139,7 +145,7 @@ def time_to_loss(transplant, adapter_params, frozen, cache, scalars, config) -> 
     closed_form_s = time.perf_counter() - start
 
     optimizer = optax.adam(t.learning_rate)
-    step = train.make_train_step(transplant, "back-distill", optimizer)
+    step = train.make_train_step(transplant, "back-distill", optimizer, mesh=one_device())
     state = train.create_train_state(adapter_params, optimizer)
     stream = train.IndexStream(cache.num_draws, t.draws_per_step, config.seed)
     warm = train.create_train_state(adapter_params, optimizer)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import checkpoint, convert, data, evaluation, metric_writers, modules
+from nettransplant import checkpoint, convert, data, evaluation, metric_writers, modules, parallel
 from nettransplant import teachers as teacher_lib
 from nettransplant.data import benchmarks
 from nettransplant.net import io as net_io
@@ -111,6 +111,7 @@ class TeacherZoo:
         self.trained: list[str] = []  # names trained (not reused) by this zoo
         self._params: dict[str, Any] = {}
         self._steps: dict = {}
+        self.mesh = parallel.mesh_from_config(config.get("mesh"))  # teachers train data parallel
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -184,7 +185,7 @@ class TeacherZoo:
         if (teacher, learning_rate) not in self._steps:  # one compilation per shape
             optimizer = optax.adam(learning_rate)
             self._steps[teacher, learning_rate] = (
-                optimizer, teacher_lib.make_teacher_step(teacher, optimizer))
+                optimizer, teacher_lib.make_teacher_step(teacher, optimizer, mesh=self.mesh))
         optimizer, step_fn = self._steps[teacher, learning_rate]
         params = self._reusable(final, fingerprint, init_params)
         partial_dir = self.root / f"{name}.partial"
@@ -221,7 +222,7 @@ class TeacherZoo:
                 seed=seed, progress=f"teacher {name}" if self.progress else False,
                 history=history, checkpoint_every=self.config.teacher.checkpoint_every,
                 on_checkpoint=lambda s, h: partial.save(int(s.step), s.as_tree(), h),
-                step_fn=step_fn, writer=writer, what=f"teacher {name}")
+                step_fn=step_fn, writer=writer, what=f"teacher {name}", mesh=self.mesh)
         finally:
             if writer is not None:
                 writer.close()
