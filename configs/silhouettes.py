@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # over "data", parameters replicated (nettransplant.parallel; docs/scaling.md).
     config.mesh = ml_collections.ConfigDict({"data": -1})
 
-    # Categories (DESIGN.md §3): Exp. 1 runs inside every teacher of
+    # Categories (paper Sec. 4): Exp. 1 runs inside every teacher of
     # ``categories``; Exps. 2-3 and Table 4 transplant ``target_categories`` to
     # the task modules of ``generic_category`` / of leave-one-out modules.
     config.categories = MAMMALS
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Leave-one-out generic modules: "any training category vs object-free scenes".
     config.teacher.generic_images = 1600  # positives (and as many scenes) per module
 
-    # Back-distillation (paper Sec. 3; DESIGN.md §2).
+    # Back-distillation (paper Sec. 3; README "Back-distillation").
     config.transplant = ml_collections.ConfigDict()
     config.transplant.score_size = 7  # S of the enlarged classification G_y'
     config.transplant.positive_fraction = 0.2  # x_rand: 20 % positive entries

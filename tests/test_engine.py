@@ -1,15 +1,18 @@
-"""The back-distillation engine proves the paper's claims (DESIGN §2, §5).
+"""The back-distillation engine proves the paper's claims (Eqs. 2-4, known answers).
 
-* Exp. 1 has a known answer: with ``f`` and ``g_S = g_T`` from one net, a reorder
-  ``R`` and the adapter ``R⁻¹/β``, the back-distill loss is 0 and the transplant
-  net reproduces the teacher (insight 4).
-* The single-conv adapter has a closed form (insight 3): it is the least-squares
+* Exp. 1 has a known answer: with ``f`` and ``g_S = g_T`` from one net (β = 1), a
+  reorder ``R`` and the adapter ``R⁻¹``, the back-distill loss is 0 and the
+  transplant net reproduces the teacher.
+* The scale toy ``g_T(x) = g_S(c·x)`` with β = c has a known answer too: α = 1,
+  the functional match (``R⁻¹`` after β) has zero loss and the closed form
+  recovers it (α counts β once).
+* The single-conv adapter has a closed form: it is the least-squares
   solution of an explicitly built design matrix, the optimum Adam converges to,
-  and it recovers ``R⁻¹/β`` from a few draws.
+  and it recovers the ideal adapter from a few draws.
 * The gradient w.r.t. θ_h is ``jax.grad`` of an independent naive loss that
   recomputes the whole chain with ``jax.vjp``/``jax.linear_transpose`` of the
   surrogate forwards, and matches finite differences.
-* Cached frozen chains (insight 1) give the same losses, gradients and parameters
+* Cached frozen chains give the same losses, gradients and parameters
   as a step that recomputes them.
 
 Setting: VGG-16 at width 1/8 (``x`` has M = 8 channels), 32×32 images, the

@@ -1,4 +1,4 @@
-"""Modules: the explicit chains prove themselves against JAX (DESIGN §5, insight 5).
+"""Modules: the explicit chains prove themselves against JAX (real and pseudo derivatives).
 
 * With real derivatives (ReLU masks of the actual activations, arg-max routing,
   dropout masks) the explicit chain equals ``jax.vjp`` of the real forward (Eq. 4a).
@@ -359,7 +359,7 @@ def test_pseudo_gradient_ignores_biases_and_input_features(name, seed, bias_scal
     assert_close(pseudo, surrogate_vjp)
     # The real gradient D (Eq. 4a) does move with the features and biases.
     assert not np.allclose(other_real, real)
-    # Parameters are jit arguments: new values reuse the one compilation (insight 2).
+    # Parameters are jit arguments: new values reuse the one compilation.
     assert len(traces) == 1
 
 
