@@ -131,6 +131,8 @@ class Runner:
         # {experiment: {target: back-distillation loss of the warm start / λ0}}: the
         # share of the teacher's pseudo-gradient the best single conv leaves unexplained.
         self.residual: dict = {}
+        # {experiment: {target: {"alpha", "beta", "lambda"}}}: each transplant problem's scalars.
+        self.scalars: dict = {}
         # {experiment: {target: {method: {n: %}}}}: each run's metric on its own labelled
         # samples, to tell a method that generalises badly from one that has not fit.
         self.train_fit: dict = {}
@@ -323,6 +325,8 @@ class Runner:
         """Add one finished cell (run now or read back) to the job's results."""
         out.setdefault(method, {})[str(n)] = record["metric"]
         self.residual.setdefault(experiment, {})[target] = record["warm_start_residual"]
+        # α, β, λ are fixed per transplant problem: every cell of it records the same.
+        self.scalars.setdefault(experiment, {})[target] = record["scalars"]
         if n:
             self.train_fit.setdefault(experiment, {}).setdefault(target, {}).setdefault(
                 method, {})[str(n)] = record["train_fit"]
@@ -525,6 +529,7 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
         }
     bar.close()
     results["live_draw_fraction"] = live
+    results["scalars"] = runner.scalars
     results["warm_start_residual"] = {
         e: {**r, "avg": float(np.mean(list(r.values())))} for e, r in runner.residual.items()}
     results["train_fit"] = {e: with_avg(cells) for e, cells in runner.train_fit.items()}
