@@ -2,9 +2,9 @@
 
     python -m launch.demo --workdir workdir/demo [--category cat] [--quick]
 
-Runs :func:`nettransplant.experiments.demo.run` (about 5 minutes on a 2-core
-CPU; ``--quick``: under a minute) and prints its table; writes
-``demo_results.json`` and the teacher checkpoint to ``--workdir``.
+Runs :func:`nettransplant.experiments.demo.run` (``--quick``: under a minute on a
+2-core CPU) and prints its table; writes ``demo_results.json`` and the teacher
+checkpoint to ``--workdir``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A five-minute tour on the embedded data: train one teacher, transplant its category module.
+"""A short tour on the embedded data: train one teacher, transplant its category module.
 
 :func:`run` is what ``python -m launch.demo`` calls:
 
