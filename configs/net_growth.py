@@ -5,8 +5,8 @@
 
 Reuses the main job's teachers in ``W/teachers`` (trains the missing ones with
 the main job's settings) and writes ``W/growth/results.json`` and
-``W/growth/results.md``; about 6 minutes on a 2-core CPU with the teachers
-present (quick: under 2 minutes, teachers included).
+``W/growth/results.md``; 589 s measured with the teachers present, on a 2-core
+CPU shared with other work.
 
 * **Choosing the task module**: every target category is transplanted onto
   every other category's task module (back-distill, ``growth.samples``
