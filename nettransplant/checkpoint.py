@@ -470,6 +470,11 @@ class TrainingCheckpoints:
         self._open().save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta)))
 
+    def _latest(self):
+        """The orbax manager and the step of its latest save (None: no save)."""
+        manager = self._open()
+        return manager, manager.latest_step()
+
     def restore(self, target: Any) -> tuple[Any, list] | None:
         """``(state, history)`` of the latest save, or None if there is none.
 
@@ -480,8 +485,7 @@ class TrainingCheckpoints:
         if not self.exists():
             return None
         try:
-            manager = self._open()
-            step = manager.latest_step()
+            manager, step = self._latest()
             if step is None:
                 return None
             restored = manager.restore(step, args=ocp.args.Composite(
@@ -504,8 +508,7 @@ class TrainingCheckpoints:
         if not self.exists():
             return None
         try:
-            manager = self._open()
-            step = manager.latest_step()
+            manager, step = self._latest()
             if step is None:
                 return None
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
