@@ -48,10 +48,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # The shared backbone every teacher starts from (10-way classification of
     # all categories + segmentation); 0 steps: teachers start from scratch.
+    # These settings are the shipped backbone's (nettransplant/pretrained/, built by
+    # `python -m launch.pretrain`, ~25 min on a 2-core CPU): with ``shipped`` on, the
+    # main job loads it instead of training it whenever seed, data, model and these
+    # fields match; change any of them (or set shipped=False) and it trains.
     config.pretrain = ml_collections.ConfigDict()
-    config.pretrain.num_steps = 1500
+    config.pretrain.num_steps = 8000
     config.pretrain.batch_size = 32
     config.pretrain.learning_rate = 3e-4
+    config.pretrain.renderings = 4  # the 8,000 training silhouettes in 4 scenes each
+    config.pretrain.shipped = True
     # A torchvision VGG-16 state dict (.pth / .safetensors): teachers start from it
     # instead (full width at 224² only; configs/voc_vgg16.py).
     config.pretrain.weights = ""
@@ -90,6 +96,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.beta_images = 200  # unlabelled images per side for β
     config.transplant.log_every = 5  # learning-curve resolution (steps)
 
+    # The Jacobian-matching baseline's loss (README "Methods"): task · (the task loss on
+    # the labelled samples) + output_matching · CrossEntropy(y_S, y_T) (the teacher's
+    # soft outputs) + jacobian · E‖J_S/‖J_S‖ − J_T/‖J_T‖‖² (input Jacobians of a random
+    # output projection). All 1: no term is favoured, and nothing is tuned on test data.
+    config.jacobian_baseline = ml_collections.ConfigDict()
+    config.jacobian_baseline.task = 1.0
+    config.jacobian_baseline.output_matching = 1.0
+    config.jacobian_baseline.jacobian = 1.0
+
     # Adapters per experiment: (num_convs, kernel_size).
     config.adapters = ml_collections.ConfigDict()
     config.adapters.exp1_1conv = (1, 3)
@@ -99,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "quick":
         config.pretrain.num_steps = 10
+        config.pretrain.renderings = 1
         config.categories = ("cat", "dog")
         config.target_categories = ("cat",)
         config.sample_counts = (0, 10)

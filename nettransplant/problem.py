@@ -182,16 +182,18 @@ class StepCache:
     """
 
     def __init__(self, optimizer: optax.GradientTransformation,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None,
+                 weights: objectives.ObjectiveWeights | None = None):
         self.optimizer = optimizer
         self.mesh = mesh or parallel.data_mesh()
+        self.weights = weights  # the loss terms' weights (default: all 1)
         self._steps: dict[tuple, train_lib.StepFn] = {}
 
     def __call__(self, transplant: Transplant, method: str) -> train_lib.StepFn:
         key = (transplant, method)
         if key not in self._steps:
             self._steps[key] = train_lib.make_train_step(transplant, method, self.optimizer,
-                                                         mesh=self.mesh)
+                                                         weights=self.weights, mesh=self.mesh)
         return self._steps[key]
 
 

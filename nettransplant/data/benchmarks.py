@@ -81,6 +81,11 @@ class Benchmark:
         """Table 4's generic module for ``held_out``: (classification, segmentation) sets."""
         raise NotImplementedError
 
+    def target_classification(self, category: str, split: str) -> ImageSet:
+        """Table 4's target task: ``category`` vs the "random images" its leave-one-out
+        generic module learnt to reject. Default: :meth:`classification`'s negatives."""
+        return self.classification(category, split)
+
     def pretraining_set(self, split: str) -> ImageSet:
         """The backbone's multi-way set: ``categories`` holds the class of each image."""
         raise NotImplementedError(f"{self.name!r} has no backbone pre-training set")
@@ -141,14 +146,16 @@ class Silhouettes(Benchmark):
         return tasks.unlabelled_images(self.splits["train"], categories, num_images,
                                        seed=self.seed)
 
-    def rendered(self, view: ImageSet) -> ImageSet:
-        """``view`` in ``renderings`` renderings: the stored one + fresh scenes.
+    def rendered(self, view: ImageSet, renderings: int | None = None) -> ImageSet:
+        """``view`` in ``renderings`` (default: the teachers') renderings: the stored one +
+        fresh scenes.
 
         The same training silhouettes in new colours, textures, clutter and
-        placement: the teachers' data augmentation.
+        placement: the teachers' (and the backbone's) data augmentation.
         """
+        renderings = self.renderings if renderings is None else renderings
         return _concatenate([view] + [rerender(view, _RENDERING_SEED + self.seed * 100 + k)
-                                      for k in range(1, self.renderings)])
+                                      for k in range(1, renderings)])
 
     @staticmethod
     def rendered_rows(rendered: ImageSet, source: ImageSet, view: ImageSet) -> ImageSet:
@@ -172,6 +179,25 @@ class Silhouettes(Benchmark):
         cls_view = self.classification(category, "train")
         cls = self.rendered(cls_view)  # the positives' renderings serve segmentation too
         return cls, self.rendered_rows(cls, cls_view, self.segmentation(category, "train"))
+
+    def target_classification(self, category: str, split: str) -> ImageSet:
+        """"``category`` vs object-free scenes": every image of the category in ``split``
+        and as many scenes without an animal, the negatives of the generic modules.
+
+        Table 4 transplants a category onto a module that says "any animal of the
+        other categories vs random images"; here the random images are scenes (every
+        category is positive for some module), so the target task's negatives are
+        scenes too (drawn apart from the modules' own: seeds ``seed + 303`` for
+        ``train``, ``seed + 404`` for ``test``). With other animals as negatives, the
+        generic module would answer "yes" to both classes of the target task.
+        """
+        positives = tasks.positive_set(self._split(split), [category], seed=self.seed)
+        n = len(positives)
+        scene_seed = self.seed + (303 if split == "train" else 404)
+        return ImageSet(
+            np.concatenate([positives.images,
+                            background_scenes(n, self.image_size, seed=scene_seed)]),
+            np.concatenate([np.ones(n), np.zeros(n)]).astype(np.int64), None, None, None)
 
     def generic_sets(self, held_out: str, split: str) -> tuple[ImageSet, ImageSet]:
         """"Any of the leave-one-out categories vs object-free scenes" (no category is

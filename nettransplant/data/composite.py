@@ -21,6 +21,13 @@ goes on top, one value per pixel at 32² (at larger sizes each noise value cover
 a block, like every other feature of the scene, which also keeps the dataset
 compressible).
 
+Every category wears its own *coat*, as animals do: a texture kind with a
+fixed period and orientation (:data:`COATS`), in random colours. One clutter
+ellipse, the *decoy*, wears the animal's coat in the animal's colours, so a
+coat says which category an image shows but not where the animal is: the
+decoy looks exactly like it, and only the shape tells them apart. Scenes
+without an animal (:func:`background_scenes`) have no coat and no decoy.
+
 Generation is split in two so that thousands of images take about a second:
 :func:`sample_scene` draws one example's randomness from its own generator (so
 an example is a pure function of its silhouette, size and seed, whatever it is
@@ -49,8 +56,20 @@ NOISE_GRID = 32  # noise is drawn on a 32×32 grid and scaled up with the image
 OUTLINE_WIDTH = 1  # pixels at 32² (scaled with the image side) of the object's dark contour
 OUTLINE_LEVEL = 0.0  # 0..255, every channel, before noise
 
-Seed = int | Sequence[int] | np.random.Generator  # what np.random.default_rng accepts
 FLAT, STRIPES, BLOTCHES = 0, 1, 2  # texture kinds
+# Coats: category → (texture kind, period in pixels at 32², orientation in degrees).
+# The five mammals differ in orientation (and the cow in kind); the other five
+# repeat the stripe orientations at a longer period, the bear is flat.
+COATS = {
+    "cat": (STRIPES, 3.5, 0.0), "dog": (STRIPES, 3.5, 90.0),
+    "horse": (STRIPES, 3.5, 45.0), "sheep": (STRIPES, 3.5, 135.0),
+    "cow": (BLOTCHES, 9.0, 30.0), "bear": (FLAT, 4.0, 0.0),
+    "bird": (STRIPES, 5.5, 0.0), "elephant": (STRIPES, 5.5, 90.0),
+    "giraffe": (STRIPES, 5.5, 45.0), "zebra": (STRIPES, 5.5, 135.0),
+}
+# The decoy is the top clutter ellipse (the last drawn): it wears the animal's coat.
+
+Seed = int | Sequence[int] | np.random.Generator  # what np.random.default_rng accepts
 _MAX_BLOBS = NUM_BLOBS[1] - 1
 # Regions: 0 the background base, 1.._MAX_BLOBS the ellipses (later ones on
 # top), then the object.
@@ -136,8 +155,34 @@ def _object_alpha(support: np.ndarray, size: int, rng: np.random.Generator) -> n
     return alpha
 
 
-def sample_scene(support: np.ndarray | None, size: int, rng: np.random.Generator
-                 ) -> SceneDraws:
+def _dress(uniforms: np.ndarray, coat: str) -> None:
+    """Writes ``coat`` (a :data:`COATS` key) into one scene's uniforms, in place.
+
+    The object's region gets the coat's kind, period and orientation (its
+    colours, amplitude and phases stay random); the top clutter ellipse, the
+    decoy, gets the object's whole texture but its own phases.
+    """
+    if coat not in COATS:
+        raise ValueError(f"unknown coat {coat!r}; coats are {sorted(COATS)}")
+    kind, period, degrees = COATS[coat]
+    obj = uniforms[_OBJECT * _PER_REGION: (_OBJECT + 1) * _PER_REGION]
+    obj[0] = (kind + 0.5) / 3
+    obj[8] = degrees / 180
+    obj[9] = ((degrees + 60) % 180) / 180  # the blotches' second wave
+    obj[12:14] = (np.clip(period, *BLOTCH_PERIOD) - BLOTCH_PERIOD[0]) / np.subtract(
+        *BLOTCH_PERIOD[::-1])
+    obj[14] = (np.clip(period, *STRIPE_PERIOD) - STRIPE_PERIOD[0]) / np.subtract(
+        *STRIPE_PERIOD[::-1])
+    spread = NUM_BLOBS[1] - NUM_BLOBS[0]
+    decoy = NUM_BLOBS[0] + min(int(spread * uniforms[_NUM_REGIONS * _PER_REGION]), spread - 1)
+    region = uniforms[decoy * _PER_REGION: (decoy + 1) * _PER_REGION]
+    phases = region[10:12].copy()
+    region[:] = obj
+    region[10:12] = phases
+
+
+def sample_scene(support: np.ndarray | None, size: int, rng: np.random.Generator,
+                 coat: str | None = None) -> SceneDraws:
     """Draws one example's randomness (a batch of one).
 
     Args:
@@ -145,12 +190,16 @@ def sample_scene(support: np.ndarray | None, size: int, rng: np.random.Generator
         or None for a background-only scene.
       size: output side S (>= 16).
       rng: the only source of randomness.
+      coat: the animal's category (a :data:`COATS` key): its coat, worn by the
+        animal and the decoy; None leaves every texture random.
     """
     if size < 16:
         raise ValueError(f"image size must be >= 16, got {size}")
     alpha = (np.zeros((size, size), np.float32) if support is None
              else _object_alpha(support, size, rng))
     uniforms = rng.random(NUM_UNIFORMS)
+    if coat is not None:
+        _dress(uniforms, coat)
     noise = rng.standard_normal((NOISE_GRID, NOISE_GRID, 3), dtype=np.float32)
     return SceneDraws(uniforms[None], alpha[None], noise[None])
 
@@ -269,7 +318,8 @@ def _inner_border(masks: np.ndarray, width: int) -> np.ndarray:
     return masks & ~eroded[:, 1:-1, 1:-1]
 
 
-def composite_batch(supports: np.ndarray, size: int, seeds: Sequence[Seed]
+def composite_batch(supports: np.ndarray, size: int, seeds: Sequence[Seed],
+                    coats: Sequence[str | None] | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Examples ``i`` drawn from ``np.random.default_rng(seeds[i])``.
 
@@ -277,6 +327,8 @@ def composite_batch(supports: np.ndarray, size: int, seeds: Sequence[Seed]
       supports: ``(N, H, W)`` bool (:func:`silhouette_supports`).
       size: output side S.
       seeds: N seeds (anything ``np.random.default_rng`` accepts).
+      coats: N categories whose coats the animals wear (:data:`COATS`), or None:
+        random textures.
 
     Returns:
       ``(images (N, S, S, 3) uint8, masks (N, S, S) uint8 in {0, 1})``; row i
@@ -286,25 +338,31 @@ def composite_batch(supports: np.ndarray, size: int, seeds: Sequence[Seed]
         raise ValueError(f"{len(supports)} supports but {len(seeds)} seeds")
     if len(seeds) == 0:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8)
-    draws = [sample_scene(s, size, np.random.default_rng(seed))
-              for s, seed in zip(supports, seeds, strict=True)]
+    coats = [None] * len(seeds) if coats is None else list(coats)
+    if len(coats) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(coats)} coats")
+    draws = [sample_scene(s, size, np.random.default_rng(seed), coat)
+             for s, seed, coat in zip(supports, seeds, coats, strict=True)]
     return render_scenes(SceneDraws.stack(draws))
 
 
-def composite(silhouette: np.ndarray, size: int, seed: Seed) -> tuple[np.ndarray, np.ndarray]:
+def composite(silhouette: np.ndarray, size: int, seed: Seed, coat: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """One example from a 28×28 uint8 silhouette (white animal on black).
 
     Args:
       silhouette: ``(H, W)`` uint8.
       size: output side S.
       seed: anything ``np.random.default_rng`` accepts.
+      coat: the category whose coat the animal wears, or None (random texture).
 
     Returns:
       ``(image (S, S, 3) uint8 RGB, mask (S, S) uint8 in {0, 1})``.
     """
     if silhouette.ndim != 2:
         raise ValueError(f"silhouette must be 2-D (H, W), got shape {silhouette.shape}")
-    images, masks = composite_batch(silhouette_supports(silhouette)[None], size, [seed])
+    images, masks = composite_batch(silhouette_supports(silhouette)[None], size, [seed],
+                                    [coat])
     return images[0], masks[0]
 
 

@@ -69,11 +69,12 @@ class AnimalSilhouettesConfig(tfds.core.BuilderConfig):
 class AnimalSilhouettes(tfds.core.GeneratorBasedBuilder):
     """Composited animal-mnist silhouettes for classification and segmentation."""
 
-    VERSION = tfds.core.Version("3.0.0")
+    VERSION = tfds.core.Version("4.0.0")
     RELEASE_NOTES = {
         "1.0.0": "Striped objects on flat-blob clutter.",
         "2.0.0": "One texture family for object and clutter; hole-filled animal masks.",
         "3.0.0": "A dark contour on the animal's inner border.",
+        "4.0.0": "Each category wears its own coat; a decoy ellipse wears it too.",
     }
     BUILDER_CONFIGS = [AnimalSilhouettesConfig(image_size=s, seed=0) for s in (32, 64, 224)]
 
@@ -115,7 +116,8 @@ class AnimalSilhouettes(tfds.core.GeneratorBasedBuilder):
         for start in range(0, len(indices), chunk):
             rows = [int(i) for i in indices[start: start + chunk]]
             images, masks = composite_batch(supports[rows], cfg.image_size,
-                                            [[cfg.seed, i] for i in rows])
+                                            [[cfg.seed, i] for i in rows],
+                                            [CATEGORIES[labels[i]] for i in rows])
             for i, image, mask in zip(rows, images, masks, strict=True):
                 yield i, {"image": image, "mask": mask, "label": int(labels[i]), "index": i}
 
@@ -387,6 +389,11 @@ def load_silhouettes(image_size: int = 32, seed: int = 0,
 
 
 @functools.lru_cache(maxsize=1)
+def _labels() -> np.ndarray:
+    return load_animal_mnist()[1]
+
+
+@functools.lru_cache(maxsize=1)
 def _supports() -> np.ndarray:
     supports = silhouette_supports(load_animal_mnist()[0])
     supports.flags.writeable = False
@@ -413,6 +420,7 @@ def rerender(view: ImageSet, seed: int) -> ImageSet:
     size = view.images.shape[1]
     if len(view) == 0:
         return view
+    coats = [CATEGORIES[c] for c in _labels()[view.index]]
     images, masks = composite_batch(_supports()[view.index], size,
-                                    [[int(seed), int(i)] for i in view.index])
+                                    [[int(seed), int(i)] for i in view.index], coats)
     return ImageSet(images, view.labels, masks, view.categories, view.index)

@@ -59,6 +59,12 @@ NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
     ("transplant.beta_images", int, 1, _IMAGES),
     ("transplant.log_every", int, 1, _STEPS),
 )
+# Optional sections: checked when the config has them.
+OPTIONAL_NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
+    ("jacobian_baseline.task", float, 0, 1e12),
+    ("jacobian_baseline.output_matching", float, 0, 1e12),
+    ("jacobian_baseline.jacobian", float, 0, 1e12),
+)
 
 
 def _lookup(config, field: str):
@@ -91,6 +97,12 @@ def _check_numbers(config) -> None:
             value = _lookup(config, field)
         except (KeyError, AttributeError):
             raise ValueError(f"config.{field} is missing") from None
+        check_number(field, value, kind, low, high)
+    for field, kind, low, high in OPTIONAL_NUMERIC_FIELDS:
+        try:
+            value = _lookup(config, field)
+        except (KeyError, AttributeError):
+            continue
         check_number(field, value, kind, low, high)
     if config.model.image_size % 32:
         raise ValueError(f"config.model.image_size must be a multiple of 32 (VGG-16 halves it "
@@ -146,6 +158,14 @@ def validate_config(config) -> None:
     if any(n < 0 for n in counts) or sorted(set(counts)) != counts:
         raise ValueError(f"config.sample_counts must be increasing and >= 0, got {counts}")
     benchmark.check_config(config)
+    renderings = config.pretrain.get("renderings", 1)
+    check_number("pretrain.renderings", renderings, int, 1, 1000)
+    if renderings > 1 and not hasattr(benchmark, "rendered"):
+        raise ValueError(f"config.pretrain.renderings={renderings}: {config.data!r} has no "
+                         "renderings of its images; set it to 1")
+    shipped = config.pretrain.get("shipped", False)
+    if not isinstance(shipped, bool):
+        raise ValueError(f"config.pretrain.shipped must be True or False, got {shipped!r}")
     weights = config.pretrain.get("weights", "")
     if weights:
         if config.pretrain.num_steps:

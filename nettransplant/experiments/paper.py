@@ -54,9 +54,48 @@ from nettransplant.training import NonFiniteError
 __all__ = ["EXPERIMENTS", "Runner", "run", "validate_config"]
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # tracing + lowering + XLA compilation, this process
+
+
+def _count_compilation(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling with XLA so far."""
+    return _compile_seconds[0]
+
+
 def problem_key(config, experiment: str, target: str):
     """The key of one transplant problem's draws and initialisation."""
     return jax.random.fold_in(jax.random.key(config.seed), stable_hash(f"{experiment}/{target}"))
+
+
+# Back-distillation from the baselines' random initialisation instead of the closed-form
+# warm start: the same objective, so a reader sees what each part contributes.
+RANDOM_INIT = "back-distill-random-init"
+
+
+def objective_of(method: str) -> str:
+    """The training objective of a row: the method, or back-distill for RANDOM_INIT."""
+    return "back-distill" if method == RANDOM_INIT else method
+
+
+def jacobian_weights(config):
+    """The Jacobian-matching baseline's loss weights (``config.jacobian_baseline``)."""
+    from nettransplant.objectives import ObjectiveWeights
+    jb = config.get("jacobian_baseline")
+    if jb is None:
+        return None
+    return ObjectiveWeights(task=float(jb.task), jacobian=float(jb.jacobian),
+                            output_matching=float(jb.output_matching))
 
 
 def fig5_count(config) -> int:
@@ -75,6 +114,7 @@ def num_runs(config) -> int:
     counts = list(config.sample_counts)
     labelled = [n for n in counts if n > 0]
     cls, seg = len(problem.CLASSIFICATION_METHODS), len(problem.SEGMENTATION_METHODS)
+    cls, seg = cls + 1, seg + 1  # + back-distill from the random initialisation
     per_cls = (0 in counts) + cls * len(labelled)
     per_seg = (0 in counts) + seg * len(labelled)
     per_cls_transfer = cls * len(labelled)
@@ -123,7 +163,8 @@ class Runner:
         tc = config.transplant
         self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
         self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
-        self.steps = problem.StepCache(optax.adam(tc.learning_rate), mesh=self.mesh)
+        self.steps = problem.StepCache(optax.adam(tc.learning_rate), mesh=self.mesh,
+                                       weights=jacobian_weights(config))
         self.channels = modules.category_channels(config.model.width)
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
@@ -141,6 +182,21 @@ class Runner:
         self.learned: dict = {}
         # Cells whose training diverged: {experiment, category, method, samples, step, message}.
         self.failed: list[dict] = []
+        self.cells_run = self.cells_reused = 0
+
+    @staticmethod
+    def view_name(experiment: str) -> str:
+        return "versus_scenes" if experiment == "table4_classification" else "standard"
+
+    def view(self, experiment: str, task, target: str, split: str):
+        """The labelled images of ``target``'s task in ``experiment``: Table 4's
+        classification is "target vs the generic modules' random images"
+        (:meth:`~nettransplant.data.benchmarks.Benchmark.target_classification`)."""
+        if task.name == "segmentation":
+            return self.benchmark.segmentation(target, split)
+        if experiment == "table4_classification":
+            return self.benchmark.target_classification(target, split)
+        return self.benchmark.classification(target, split)
 
     def adapter(self, spec) -> Adapter:
         num_convs, kernel = spec
@@ -172,8 +228,7 @@ class Runner:
         lambda0 = (tc.lambda0_segmentation if task.name == "segmentation"
                    else tc.lambda0_classification)
         settings = dataclasses.replace(self.settings, protocol=protocol, lambda0=lambda0)
-        view = (self.benchmark.segmentation if task.name == "segmentation"
-                else self.benchmark.classification)(target, "test")
+        view = self.view(experiment, task, target, "test")
         prob = operations.build_problem(
             self.net.category_ref(target), student, reference, self.adapter(adapter_spec),
             settings=settings, image_size=c.model.image_size,
@@ -193,7 +248,9 @@ class Runner:
                 "data_version": self.benchmark.version, "model": c.model.to_dict(),
                 "transplant": c.transplant.to_dict(), "adapter": list(adapter_spec),
                 "protocol": protocol, "student": student, "reference": reference,
-                "pad_to": self.pad_to,
+                "pad_to": self.pad_to, "view": self.view_name(experiment),
+                "jacobian_weights": (None if self.steps.weights is None
+                                     else dataclasses.asdict(self.steps.weights)),
                 "teachers": {t: self.net.category(t).provenance.get("params_sha256")
                              for t in teachers}}
 
@@ -223,7 +280,7 @@ class Runner:
         out: dict = {}
         live = None
         cells = [(n, method) for n in counts for method in problem.methods_for(task)
-                 if n or method == "back-distill"]
+                 + (RANDOM_INIT,) if n or method == "back-distill"]
         if not cells:  # nothing to run, but the problem's residual is still reported
             the_problem()
         for n, method in cells:
@@ -238,6 +295,9 @@ class Runner:
                 stored = self._run_cell(the_problem(), experiment, target, method, n, fig5,
                                         beta)
                 self.store.save(experiment, target, name, key, *stored)
+                self.cells_run += 1
+            else:
+                self.cells_reused += 1
             record, arrays = stored
             live = record["live_draw_fraction"]
             self._absorb(record, arrays, experiment, target, method, n, counts, curve_key,
@@ -263,8 +323,7 @@ class Runner:
         if n:
             transfers = built.setdefault("transfer", {})
             if n not in transfers:
-                pool = (self.benchmark.segmentation if task.name == "segmentation"
-                        else self.benchmark.classification)(target, "train")
+                pool = self.view(experiment, task, target, "train")
                 shots = data.few_shot(pool, n, seed=c.seed)
                 targets = task.targets(shots).astype(np.int32) \
                     if task.name == "segmentation" else task.targets(shots)
@@ -277,6 +336,8 @@ class Runner:
         if method == "back-distill" and n == 0 and exact:
             params, history = warm_start, []
         else:
+            # back-distill starts at the closed-form optimum (the library's warm start);
+            # every other row, RANDOM_INIT included, at the same random initialisation.
             init = warm_start if method == "back-distill" else prob.adapter_init
             what = f"{experiment} {target} {method} n={n}"
             writer = (metric_writers.open_writer(
@@ -310,11 +371,12 @@ class Runner:
         tc = self.config.transplant
         if n == 0 and method != "back-distill":
             raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
+        objective = objective_of(method)
         state = adapter_training.create_train_state(init, self.steps.optimizer)
         state, history = adapter_training.train_adapter(
-            self.steps(prob.transplant, method), state, prob.frozen, prob.scalars,
+            self.steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
             num_steps=tc.num_steps, data=transfer if n else None, num_samples=n,
-            batch_size=tc.batch_size, draws=prob.cache if method == "back-distill" else None,
+            batch_size=tc.batch_size, draws=prob.cache if objective == "back-distill" else None,
             draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
             log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh)
         return state.params, history
@@ -460,9 +522,12 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
 
 
 def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
+    compiled = compile_seconds()
     benchmark = benchmarks.make_benchmark(config)
+    data_done = time.perf_counter()
     zoo = TeacherZoo(config, workdir, benchmark, progress)
     zoo_net = train_teachers(config, zoo, progress)
+    teachers_done, teachers_compiled = time.perf_counter(), compile_seconds()
     needed = [c for c in zoo_net.category_modules if not c.startswith("generic_without_")]
     generic_names = {c: generic_name(c) for c in config.target_categories
                      if generic_name(c) in zoo_net.category_modules}
@@ -535,8 +600,21 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
     results["train_fit"] = {e: with_avg(cells) for e, cells in runner.train_fit.items()}
     if runner.failed:
         results["failed_cells"] = runner.failed
+    transplants_done = time.perf_counter()
+    # Where the time went; compilation is counted inside the stage that triggered it.
+    results["stage_seconds"] = {
+        "data": data_done - start, "teachers": teachers_done - data_done,
+        "teachers_compile": teachers_compiled - compiled,
+        "transplants": transplants_done - teachers_done,
+        "transplants_compile": compile_seconds() - teachers_compiled,
+        "transplant_cells_run": runner.cells_run, "transplant_cells_reused": runner.cells_reused}
+    net = product_net(config, zoo_net, runner)
     results["runtime_s"] = time.perf_counter() - start
-    write_outputs(config, workdir, results, zoo, runner, product_net(config, zoo_net, runner))
+    write_outputs(config, workdir, results, zoo, runner, net)
+    results["stage_seconds"]["outputs"] = time.perf_counter() - transplants_done
+    results["runtime_s"] = time.perf_counter() - start
+    if parallel.is_primary():  # the final timings, in the same single rename
+        write_atomically(workdir / "results.json", json.dumps(results, indent=2))
     return results
 
 

@@ -41,6 +41,7 @@ import optax
 from nettransplant import checkpoint, convert, data, evaluation, metric_writers, modules, parallel
 from nettransplant import teachers as teacher_lib
 from nettransplant.data import benchmarks
+from nettransplant.experiments import pretrain
 from nettransplant.net import io as net_io
 from nettransplant.net.graph import TeacherParts
 from nettransplant.progress import message
@@ -120,6 +121,9 @@ class TeacherZoo:
         pretrain = c.pretrain.to_dict()
         if not pretrain.get("weights"):  # teachers fingerprinted before the field existed
             pretrain.pop("weights", None)
+        pretrain.pop("shipped", None)  # where the backbone comes from, not what it is
+        if pretrain.get("renderings", 1) == 1:  # the default before the field existed
+            pretrain.pop("renderings", None)
         spec = {"name": name, "seed": c.seed, "data": c.data,
                 "data_version": self.benchmark.version, "model": c.model.to_dict(),
                 "pretrain": pretrain, **extra}
@@ -241,16 +245,56 @@ class TeacherZoo:
 
     # ------------------------------------------------------------------ teachers
 
+    def _backbone_extra(self) -> dict:
+        return {"categories": list(self.benchmark.categories), "kind": "backbone",
+                "num_outputs": len(data.CATEGORIES)}
+
+    def backbone_fingerprint(self) -> str:
+        """What the backbone of this configuration is trained from (seed, data, model,
+        ``config.pretrain``): a shipped backbone is used only when it matches."""
+        return self._fingerprint("backbone", self._backbone_extra())
+
+    def _shipped_backbone(self, template) -> Any | None:
+        """The shipped backbone (:mod:`~nettransplant.experiments.pretrain`) if
+        ``config.pretrain.shipped`` is on and it was trained with this configuration."""
+        if not self.config.pretrain.get("shipped", False):
+            return None
+        try:
+            record = pretrain.read_record()
+            if record is None:
+                message("backbone: no shipped backbone in the package; training it")
+                return None
+            if record["fingerprint"] != self.backbone_fingerprint():
+                message("backbone: the shipped one was trained with another configuration "
+                        "(seed, data, model or config.pretrain differ); training it")
+                return None
+            params, record = pretrain.load_backbone(template)
+        except pretrain.ShippedBackboneError as e:
+            message(f"backbone: {e}; training it")
+            return None
+        message(f"backbone: the shipped one ({record['pretrain']['num_steps']} steps, "
+                f"{pretrain.COMMAND} rebuilds it)")
+        self.metrics["backbone"], self.curves["backbone"] = record["metrics"], record["history"]
+        return params
+
     def backbone(self):
-        """The shared 10-way backbone (the stand-in for ImageNet pre-training)."""
+        """The shared 10-way backbone (the stand-in for ImageNet pre-training): the shipped
+        one when it matches the configuration, else trained (and checkpointed)."""
         if "backbone" not in self._params:
             c, m = self.config, self.config.model
             net = modules.make_teacher(width=m.width, input_size=m.image_size,
                                        num_outputs=len(data.CATEGORIES),
                                        dropout_rate=m.dropout_rate, num_classes=m.num_classes)
-            train = self.benchmark.pretraining_set("train")
             init = net.init({"params": jax.random.key(c.seed)},
                             jnp.zeros((1, m.image_size, m.image_size, 3)))["params"]
+            shipped = self._shipped_backbone(init)
+            if shipped is not None:
+                self._params["backbone"] = shipped
+                return shipped
+            train = self.benchmark.pretraining_set("train")
+            renderings = c.pretrain.get("renderings", 1)
+            if renderings > 1:  # fresh scenes of the same silhouettes (augmentation)
+                train = self.benchmark.rendered(train, renderings)
 
             def metrics(net, params):
                 test = self.benchmark.pretraining_set("test")
@@ -265,9 +309,7 @@ class TeacherZoo:
                 "backbone", net, init,
                 training_sets=lambda: _training_sets(train, train, "categories"),
                 num_steps=c.pretrain.num_steps, learning_rate=c.pretrain.learning_rate,
-                seed=c.seed, metrics_fn=metrics,
-                extra={"categories": list(self.benchmark.categories), "kind": "backbone",
-                       "num_outputs": len(data.CATEGORIES)},
+                seed=c.seed, metrics_fn=metrics, extra=self._backbone_extra(),
                 batch_sizes=(c.pretrain.batch_size, c.pretrain.batch_size))
         return self._params["backbone"]
 
