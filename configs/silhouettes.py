@@ -82,6 +82,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant = ml_collections.ConfigDict()
     config.transplant.score_size = 7  # S of the enlarged classification G_y'
     config.transplant.positive_fraction = 0.2  # x_rand: 20 % positive entries
+    # Exp. 1's draws (G_y', x_rand); every other experiment's are "randomised".
+    # "randomised" (the default; every reported number uses it): G_y' ~ U[-1, 1] per draw
+    # and x_rand = [x', …, x'], one s1×s2 map repeated over channels (Sec. 3).
+    # "literal": Exp. 1 as the paper writes it, G_y' = 1 and round(0.2·s1·s2·s3) positive
+    # x_rand entries drawn per element. D' is linear in G_y', so with G_y' = 1 a draw is
+    # fixed by its masks: one direction per set of masks instead of a fresh random G_y'
+    # each time. That is enough where every task ReLU is masked (Exp. 1), but would leave
+    # Exp. 3 (no masked ReLU) one draw repeated, hence an Exp.-1-only field. On the 7×7 fc
+    # maps here (fc6 is 1×1) a repeated mask blocks whole draws (~1 in 3, dropped:
+    # live_draw_fraction); per-element masks keep them alive.
+    config.transplant.exp1_draws = "randomised"
     config.transplant.num_draws = 64  # cached (G_y', x_rand) bank per transplant
     config.transplant.draws_per_step = 4
     config.transplant.batch_size = 32  # labelled images per step (padded, masked)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nettransplant import layers as L
+from nettransplant import ops
 from nettransplant.modules import _check_features, _declare_conv_params
 
 Array = jax.Array
@@ -99,22 +100,24 @@ class Adapter(nn.Module):
 
     @nn.nowrap
     def surrogate(self, params: Mapping, x: Array, *, beta: float | Array = 1.0,
-                  dummy_relu: L.DummySpec = "identity", mask_keys: Array | None = None) -> Array:
+                  dummy_relu: L.DummySpec = "identity", mask_keys: Array | None = None,
+                  mask_layout: ops.MaskLayout = "repeated") -> Array:
         """Linearised adapter (ReLU → dummy, no bias): ``(B, H, W, M)`` → same shape."""
         self._check(x, "inputs")
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), "Adapter")
         return L.surrogate_forward(params, self.reorder_and_rescale(x, beta), self.layers(),
-                                   dummies, mask_keys=mask_keys)
+                                   dummies, mask_keys=mask_keys, mask_layout=mask_layout)
 
     @nn.nowrap
     def pseudo_gradient(self, params: Mapping, g: Array, *, beta: float | Array = 1.0,
                         dummy_relu: L.DummySpec = "identity",
-                        mask_keys: Array | None = None) -> Array:
+                        mask_keys: Array | None = None,
+                        mask_layout: ops.MaskLayout = "repeated") -> Array:
         """Adapter part of ``D'_S`` (Eq. 4b): ``G_h (B, H, W, M)`` → ``(B, H, W, M)``."""
         self._check(g, "output gradients")
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), "Adapter")
         g = L.backward_chain(params, g, self.layers(), derivatives="pseudo", dummies=dummies,
-                             mask_keys=mask_keys)
+                             mask_keys=mask_keys, mask_layout=mask_layout)
         return self.reorder_and_rescale_vjp(g, beta)
 
     @nn.nowrap

@@ -7,7 +7,8 @@ Three pure functions walk a stack:
 * :func:`forward` — the real network, returning the output and every layer's
   output by name (``"input"`` is the stack's input);
 * :func:`surrogate_forward` — the linearised network whose transpose is the
-  pseudo chain: ReLU → identity or fixed ``x_rand`` mask, max → average pool,
+  pseudo chain: ReLU → identity or fixed ``x_rand`` mask (one s1×s2 map repeated
+  over channels, or drawn per element: ``mask_layout``), max → average pool,
   no dropout, no bias;
 * :func:`backward_chain` — the explicit chain of op VJPs from an output gradient
   down to the input, with real derivatives (Eq. 4a, needs the forward's
@@ -154,6 +155,7 @@ def forward(
 def surrogate_forward(
     params: Params, x: Array, layers: tuple[Layer, ...], dummies: Mapping[str, str], *,
     mask_keys: Array | None = None, positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION,
+    mask_layout: ops.MaskLayout = "repeated",
 ) -> Array:
     """The linearised stack whose transpose is the pseudo chain (Eq. 4b).
 
@@ -168,7 +170,8 @@ def surrogate_forward(
         elif isinstance(layer, ReLU):
             if dummies[layer.name] == "random_mask":
                 x = x * ops.batched_relu_mask(
-                    mask_keys, layer.name, x.shape[1], x.shape[2], positive_fraction)
+                    mask_keys, layer.name, x.shape[1], x.shape[2], positive_fraction,
+                    ops.mask_channels(mask_layout, x.shape[3]))
         elif isinstance(layer, MaxPool):
             x = ops.avg_pool(x, layer.window)
     return x
@@ -178,6 +181,7 @@ def backward_chain(
     params: Params, g: Array, layers: tuple[Layer, ...], *, derivatives: Derivatives,
     dummies: Mapping[str, str] | None = None, intermediates: Mapping[str, Array] | None = None,
     mask_keys: Array | None = None, positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION,
+    mask_layout: ops.MaskLayout = "repeated",
 ) -> Array:
     """Run the explicit chain of op VJPs from ``g`` (w.r.t. the output) down to the input.
 
@@ -189,6 +193,8 @@ def backward_chain(
         pool derivative, dropout ignored; ``intermediates`` unused).
       dummies: per-ReLU dummy, for ``"pseudo"`` (see :func:`resolve_dummies`).
       mask_keys: ``(B,)`` per-image keys, needed when a dummy is ``random_mask``.
+      positive_fraction, mask_layout: the ``x_rand`` masks' share of positive
+        entries and layout (:func:`ops.random_relu_mask`, :func:`ops.mask_channels`).
     Returns:
       ``(B, H, W, C_in)`` gradient w.r.t. the stack's input.
     """
@@ -218,7 +224,8 @@ def backward_chain(
                 mask = None
                 if dummy == "random_mask":
                     mask = ops.batched_relu_mask(
-                        mask_keys, layer.name, g.shape[1], g.shape[2], positive_fraction)
+                        mask_keys, layer.name, g.shape[1], g.shape[2], positive_fraction,
+                        ops.mask_channels(mask_layout, g.shape[3]))
                 g = ops.relu_pseudo_vjp(g, dummy, mask=mask)
         elif isinstance(layer, MaxPool):
             if derivatives == "real":

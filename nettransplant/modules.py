@@ -170,17 +170,20 @@ class _SequentialModule(nn.Module):
     @nn.nowrap
     def surrogate(self, params: Params, x: Array, *, dummy_relu: L.DummySpec = "identity",
                   mask_keys: Array | None = None,
-                  positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION) -> Array:
+                  positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION,
+                  mask_layout: ops.MaskLayout = "repeated") -> Array:
         """Linearised forward: ``(B, H, W, C_in)`` → ``(B, h, w, C_out)``, linear in ``x``."""
         self._check_input(x)
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), type(self).__name__)
         return L.surrogate_forward(params, x, self.layers(), dummies, mask_keys=mask_keys,
-                                   positive_fraction=positive_fraction)
+                                   positive_fraction=positive_fraction,
+                                   mask_layout=mask_layout)
 
     @nn.nowrap
     def pseudo_gradient(self, params: Params, g: Array, *,
                         dummy_relu: L.DummySpec = "identity", mask_keys: Array | None = None,
-                        positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION) -> Array:
+                        positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION,
+                        mask_layout: ops.MaskLayout = "repeated") -> Array:
         """``D'(G)`` of Eq. 4b: ``(B, h, w, C_out)`` → ``(B, H, W, C_in)``.
 
         Depends only on the kernels, ``g`` and the ``x_rand`` masks drawn from
@@ -189,12 +192,14 @@ class _SequentialModule(nn.Module):
         input exactly (inputs whose sides are multiples of 16 for the task
         modules); on other sizes the dropped trailing rows are not represented.
         With ``random_mask`` on a 1×1 map, ``round(0.2 · 1) = 0`` positions are
-        positive: use enlarged maps (S > 1) with that dummy above fc6.
+        positive: use enlarged maps (S > 1) with that dummy above fc6, or
+        ``mask_layout="per_element"`` (20 % of the channels of each position).
         """
         _check_features(g, self.output_channels(), type(self).__name__, "output gradients")
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), type(self).__name__)
         return L.backward_chain(params, g, self.layers(), derivatives="pseudo", dummies=dummies,
-                                mask_keys=mask_keys, positive_fraction=positive_fraction)
+                                mask_keys=mask_keys, positive_fraction=positive_fraction,
+                                mask_layout=mask_layout)
 
     @nn.nowrap
     def real_gradient(self, params: Params, g: Array,
@@ -385,28 +390,32 @@ class SegmentationTaskModule(_TaskModuleFields):
     @nn.nowrap
     def surrogate(self, params: Params, x: Array, *, dummy_relu: L.DummySpec = "identity",
                   mask_keys: Array | None = None,
-                  positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION) -> Array:
+                  positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION,
+                  mask_layout: ops.MaskLayout = "repeated") -> Array:
         """Linearised FCN-8s: ``(B, h, w, C)`` → ``(B, 2h, 2w, num_classes)``, linear in ``x``."""
         self._check_input(x)
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), "SegmentationTaskModule")
 
         def stage(p, h, stack):
             return L.surrogate_forward(p, h, stack, dummies, mask_keys=mask_keys,
-                                       positive_fraction=positive_fraction), {}
+                                       positive_fraction=positive_fraction,
+                                       mask_layout=mask_layout), {}
 
         return _fcn8s_graph(params, x, self.stages(), stage, use_bias=False)[0]
 
     @nn.nowrap
     def pseudo_gradient(self, params: Params, g: Array, *,
                         dummy_relu: L.DummySpec = "identity", mask_keys: Array | None = None,
-                        positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION) -> Array:
+                        positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION,
+                        mask_layout: ops.MaskLayout = "repeated") -> Array:
         """``D'(G)`` of Eq. 4b: ``(B, H, W, num_classes)`` → ``(B, H/2, W/2, C)``."""
         _check_features(g, self.num_classes, "SegmentationTaskModule", "output gradients")
         dummies = L.resolve_dummies(dummy_relu, self.relu_names(), "SegmentationTaskModule")
 
         def stage_chain(stack, grad, _stage_input_name):
             return L.backward_chain(params, grad, stack, derivatives="pseudo", dummies=dummies,
-                                    mask_keys=mask_keys, positive_fraction=positive_fraction)
+                                    mask_keys=mask_keys, positive_fraction=positive_fraction,
+                                    mask_layout=mask_layout)
 
         return _fcn8s_chain(params, g, self.stages(), stage_chain)
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from nettransplant import tasks
-from nettransplant.transplant import Transplant
+from nettransplant.transplant import Draws, Transplant, check_draws
 
 Array = jax.Array
 Method = Literal["direct-learn", "distill", "back-distill", "jacobian"]
@@ -51,8 +51,13 @@ def output_gradient_shape(transplant: Transplant, *, image_size: int,
 
 
 def sample_output_gradients(key: Array, num_draws: int, shape: tuple[int, ...], *,
-                            first_index: int = 0) -> tuple[Array, Array]:
-    """Per-draw ``G_y' ~ U[-1, 1]^shape`` and per-draw keys of the ``x_rand`` masks.
+                            first_index: int = 0,
+                            draws: Draws = "randomised") -> tuple[Array, Array]:
+    """Per-draw ``G_y'`` and per-draw keys of the ``x_rand`` masks.
+
+    ``draws="randomised"``: ``G_y' ~ U[-1, 1]^shape``; ``"literal"`` (Exp. 1 as the
+    paper writes it): ``G_y' = 1`` for every draw, so draws differ only by their
+    masks. The mask keys are the same either way.
 
     Draw ``i`` depends only on ``(key, first_index + i)``, so a draw is the same
     however the draws are batched; student and teacher use the same draw.
@@ -60,10 +65,14 @@ def sample_output_gradients(key: Array, num_draws: int, shape: tuple[int, ...], 
     Returns:
       ``(G (N, *shape) float32, mask_keys (N,) keys)``.
     """
+    check_draws(draws)
     index = jnp.arange(first_index, first_index + num_draws)
     draw_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
-    g = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), shape,
-                                              jnp.float32, -1.0, 1.0))(draw_keys)
+    if draws == "literal":
+        g = jnp.ones((num_draws, *shape), jnp.float32)
+    else:
+        g = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), shape,
+                                                  jnp.float32, -1.0, 1.0))(draw_keys)
     mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(draw_keys)
     return g, mask_keys
 
@@ -118,7 +127,8 @@ def shares_task_module(transplant: Transplant, frozen: Mapping) -> bool:
 
 def build_chain_cache(transplant: Transplant, frozen: Mapping, key: Array, num_draws: int,
                       output_shape: tuple[int, ...], *, chunk: int = 16) -> ChainCache:
-    """Sample ``num_draws`` draws and run both frozen task modules' chains once.
+    """Sample ``num_draws`` draws (of ``transplant.draws``) and run both frozen task
+    modules' chains once.
 
     When both are one module with the same parameters (:func:`shares_task_module`)
     its chain runs once and serves as both.
@@ -128,7 +138,8 @@ def build_chain_cache(transplant: Transplant, frozen: Mapping, key: Array, num_d
     students, teachers, keys = [], [], []
     shared = shares_task_module(transplant, frozen)
     for start in range(0, num_draws, chunk):
-        g, mask_keys = sample_output_gradients(key, chunk, output_shape, first_index=start)
+        g, mask_keys = sample_output_gradients(key, chunk, output_shape, first_index=start,
+                                               draws=transplant.draws)
         g_h, d_t = _chains(transplant, frozen, g, mask_keys, shared)
         n = min(chunk, num_draws - start)
         students.append(g_h[:n])

@@ -9,7 +9,8 @@ paper (Eq. 4b) is a composition of these maps:
 * convolution: ``f'_conv(G) = G ⊗ W`` with the flipped, in/out-swapped kernel
   (paper appendix), i.e. a transposed convolution, no bias;
 * ReLU: real derivative ``g * 1(x > 0)``; dummy 1st = identity; dummy 2nd =
-  ``g * 1(x_rand > 0)`` with one random s1×s2 map repeated over channels;
+  ``g * 1(x_rand > 0)`` with one random s1×s2 map repeated over channels
+  (``"repeated"``), or drawn entry by entry over s1×s2×s3 (``"per_element"``);
 * max-pool: real = arg-max routing; pseudo = average-pool derivative;
 * average pool, crop, add, transposed convolution: linear, pseudo = real;
 * dropout: real = the forward mask; pseudo = identity.
@@ -28,6 +29,8 @@ from jax import lax
 Array = jax.Array
 Padding = str | int | Sequence[tuple[int, int]]
 DummyReLU = Literal["identity", "random_mask"]
+MaskLayout = Literal["repeated", "per_element"]
+MASK_LAYOUTS: tuple[str, ...] = ("repeated", "per_element")
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 DEFAULT_POSITIVE_FRACTION = 0.2
@@ -232,30 +235,46 @@ def relu_mask_key(key: Array, layer_name: str) -> Array:
 
 def random_relu_mask(
     key: Array, height: int, width: int, positive_fraction: float = DEFAULT_POSITIVE_FRACTION,
+    channels: int = 1,
 ) -> Array:
-    """``1(x_rand > 0)`` for one image: an ``(H, W, 1)`` 0/1 float map.
+    """``1(x_rand > 0)`` for one image: an ``(H, W, channels)`` 0/1 float map.
 
-    ``x_rand = [x', x', …, x']`` repeats one s1×s2 map over channels, so the mask
-    is drawn once per position and broadcast over channels. Exactly
-    ``round(positive_fraction * H * W)`` entries are positive (20 % in the paper).
+    Exactly ``round(positive_fraction * H * W * channels)`` entries are positive
+    (20 % in the paper). With ``channels=1`` (the default), ``x_rand = [x', x', …,
+    x']`` repeats one s1×s2 map over channels: the mask is drawn once per
+    position and broadcast over the layer's channels. With ``channels=C`` every
+    entry of the s1×s2×s3 map is drawn, so a position keeps about 20 % of its
+    channels — on a 1×1 map too, where a repeated 20 % mask is all-off.
     """
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
-    n = height * width
+    n = height * width * channels
     positives = int(round(positive_fraction * n))
     ranks = jnp.argsort(jax.random.uniform(key, (n,)))
     mask = jnp.zeros((n,), jnp.float32).at[ranks[:positives]].set(1.0)
-    return mask.reshape(height, width, 1)
+    return mask.reshape(height, width, channels)
+
+
+def mask_channels(layout: MaskLayout, channels: int) -> int:
+    """The channels an ``x_rand`` mask of ``layout`` is drawn over at a layer of ``channels``.
+
+    ``"repeated"``: 1 (one map broadcast over channels); ``"per_element"``: ``channels``.
+    """
+    if layout == "repeated":
+        return 1
+    if layout == "per_element":
+        return channels
+    raise ValueError(f"mask_layout must be one of {MASK_LAYOUTS}, got {layout!r}")
 
 
 def batched_relu_mask(
     keys: Array, layer_name: str, height: int, width: int,
-    positive_fraction: float = DEFAULT_POSITIVE_FRACTION,
+    positive_fraction: float = DEFAULT_POSITIVE_FRACTION, channels: int = 1,
 ) -> Array:
-    """``(B, H, W, 1)`` masks of layer ``layer_name``, one per per-image key in ``keys``."""
+    """``(B, H, W, channels)`` masks of layer ``layer_name``, one per per-image key in ``keys``."""
     return jax.vmap(
         lambda k: random_relu_mask(relu_mask_key(k, layer_name), height, width,
-                                   positive_fraction))(keys)
+                                   positive_fraction, channels))(keys)
 
 
 def relu_pseudo_vjp(
@@ -267,7 +286,8 @@ def relu_pseudo_vjp(
       g: ``(B, H, W, C)``.
       dummy: ``"identity"`` (1st dummy, ``f'(G) = G``) or ``"random_mask"``
         (2nd dummy, ``f'(G) = G ⊙ 1(x_rand > 0)``).
-      mask: ``(B, H, W, 1)`` 0/1 map, required for ``"random_mask"``.
+      mask: ``(B, H, W, 1)`` (broadcast over channels) or ``(B, H, W, C)`` 0/1 map,
+        required for ``"random_mask"``.
     """
     if dummy == "identity":
         return g

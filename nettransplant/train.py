@@ -43,7 +43,7 @@ from nettransplant.training import (  # noqa: F401 - re-exported: the adapter's 
     guarded_update,
     train_loop,
 )
-from nettransplant.transplant import Transplant
+from nettransplant.transplant import Draws, Transplant
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -67,9 +67,11 @@ class RawDraws:
         return jax.tree.map(lambda a: a[index], self)
 
 
-def raw_draws(key: Array, num_draws: int, output_shape: tuple[int, ...]) -> RawDraws:
-    """The same draws :func:`objectives.build_chain_cache` caches, uncached."""
-    return RawDraws(*sample_output_gradients(key, num_draws, output_shape))
+def raw_draws(key: Array, num_draws: int, output_shape: tuple[int, ...], *,
+              draws: Draws = "randomised") -> RawDraws:
+    """The same draws :func:`objectives.build_chain_cache` caches, uncached
+    (``draws``: the transplant's :attr:`~nettransplant.transplant.Transplant.draws`)."""
+    return RawDraws(*sample_output_gradients(key, num_draws, output_shape, draws=draws))
 
 
 StepFn = Callable[..., tuple[AdapterTrainState, dict[str, Array]]]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,18 @@ TaskModule = ClassificationTaskModule | SegmentationTaskModule
 TRAINABLE = "adapter"
 FROZEN = ("category_module", "student_task_module", "teacher_task_module")
 
+# How back-distillation's draws (G_y', x_rand) are made. "randomised": G_y' ~ U[-1, 1]
+# per draw and one s1×s2 x_rand map repeated over channels; "literal" (the paper's
+# Exp. 1 as written): G_y' = 1 and x_rand drawn per element over s1×s2×s3.
+Draws = Literal["randomised", "literal"]
+DRAWS: tuple[str, ...] = ("randomised", "literal")
+
+
+def check_draws(value, field: str = "draws") -> None:
+    """Raise a one-line ValueError naming ``field`` unless ``value`` is one of :data:`DRAWS`."""
+    if not isinstance(value, str) or value not in DRAWS:
+        raise ValueError(f"{field} must be one of {', '.join(map(repr, DRAWS))}, got {value!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Transplant:
@@ -50,6 +62,9 @@ class Transplant:
         a per-layer map; the paper's Exp. 1 uses ``"random_mask"``).
       adapter_dummy_relu: ReLU dummies in the adapter's chain (``"identity"``).
       positive_fraction: share of positive ``x_rand`` entries (0.2).
+      draws: ``"randomised"`` (``G_y' ~ U[-1, 1]``, one s1×s2 ``x_rand`` map
+        repeated over channels) or ``"literal"`` (``G_y' = 1``, ``x_rand`` drawn
+        per element over s1×s2×s3): :data:`DRAWS`.
     """
 
     category_module: CategoryModule
@@ -59,8 +74,10 @@ class Transplant:
     task_dummy_relu: L.DummySpec = "identity"
     adapter_dummy_relu: L.DummySpec = "identity"
     positive_fraction: float = ops.DEFAULT_POSITIVE_FRACTION
+    draws: Draws = "randomised"
 
     def __post_init__(self):
+        check_draws(self.draws)
         # A per-layer dummy map must stay hashable: the transplant is a jit static argument.
         for name in ("task_dummy_relu", "adapter_dummy_relu"):
             spec = getattr(self, name)
@@ -97,6 +114,12 @@ class Transplant:
     def task(self) -> tasks.Task:
         """The task both task modules solve (:mod:`nettransplant.tasks`)."""
         return self.student_task_module.task
+
+    @property
+    def mask_layout(self) -> ops.MaskLayout:
+        """How the ``x_rand`` masks of :attr:`draws` cover a layer's channels
+        (:func:`ops.mask_channels`)."""
+        return "per_element" if self.draws == "literal" else "repeated"
 
     @property
     def uses_random_masks(self) -> bool:
@@ -172,20 +195,22 @@ class Transplant:
         """``G_h = chain_{g_S}(G_y')``: the pseudo-gradient arriving at the adapter's output."""
         return self.student_task_module.pseudo_gradient(
             frozen["student_task_module"], g, dummy_relu=self.task_dummy_relu,
-            mask_keys=mask_keys, positive_fraction=self.positive_fraction)
+            mask_keys=mask_keys, positive_fraction=self.positive_fraction,
+            mask_layout=self.mask_layout)
 
     def teacher_gradient(self, frozen: Params, g: Array, mask_keys: Array | None) -> Array:
         """``D'_T = chain_{g_T}(G_y')`` at ``x``."""
         return self.teacher_task_module.pseudo_gradient(
             frozen["teacher_task_module"], g, dummy_relu=self.task_dummy_relu,
-            mask_keys=mask_keys, positive_fraction=self.positive_fraction)
+            mask_keys=mask_keys, positive_fraction=self.positive_fraction,
+            mask_layout=self.mask_layout)
 
     def adapter_gradient(self, adapter_params: Params, g_h: Array, beta: Array | float,
                          mask_keys: Array | None) -> Array:
         """The adapter's chain: ``G_h`` → its part of ``D'_S`` (without α)."""
         return self.adapter.pseudo_gradient(adapter_params, g_h, beta=beta,
                                             dummy_relu=self.adapter_dummy_relu,
-                                            mask_keys=mask_keys)
+                                            mask_keys=mask_keys, mask_layout=self.mask_layout)
 
 
 def split_params(params: Params) -> tuple[Params, dict[str, Params]]:

@@ -1,9 +1,10 @@
 """Bad input of every kind is one named error, and nothing already written is lost.
 
 Parametrised over: every numeric config field (negative, zero, huge, NaN, wrong
-type) and unknown ``--config`` fields; weight files (pickles that try to run
-code, truncated or lying ``.safetensors`` headers, float16 and bfloat16
-weights); the embedded data set's shards (bad checksums, truncated, flipped).
+type), every choice field (unknown values) and unknown ``--config`` fields;
+weight files (pickles that try to run code, truncated or lying ``.safetensors``
+headers, float16 and bfloat16 weights); the embedded data set's shards (bad
+checksums, truncated, flipped).
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ NUMERIC_CASES = [(field, value) for field, kind, low, high in config_checks.NUME
 @pytest.mark.parametrize("field, value", NUMERIC_CASES,
                          ids=[f"{f}={v!r}" for f, v in NUMERIC_CASES])
 def test_every_bad_number_is_refused_naming_its_field(field, value):
+    with pytest.raises(ValueError, match=rf"^config\.{field.replace('.', r'[.]')} ") as error:
+        experiments.validate_config(loose_config(**{field: value}))
+    assert "\n" not in str(error.value)
+
+
+CHOICE_CASES = [(field, value) for field, _ in config_checks.CHOICE_FIELDS
+                for value in ("unknown", "", None, 1, True)]
+
+
+@pytest.mark.parametrize("field, value", CHOICE_CASES,
+                         ids=[f"{f}={v!r}" for f, v in CHOICE_CASES])
+def test_every_bad_choice_is_refused_naming_its_field(field, value):
     with pytest.raises(ValueError, match=rf"^config\.{field.replace('.', r'[.]')} ") as error:
         experiments.validate_config(loose_config(**{field: value}))
     assert "\n" not in str(error.value)

@@ -19,6 +19,7 @@ from absl import flags
 
 from nettransplant import cli, convert
 from nettransplant.data import benchmarks
+from nettransplant.transplant import check_draws
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "table4")
 
@@ -120,6 +121,22 @@ def _check_numbers(config) -> None:
         check_number("sample_counts", n, int, 0, _IMAGES)
 
 
+# (field, check): the config's choice fields and what checks them (one-line ValueError
+# naming the field).
+CHOICE_FIELDS: tuple[tuple[str, Callable[[object, str], None]], ...] = (
+    ("transplant.exp1_draws", check_draws),
+)
+
+
+def _check_choices(config) -> None:
+    for field, check in CHOICE_FIELDS:
+        try:
+            value = _lookup(config, field)
+        except (KeyError, AttributeError):
+            raise ValueError(f"config.{field} is missing") from None
+        check(value, f"config.{field}")
+
+
 def validate_config(config) -> None:
     """Fail early, naming the config field, on categories, experiments or numbers that cannot
     run.
@@ -128,6 +145,7 @@ def validate_config(config) -> None:
       ValueError: one line, naming the field and what it must be.
     """
     _check_numbers(config)
+    _check_choices(config)
     if config.data not in benchmarks.BENCHMARKS:
         raise ValueError(f"config.data={config.data!r}: unknown benchmark; choose from "
                          f"{list(benchmarks.BENCHMARKS)}")

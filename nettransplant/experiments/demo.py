@@ -76,7 +76,8 @@ def run(config, workdir: str | Path, *, category: str, num_samples: int,
     # Exp. 1: reorder + adapter inside the teacher; g_S = g_T and β = 1 (the same f).
     own = net.task_ref(f"{category}.classification")
     settings = TransplantSettings.from_config(tc, seed=config.seed, protocol="exp1",
-                                              lambda0=tc.lambda0_classification)
+                                              lambda0=tc.lambda0_classification,
+                                              draws=tc.get("exp1_draws", "randomised"))
     prob = build_problem(net.category_ref(category), own, own,
                          Adapter(modules.category_channels(m.width), 1, 3,
                                  reorder_seed=config.seed),

@@ -216,6 +216,12 @@ class Runner:
                                         self.net.category_ref(target),
                                         data.normalize_images(images_t))
 
+    def draws(self, protocol: str) -> str:
+        """How a problem's back-distillation draws are made: ``config.transplant.exp1_draws``
+        for Exp. 1's protocol, ``"randomised"`` for every other."""
+        return (self.config.transplant.get("exp1_draws", "randomised") if protocol == "exp1"
+                else "randomised")
+
     def problem(self, experiment: str, adapter_spec, protocol: str, target: str,
                 student: ModuleRef, reference: ModuleRef, beta: float):
         """One transplant problem, back-distillation's warm start and its residual.
@@ -227,7 +233,8 @@ class Runner:
         task = student.module.task
         lambda0 = (tc.lambda0_segmentation if task.name == "segmentation"
                    else tc.lambda0_classification)
-        settings = dataclasses.replace(self.settings, protocol=protocol, lambda0=lambda0)
+        settings = dataclasses.replace(self.settings, protocol=protocol, lambda0=lambda0,
+                                       draws=self.draws(protocol))
         view = self.view(experiment, task, target, "test")
         prob = operations.build_problem(
             self.net.category_ref(target), student, reference, self.adapter(adapter_spec),
@@ -244,15 +251,21 @@ class Runner:
         """What a cell of this problem depends on, besides its method and sample count."""
         c = self.config
         teachers = sorted({target, student.split(".", 1)[0], reference.split(".", 1)[0]})
+        # The draws this problem uses, not the field: changing exp1_draws leaves the other
+        # experiments' cells valid, and the default's fingerprints are those of before it.
+        transplant = c.transplant.to_dict()
+        transplant.pop("exp1_draws", None)
+        draws = self.draws(protocol)
         return {"experiment": experiment, "category": target, "seed": c.seed, "data": c.data,
                 "data_version": self.benchmark.version, "model": c.model.to_dict(),
-                "transplant": c.transplant.to_dict(), "adapter": list(adapter_spec),
+                "transplant": transplant, "adapter": list(adapter_spec),
                 "protocol": protocol, "student": student, "reference": reference,
                 "pad_to": self.pad_to, "view": self.view_name(experiment),
                 "jacobian_weights": (None if self.steps.weights is None
                                      else dataclasses.asdict(self.steps.weights)),
                 "teachers": {t: self.net.category(t).provenance.get("params_sha256")
-                             for t in teachers}}
+                             for t in teachers},
+                **({} if draws == "randomised" else {"draws": draws})}
 
     def run(self, experiment: str, adapter_spec, protocol: str, target: str, student: str,
             reference: str, beta: float, counts, curve_key: str):

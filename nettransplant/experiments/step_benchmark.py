@@ -91,7 +91,7 @@ def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws:
     cache = objectives.build_chain_cache(transplant, frozen, key, num_draws, shape)
     _block(cache)
     cache_s = time.perf_counter() - start
-    raw = train.raw_draws(key, num_draws, shape)
+    raw = train.raw_draws(key, num_draws, shape, draws=transplant.draws)
     scalars = objectives.compute_scalars(cache, 1.0, t.lambda0_classification)
     size = config.model.image_size
     images = jax.random.uniform(key, (t.batch_size, size, size, 3))

@@ -40,7 +40,7 @@ import optax
 from nettransplant import objectives, problem, training
 from nettransplant.adapter import Adapter
 from nettransplant.net.graph import ModuleRef, TaskModule, TeacherParts, TransplantNet
-from nettransplant.transplant import Transplant
+from nettransplant.transplant import Draws, Transplant, check_draws
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -60,12 +60,16 @@ class TransplantSettings:
     ``None`` fields take the task's default: adapter (num_convs, kernel) (3, 1) for
     classification and (1, 1) for segmentation; dummies Exp. 2's / Exp. 3's
     protocol (:func:`nettransplant.problem.task_dummies`); λ0 10 / 1.
+
+    ``draws``: how the back-distillation draws are made (``"randomised"`` or
+    ``"literal"``: :attr:`nettransplant.transplant.Transplant.draws`).
     """
 
     adapter: tuple[int, int] | None = None
     protocol: str | None = None
     lambda0: float | None = None
     positive_fraction: float = 0.2
+    draws: Draws = "randomised"
     score_size: int = 7
     num_draws: int = 64
     draws_per_step: int = 4
@@ -77,6 +81,9 @@ class TransplantSettings:
     warm_start: bool = True
     log_every: int = 5
     seed: int = 0
+
+    def __post_init__(self):
+        check_draws(self.draws)
 
     @classmethod
     def from_config(cls, transplant_config, *, seed: int = 0, **overrides) -> TransplantSettings:
@@ -120,7 +127,8 @@ def build_problem(category: ModuleRef, student: ModuleRef, reference: ModuleRef,
         category_module=category.module, adapter=adapter, student_task_module=student.module,
         teacher_task_module=reference.module,
         task_dummy_relu=problem.task_dummies(settings.protocol_for(task), student.module),
-        adapter_dummy_relu="identity", positive_fraction=settings.positive_fraction)
+        adapter_dummy_relu="identity", positive_fraction=settings.positive_fraction,
+        draws=settings.draws)
     frozen = {"category_module": category.params, "student_task_module": student.params,
               "teacher_task_module": reference.params}
     return problem.make_problem(
