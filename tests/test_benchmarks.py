@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from configs import silhouettes, voc_vgg16
-from nettransplant import experiments
+from nettransplant import data, experiments
 from nettransplant.data import benchmarks, paper_scale
 
 VOC = paper_scale.VOC_CATEGORIES
@@ -209,3 +209,23 @@ def test_silhouette_generic_sets_are_positives_then_as_many_object_free_scenes()
         np.testing.assert_array_equal(cls.labels, np.r_[np.ones(n), np.zeros(n)])
         np.testing.assert_array_equal(cls.images[:n], seg.images)
         assert not np.isin(seg.categories, [benchmarks.CATEGORIES.index("cat")]).any()
+
+
+def test_table4_target_task_is_the_category_against_fresh_object_free_scenes():
+    config = silhouettes.get_config("quick")
+    bench = benchmarks.make_benchmark(config)
+    cat = benchmarks.CATEGORIES.index("cat")
+    for split, seed in (("train", config.seed + 303), ("test", config.seed + 404)):
+        view = bench.target_classification("cat", split)
+        cats = bench.splits[split]
+        n = int(np.sum(cats.categories == cat))
+        np.testing.assert_array_equal(view.labels, np.r_[np.ones(n), np.zeros(n)])
+        np.testing.assert_array_equal(
+            np.sort(view.images[:n].reshape(n, -1), axis=0),
+            np.sort(cats.images[cats.categories == cat].reshape(n, -1), axis=0))
+        np.testing.assert_array_equal(view.images[n:], data.background_scenes(n, 32, seed))
+        # The generic modules' own scenes are other draws.
+        generic_cls, _ = bench.generic_sets("cat", split)
+        assert not np.array_equal(view.images[n:n + 5], generic_cls.images[-5:])
+    few = data.few_shot(bench.target_classification("cat", "train"), 10, seed=0)
+    assert few.labels.tolist().count(1) == 5

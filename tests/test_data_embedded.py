@@ -81,11 +81,12 @@ def test_same_seed_rebuilds_identical_bytes(tmp_path, data_dir, splits):
 
 
 def test_examples_are_a_function_of_silhouette_size_and_seed(splits):
-    images, _ = data.load_animal_mnist()
+    images, labels = data.load_animal_mnist()
     train = splits["train"]
     for row in (0, 1234, 7999):
         i = int(train.index[row])
-        image, mask = composite.composite(images[i], IMAGE_SIZE, [0, i])
+        image, mask = composite.composite(images[i], IMAGE_SIZE, [0, i],
+                                          data.CATEGORIES[labels[i]])
         assert image.tobytes() == train.images[row].tobytes()
         assert mask.tobytes() == train.masks[row].tobytes()
         other, _ = composite.composite(images[i], IMAGE_SIZE, [1, i])
@@ -226,3 +227,32 @@ def test_few_shot_training_sets_are_nested_balanced_and_disjoint_from_the_test_s
         seen = rows
         assert not rows & set(test_view.index.tolist())
         assert not rows & set(splits["test"].index.tolist())
+
+
+def test_every_category_wears_its_coat_and_a_decoy_wears_it_too():
+    """The object's texture has its category's orientation; the top clutter ellipse
+    (the decoy) wears the same texture (kind, period, angle and colours)."""
+    rng = np.random.default_rng(0)
+    for category, (kind, period, degrees) in composite.COATS.items():
+        uniforms = rng.random(composite.NUM_UNIFORMS)
+        composite._dress(uniforms, category)
+        table = composite._texture_table(uniforms[None], 32)
+        obj = composite._OBJECT
+        assert table[composite._KIND, 0, obj] == kind, category
+        if kind == composite.STRIPES:
+            k = np.hypot(table[composite._KY0, 0, obj], table[composite._KX0, 0, obj])
+            np.testing.assert_allclose(2 * np.pi / k, period, rtol=1e-5)
+            angle = np.degrees(np.arctan2(table[composite._KY0, 0, obj],
+                                          table[composite._KX0, 0, obj])) % 180
+            np.testing.assert_allclose(angle, degrees, atol=1e-3)
+        ellipses = composite._ellipses(uniforms[None], 32)
+        used = np.flatnonzero(ellipses[0, 0] > -1e5) + 1  # region ids of drawn ellipses
+        decoy = used.max()
+        same = [p for p in range(composite._NUM_PLANES)
+                if p not in (composite._PHASE0, composite._PHASE1)]
+        np.testing.assert_array_equal(table[same, 0, decoy], table[same, 0, obj])
+    with pytest.raises(ValueError, match="unknown coat 'unicorn'"):
+        composite._dress(rng.random(composite.NUM_UNIFORMS), "unicorn")
+    # Object-free scenes stay random: no coat is forced on any region.
+    assert composite.sample_scene(None, 32, np.random.default_rng(1)).uniforms.shape == (
+        1, composite.NUM_UNIFORMS)

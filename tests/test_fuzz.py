@@ -62,7 +62,8 @@ def bad_values(kind: type, low: float, high: float) -> list:
     return values
 
 
-NUMERIC_CASES = [(field, value) for field, kind, low, high in config_checks.NUMERIC_FIELDS
+NUMERIC_CASES = [(field, value) for field, kind, low, high in
+                 config_checks.NUMERIC_FIELDS + config_checks.OPTIONAL_NUMERIC_FIELDS
                  for value in bad_values(kind, low, high)]
 
 
@@ -93,6 +94,8 @@ def test_every_bad_choice_is_refused_naming_its_field(field, value):
     ("sample_counts", (0, -10), "config.sample_counts"),
     ("sample_counts", (0, 10**9), "config.sample_counts"),
     ("model.image_size", 48, "multiple of 32"),
+    ("pretrain.renderings", 0, r"config\.pretrain\.renderings must be in"),
+    ("pretrain.shipped", "yes", r"config\.pretrain\.shipped must be True or False"),
 ])
 def test_bad_adapters_counts_and_sizes_are_refused(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -109,8 +112,8 @@ def test_the_valid_boundaries_pass():
 @pytest.mark.parametrize("args, expected", [
     (["--config.nonexistent=1"], "--config.nonexistent: config has no field 'nonexistent'; "
                                  "valid fields: adapters, categories, data, experiments, "
-                                 "generic_category, mesh, model, pretrain, sample_counts, seed, "
-                                 "target_categories, teacher, transplant"),
+                                 "generic_category, jacobian_baseline, mesh, model, pretrain, "
+                                 "sample_counts, seed, target_categories, teacher, transplant"),
     (["--config.model.widht", "2"], "--config.model.widht: config.model has no field 'widht'; "
                                     "valid fields: dropout_rate, image_size, num_classes, width"),
     (["--config.seed.x=1"], "--config.seed.x: config.seed has no field 'x'"),
@@ -306,7 +309,10 @@ def dataset_copy(tmp_path_factory) -> Path:
 
 
 def shard(root: Path) -> Path:
-    return next((root / "animal_silhouettes").rglob("*train.array_record*"))
+    """A train shard of the current dataset version (older versions may sit beside it)."""
+    version = str(silhouettes_data.AnimalSilhouettes.VERSION)
+    return next(p for p in (root / "animal_silhouettes").rglob("*train.array_record*")
+                if p.parent.name == version)
 
 
 def damage_truncate(path: Path) -> None:

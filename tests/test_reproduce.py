@@ -11,9 +11,10 @@ from configs import silhouettes
 from nettransplant import checkpoint, experiments, modules, objectives, problem, report, teachers
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
+from nettransplant.experiments import paper
 from nettransplant.transplant import Transplant
 
-METHODS = {"back-distill", "direct-learn", "distill", "jacobian"}
+METHODS = {"back-distill", "direct-learn", "distill", "jacobian", "back-distill-random-init"}
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +38,23 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
         assert set(cells) <= METHODS and set(cells["back-distill"]) == {"0", "10"}
         assert set(cells["back-distill"]["10"]) == {"cat", "dog", "avg"}
         assert "0" not in cells["direct-learn"]
-    assert set(results["exp2"]) == {"back-distill", "direct-learn", "jacobian"}
+    assert set(results["exp2"]) == {"back-distill", "direct-learn", "jacobian",
+                                    "back-distill-random-init"}
     assert set(results["exp3"]) == METHODS
     assert set(results["table4"]) == {"classification", "segmentation"}
     assert set(results["table4"]["segmentation"]["distill"]["10"]) == {"cat", "avg"}
     assert results["runtime_s"] > 0
+    stages = results["stage_seconds"]
+    assert {"data", "teachers", "teachers_compile", "transplants", "transplants_compile",
+            "outputs"} <= set(stages)
+    assert 0 < stages["teachers_compile"] < stages["teachers"]
+    assert 0 < stages["transplants_compile"] < stages["transplants"]
+    assert stages["transplant_cells_run"] == paper.num_runs(config)
+    assert sum(stages[k] for k in ("data", "teachers", "transplants", "outputs")) <= \
+        results["runtime_s"]
+    assert json.loads((workdir / "results.json").read_text())["stage_seconds"] == stages
+    # Back-distill from the baselines' initialisation is a row of its own.
+    assert set(results["exp1"]["1conv"]["back-distill-random-init"]) == {"10"}
     residual = results["warm_start_residual"]
     assert set(residual) == {"exp1_1conv", "exp1_3conv", "exp2", "exp3",
                              "table4_classification", "table4_segmentation"}

@@ -100,3 +100,24 @@ def majority_baseline(masks: np.ndarray) -> float:
     if not valid.any():
         raise ValueError("no labelled pixels")
     return float((masks[valid] == 0).mean())
+
+
+def coarse_mask_oracle(masks: np.ndarray, stride: int) -> float:
+    """Pixel accuracy (fraction) of the true masks seen at ``1/stride`` resolution.
+
+    Each mask is averaged over ``stride × stride`` blocks, bilinearly up-sampled
+    back and thresholded at 1/2: what a segmentation whose scores live on a grid
+    ``stride`` times coarser than the image gets from perfect block averages and
+    plain bilinear up-sampling. FCN-8s's finest scores (pool3) are on such a
+    grid with stride 8; its learnt up-sampling and skip fusion can do somewhat
+    better, so this is a reference for how much the resolution costs at a given
+    image size, not a bound.
+    """
+    import jax
+    n, h, w = masks.shape
+    if h % stride or w % stride:
+        raise ValueError(f"masks of {h}×{w} do not divide by stride {stride}")
+    truth = masks.astype(np.float32)
+    low = truth.reshape(n, h // stride, stride, w // stride, stride).mean((2, 4))
+    up = np.asarray(jax.image.resize(low, (n, h, w), "bilinear"))
+    return float(((up > 0.5) == (truth > 0.5)).mean())

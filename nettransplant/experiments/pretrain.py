@@ -41,13 +41,14 @@ class ShippedBackboneError(ValueError):
     """A shipped backbone file that cannot be used (damaged, or not this model's)."""
 
 
-def shipped_files(directory: str | Path = SHIPPED_DIR, name: str = NAME) -> tuple[Path, Path]:
-    """``(weights .npz, record .json)`` of a shipped backbone."""
-    directory = Path(directory)
+def shipped_files(directory: str | Path | None = None, name: str = NAME
+                  ) -> tuple[Path, Path]:
+    """``(weights .npz, record .json)`` of a shipped backbone (default: the package's)."""
+    directory = Path(SHIPPED_DIR if directory is None else directory)
     return directory / f"{name}.npz", directory / f"{name}.json"
 
 
-def save_backbone(params: Any, record: dict, directory: str | Path = SHIPPED_DIR,
+def save_backbone(params: Any, record: dict, directory: str | Path | None = None,
                   name: str = NAME) -> dict:
     """Write the parameters and their record, each file replaced in one rename.
 
@@ -70,7 +71,7 @@ def save_backbone(params: Any, record: dict, directory: str | Path = SHIPPED_DIR
     return record
 
 
-def read_record(directory: str | Path = SHIPPED_DIR, name: str = NAME) -> dict | None:
+def read_record(directory: str | Path | None = None, name: str = NAME) -> dict | None:
     """The shipped backbone's record, or None when there is none."""
     _, meta = shipped_files(directory, name)
     if not meta.exists():
@@ -84,7 +85,7 @@ def read_record(directory: str | Path = SHIPPED_DIR, name: str = NAME) -> dict |
     return record
 
 
-def load_backbone(template: Any, directory: str | Path = SHIPPED_DIR, name: str = NAME
+def load_backbone(template: Any, directory: str | Path | None = None, name: str = NAME
                   ) -> tuple[Any, dict]:
     """The shipped parameters, checked against ``template`` (same names and shapes).
 
@@ -119,7 +120,7 @@ def load_backbone(template: Any, directory: str | Path = SHIPPED_DIR, name: str 
     return jax.tree.map(jax.numpy.asarray, unflatten(flat)), record
 
 
-def run(config, *, workdir: str | Path, output_dir: str | Path = SHIPPED_DIR,
+def run(config, *, workdir: str | Path, output_dir: str | Path | None = None,
         progress: bool = True) -> dict:
     """Train the backbone of ``config`` (resumably, in ``workdir/teachers``) and ship it.
 
