@@ -439,7 +439,8 @@ def format_torch_table(section: dict) -> str:
         return section["skipped"]
     header = (f"JAX vs PyTorch, adapter {section['adapter']['name']} "
               f"({section['adapter']['description']}): PyTorch {section['torch_version']} on "
-              f"{section['torch_device']}, {section['torch_num_threads']} threads, "
+              f"{section['torch_device']}, {section['torch_num_threads']} "
+              f"thread{'s' if section['torch_num_threads'] != 1 else ''}, "
               f"{section['cpu_count']} cores; {section['timing']}")
     rows = [("method", "jax", "jax naive", "torch", "jax/torch", "naive/torch")]
     for name, r in section["methods"].items():
