@@ -1,6 +1,7 @@
 """Step-time benchmark of back-distillation, side by side in one run, and its data-parallel scaling.
 
-    python -m launch.benchmark --quick --json bench.json      # CPU, < 2 min
+    python -m launch.benchmark --quick --json bench.json      # CPU, < 2 min + the PyTorch section
+    python -m launch.benchmark --quick --device_counts 0 --json bench.json   # no scaling
     python -m launch.benchmark --quick --cpu_devices 8 --json bench.json   # + 1..8 fake devices
     python -m launch.benchmark --json bench_gpu.json          # VGG-16 at 224² (GPU)
     python -m launch.benchmark --json bench_gpu.json --dtype bfloat16   # teachers in bf16
@@ -9,7 +10,12 @@
 (configs/silhouettes.py); the full mode runs configs/voc_vgg16.py. The timing
 protocol is :mod:`nettransplant.experiments.step_benchmark`'s; the scaling
 section (step time, throughput and MFU per device count) is
-:mod:`nettransplant.experiments.scaling_benchmark`'s.
+:mod:`nettransplant.experiments.scaling_benchmark`'s. Where PyTorch is
+installed, each method's step (direct-learn, distill, back-distill with 0
+samples and with a batch, jacobian) is also timed beside the same step written
+in PyTorch (:mod:`nettransplant.experiments.torch_reference`), with the Exp. 1
+1-conv adapter (or the first of ``--adapters``); ``--no_torch`` skips that
+section, and without PyTorch it is skipped with a one-line note.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fake this many CPU devices (they share the same cores)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the teachers' compute dtype in the scaling section")
+    parser.add_argument("--no_torch", "--no-torch", action="store_true",
+                        help="skip the JAX vs PyTorch section (skipped anyway without PyTorch)")
+    parser.add_argument("--torch_threads", "--torch-threads", type=int, default=None,
+                        help="PyTorch's threads in that section (default: its default, one "
+                             "per core)")
     parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
     if args.cpu_devices:
@@ -55,6 +66,13 @@ def main(argv: list[str] | None = None) -> dict:
         config, mode="quick" if args.quick else "full", adapters=names, steps=steps,
         rounds=rounds, num_draws=64 if args.quick else config.transplant.num_draws)
     print(step_benchmark.format_table(results))
+    if not args.no_torch:
+        adapter = "exp1_1conv" if "exp1_1conv" in names else names[0]
+        results["torch"] = step_benchmark.torch_section(
+            config, adapter, steps=steps, rounds=rounds,
+            num_draws=64 if args.quick else config.transplant.num_draws,
+            torch_threads=args.torch_threads)
+        print(step_benchmark.format_torch_table(results["torch"]))
     counts = (None if args.device_counts is None else
               [int(n) for n in args.device_counts.split(",") if int(n) > 0])
     if counts != []:

@@ -1,4 +1,5 @@
-"""Benchmarks: the views the main job reads, and the paper-scale path end to end.
+"""Benchmarks: the views the main job reads, the paper-scale path end to end, and the
+step benchmark's JAX vs PyTorch section.
 
 The VOC + SBD run uses a fabricated ``VOCdevkit`` (read by the real TFDS
 builder) and an in-memory stand-in for TFDS ``voc/2012`` (no machine here can
@@ -6,6 +7,7 @@ download it; the real reader is tested under ``tfds.testing.mock_data`` in
 ``test_data_paper_scale.py``).
 """
 
+import importlib.util
 import json
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 from configs import silhouettes, voc_vgg16
 from nettransplant import data, experiments
 from nettransplant.data import benchmarks, paper_scale
+from nettransplant.experiments import step_benchmark
 
 VOC = paper_scale.VOC_CATEGORIES
 # Objects per fabricated image, cycled: every mammal and dissimilar category used
@@ -229,3 +232,41 @@ def test_table4_target_task_is_the_category_against_fresh_object_free_scenes():
         assert not np.array_equal(view.images[n:n + 5], generic_cls.images[-5:])
     few = data.few_shot(bench.target_classification("cat", "train"), 10, seed=0)
     assert few.labels.tolist().count(1) == 5
+
+
+def _tiny_benchmark_config():
+    config = silhouettes.get_config()
+    config.model.width = 0.0625
+    config.transplant.score_size = 3
+    config.transplant.batch_size = 4
+    config.transplant.draws_per_step = 2
+    return config
+
+
+@pytest.mark.torch
+def test_the_pytorch_section_times_both_frameworks_and_writes_its_columns(tmp_path):
+    rows = ("back-distill (0 samples)",)  # one row: each costs a compile or two
+    section = step_benchmark.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
+                                           num_draws=2, rows=rows)
+    path = tmp_path / "bench.json"
+    step_benchmark.write_json({"torch": section}, str(path))
+    stored = json.loads(path.read_text())["torch"]
+    assert stored["adapter"]["name"] == "exp3" and stored["torch_num_threads"] >= 1
+    assert list(stored["methods"]) == list(rows)
+    for row in rows:
+        r = stored["methods"][row]
+        for key in ("jax_step_s", "torch_step_s", "jax_over_torch"):
+            assert r[key] > 0, (row, key)
+        assert r["jax_naive_step_s"] > 0 and r["jax_naive_over_torch"] > 0
+    table = step_benchmark.format_torch_table(section).splitlines()
+    assert "jax/torch" in table[1] and len(table) == 3 + len(rows)
+
+
+def test_without_pytorch_the_pytorch_section_is_one_note(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    section = step_benchmark.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
+                                           num_draws=2)
+    assert list(section) == ["skipped"] and "PyTorch is not installed" in section["skipped"]
+    assert step_benchmark.format_torch_table(section) == section["skipped"]

@@ -4,15 +4,24 @@
 compiled and warmed up first (compile time reported separately), then timed in
 interleaved rounds, so every kind sees the same machine noise; the reported time
 is the median over rounds of the mean step time in a round. Times are in seconds.
+
+:func:`torch_section` times, the same way, each method's library step beside
+the same step written as a PyTorch user would
+(:mod:`nettransplant.experiments.torch_reference`), rounds alternating between
+them; without PyTorch it returns a one-line note instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,23 +41,28 @@ def _block(tree) -> None:
 
 
 class StepTimer:
-    """Compile/warm up a step once, then time ``steps`` calls per round."""
+    """Compile/warm up a step once, then time ``steps`` calls per round.
 
-    def __init__(self, name: str, step: Callable, state, args: tuple, steps: int):
-        self.name, self.step, self.args, self.steps = name, step, args, steps
+    ``sync(metrics)`` waits for the step's work (default: JAX's
+    ``block_until_ready``; a PyTorch step on the CPU needs nothing).
+    """
+
+    def __init__(self, name: str, step: Callable, state, args: tuple, steps: int, *,
+                 sync: Callable = _block):
+        self.name, self.step, self.args, self.steps, self.sync = name, step, args, steps, sync
         start = time.perf_counter()
         self.state, metrics = step(state, *args)
-        _block(metrics)
+        sync(metrics)
         self.compile_s = time.perf_counter() - start
         self.state, metrics = step(self.state, *args)  # warm-up
-        _block(metrics)
+        sync(metrics)
         self.rounds: list[float] = []
 
     def run_round(self) -> None:
         start = time.perf_counter()
         for _ in range(self.steps):
             self.state, metrics = self.step(self.state, *self.args)
-        _block(metrics)
+        self.sync(metrics)
         self.rounds.append((time.perf_counter() - start) / self.steps)
 
     @property
@@ -74,13 +88,31 @@ def build_transplant(config, adapter_spec: tuple[int, int]) -> tuple[Transplant,
         student_task_module=task_module, teacher_task_module=task_module,
         task_dummy_relu="random_mask", adapter_dummy_relu="identity",
         positive_fraction=config.transplant.positive_fraction)
-    params = transplant.init(jax.random.key(config.seed), m.image_size)
+    # Jitted: eager initialisation dispatches (and compiles) op by op, for many seconds.
+    params = jax.jit(transplant.init, static_argnums=1)(jax.random.key(config.seed),
+                                                        m.image_size)
     params["student_task_module"] = params["teacher_task_module"]
     return transplant, params
 
 
-def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws: int,
-                    naive_steps: int) -> dict:
+@dataclasses.dataclass
+class Problem:
+    """What every timed step reads: the transplant, its parameters, draws, scalars and data."""
+
+    transplant: Transplant
+    params: dict
+    adapter_params: Any
+    frozen: dict
+    cache: objectives.ChainCache
+    raw: train.RawDraws  # the cache's draws, uncached (the naive step recomputes them)
+    scalars: objectives.TransplantScalars
+    data: objectives.TransferData
+    cache_s: float  # time to build the chain cache
+
+
+def build_problem(config, adapter_spec: tuple[int, int], num_draws: int) -> Problem:
+    """:func:`build_transplant`'s transplant with ``num_draws`` cached draws, the scalars
+    (β = 1) and a labelled batch of ``config.transplant.batch_size`` random images."""
     t = config.transplant
     transplant, params = build_transplant(config, adapter_spec)
     adapter_params, frozen = split_params(params)
@@ -98,6 +130,16 @@ def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws:
     data = objectives.make_transfer_data(
         transplant, frozen, transplant.features(params, images),
         jnp.arange(t.batch_size) % 2, key=key)
+    return Problem(transplant, params, adapter_params, frozen, cache, raw, scalars, data,
+                   cache_s)
+
+
+def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws: int,
+                    naive_steps: int) -> dict:
+    t = config.transplant
+    p = build_problem(config, adapter_spec, num_draws)
+    transplant, adapter_params, frozen = p.transplant, p.adapter_params, p.frozen
+    cache, raw, scalars, data = p.cache, p.raw, p.scalars, p.data
     batch_index = jnp.arange(t.batch_size)
     draw_index = jnp.arange(t.draws_per_step)
     optimizer = optax.adam(t.learning_rate)
@@ -121,7 +163,7 @@ def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws:
             tm.run_round()
     result = {tm.name: tm.median_s for tm in timers}
     result["compile_s"] = {tm.name: tm.compile_s for tm in timers}
-    result["chain_cache_build_s"] = cache_s
+    result["chain_cache_build_s"] = p.cache_s
     result["num_draws_cached"] = num_draws
     if adapter_spec[0] == 1:
         result |= time_to_loss(transplant, adapter_params, frozen, cache, scalars, config)
@@ -230,3 +272,185 @@ def write_json(results: dict, path: str) -> None:
     """``results`` as JSON at ``path`` (atomically)."""
     write_atomically(path, json.dumps(results, indent=2,
                                       default=lambda o: np.asarray(o).tolist()))
+
+
+# --------------------------------------------------------------------------- PyTorch side by side
+
+# Row → (method, with a labelled batch, with draws of (G_y', x_rand)).
+TORCH_ROWS: dict[str, tuple[str, bool, bool]] = {
+    "direct-learn": ("direct-learn", True, False),
+    "distill": ("distill", True, False),
+    "back-distill (0 samples)": ("back-distill", False, True),
+    "back-distill (task)": ("back-distill", True, True),
+    "jacobian": ("jacobian", True, False),
+}
+
+
+def torch_unavailable() -> str | None:
+    """A one-line reason the PyTorch section cannot run here, or None."""
+    if importlib.util.find_spec("torch") is None:
+        return ("PyTorch comparison skipped: PyTorch is not installed "
+                "(pip install -e '.[torch]')")
+    return None
+
+
+def _torch_device(torch) -> str | None:
+    """PyTorch's device matching JAX's (None: PyTorch has no such device)."""
+    platform_ = jax.devices()[0].platform
+    if platform_ == "cpu":
+        return "cpu"
+    if platform_ == "gpu" and torch.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def compare_with_torch(config, adapter_spec: tuple[int, int], *, steps: int, rounds: int,
+                       num_draws: int, rows: tuple[str, ...] = tuple(TORCH_ROWS),
+                       torch_threads: int | None = None) -> dict:
+    """Each method's library step beside the PyTorch user's step, on the same problem.
+
+    Both start from the same weights and train their own copy of the adapter
+    with Adam on the same batch and draws. For back-distillation the library's
+    naive step (``recompute_chains=True``: the frozen chains run every step, as
+    in the PyTorch step) is timed too. Rounds alternate between every step.
+
+    Args:
+      torch_threads: PyTorch's intra-op threads for this section (default: its
+        own default, one per core).
+    Returns:
+      ``{"methods": {row: {"jax_step_s", "torch_step_s", "jax_over_torch", …}}, …}``
+      with the PyTorch version, device and thread count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        return _compare_with_torch(torch, config, adapter_spec, steps=steps, rounds=rounds,
+                                   num_draws=num_draws, rows=rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_with_torch(torch, config, adapter_spec, *, steps, rounds, num_draws, rows) -> dict:
+
+    from nettransplant.experiments import torch_reference as tr
+
+    unknown = [r for r in rows if r not in TORCH_ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {list(TORCH_ROWS)}")
+    device = _torch_device(torch)
+    if device is None:
+        raise ValueError(f"PyTorch has no device for JAX's {jax.devices()[0].platform}")
+    t = config.transplant
+    p = build_problem(config, adapter_spec, num_draws)
+    optimizer = optax.adam(t.learning_rate)
+    batch_index, draw_index = jnp.arange(t.batch_size), jnp.arange(t.draws_per_step)
+    reference = tr.from_jax(p.transplant, p.params, p.scalars, score_size=t.score_size,
+                            device=device)
+    torch_data = tr.data_from_jax(p.data, device)
+    torch_draws = tr.draws_from_jax(p.transplant, reference, p.raw.output_gradients,
+                                    p.raw.mask_keys)
+    torch_index = (torch.arange(t.batch_size, device=device),
+                   torch.arange(t.draws_per_step, device=device))
+
+    def torch_sync(_):
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def jax_timer(name, method, with_batch, draws, recompute=False):
+        step = train.make_train_step(p.transplant, method, optimizer,
+                                     recompute_chains=recompute, mesh=one_device())
+        state = train.create_train_state(p.adapter_params, optimizer)
+        args = (p.frozen, p.scalars, p.data if with_batch else None, draws,
+                batch_index if with_batch else None, None if draws is None else draw_index)
+        return StepTimer(name, step, state, args, steps)
+
+    def torch_timer(name, method, with_batch, with_draws):
+        problem = tr.from_jax(p.transplant, p.params, p.scalars, score_size=t.score_size,
+                              device=device)  # its own adapter, trained by its own Adam
+        step = tr.make_train_step(problem, method, tr.adam(problem, t.learning_rate))
+        args = (torch_data if with_batch else None, torch_draws if with_draws else None,
+                *torch_index)
+        return StepTimer(name, lambda state, *a: (state, step(*a)), None, args, steps,
+                         sync=torch_sync)
+
+    timers: dict[str, dict[str, StepTimer]] = {}
+    for row in rows:
+        method, with_batch, with_draws = TORCH_ROWS[row]
+        timers[row] = {"jax": jax_timer(row, method, with_batch,
+                                        p.cache if with_draws else None)}
+        if with_draws:
+            timers[row]["jax_naive"] = jax_timer(row, method, with_batch, p.raw, recompute=True)
+        timers[row]["torch"] = torch_timer(row, method, with_batch, with_draws)
+    for _ in tqdm(range(rounds), desc="PyTorch side by side", leave=False):
+        for kinds in timers.values():  # alternating: JAX and PyTorch see the same noise
+            for timer in kinds.values():
+                timer.run_round()
+    methods = {}
+    for row, kinds in timers.items():
+        torch_s = kinds["torch"].median_s
+        r = {"method": TORCH_ROWS[row][0], "labelled_batch": TORCH_ROWS[row][1],
+             "draws": TORCH_ROWS[row][2], "torch_step_s": torch_s,
+             "torch_first_step_s": kinds["torch"].compile_s}
+        for kind in ("jax", "jax_naive"):
+            if kind in kinds:
+                r[f"{kind}_step_s"] = kinds[kind].median_s
+                r[f"{kind}_over_torch"] = kinds[kind].median_s / torch_s
+                r[f"{kind}_compile_s"] = kinds[kind].compile_s
+        methods[row] = r
+    return {
+        "torch_version": torch.__version__, "torch_device": device,
+        "torch_num_threads": torch.get_num_threads(),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "batch_size": t.batch_size, "draws_per_step": t.draws_per_step,
+        "num_draws_cached": num_draws,
+        "timing": f"median over {rounds} rounds of {steps} steps, JAX and PyTorch alternating",
+        "methods": methods,
+    }
+
+
+def torch_section(config, adapter: str, *, steps: int, rounds: int, num_draws: int,
+                  rows: tuple[str, ...] = tuple(TORCH_ROWS),
+                  torch_threads: int | None = None) -> dict:
+    """:func:`compare_with_torch` for the adapter named ``adapter`` (in :data:`ADAPTERS`),
+    or ``{"skipped": reason}`` where PyTorch is missing or has no device like JAX's."""
+    note = torch_unavailable()
+    if note is None:
+        import torch
+
+        if _torch_device(torch) is None:
+            note = (f"PyTorch comparison skipped: JAX runs on {jax.devices()[0].platform}, "
+                    "where this PyTorch has no device")
+    if note is not None:
+        return {"skipped": note}
+    spec = tuple(config.adapters[adapter])
+    result = compare_with_torch(config, spec, steps=steps, rounds=rounds,
+                                num_draws=num_draws, rows=rows, torch_threads=torch_threads)
+    return {"adapter": {"name": adapter, "num_convs": spec[0], "kernel_size": spec[1],
+                        "description": ADAPTERS[adapter]}, **result}
+
+
+def format_torch_table(section: dict) -> str:
+    """Per method: JAX and PyTorch ms/step and their ratio (or the section's skip note)."""
+    if "skipped" in section:
+        return section["skipped"]
+    header = (f"JAX vs PyTorch, adapter {section['adapter']['name']} "
+              f"({section['adapter']['description']}): PyTorch {section['torch_version']} on "
+              f"{section['torch_device']}, {section['torch_num_threads']} "
+              f"thread{'s' if section['torch_num_threads'] != 1 else ''}, "
+              f"{section['cpu_count']} cores; {section['timing']}")
+    rows = [("method", "jax", "jax naive", "torch", "jax/torch", "naive/torch")]
+    for name, r in section["methods"].items():
+        naive = r.get("jax_naive_step_s")
+        rows.append((name, f"{r['jax_step_s'] * 1e3:.1f}ms",
+                     "-" if naive is None else f"{naive * 1e3:.1f}ms",
+                     f"{r['torch_step_s'] * 1e3:.1f}ms", f"{r['jax_over_torch']:.2g}",
+                     "-" if naive is None else f"{r['jax_naive_over_torch']:.2g}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([header, *lines])
