@@ -100,9 +100,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.batch_size = 16  # labelled images per step (padded, masked)
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
-    # One budget for every method (fair protocol): Adam at 1e-2 for 100 steps of 16.
+    # One budget for every method (fair protocol): Adam at 1e-2, 150 steps of 16 images.
+    # Chosen on training samples only (train_fit, Exp. 2 cells): at 1e-3 or 3e-3 direct-
+    # learn from random init stays at one class on 10 samples (train_fit 50 %) where 1e-2
+    # fits them; the step count is what the 15-minute budget affords. results.json
+    # train_fit shows which runs fitted; the :converged variant trains 4× as long.
     config.transplant.learning_rate = 1e-2
-    config.transplant.num_steps = 100
+    config.transplant.num_steps = 150
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,
     # h·w equations per draw, so a few dozen draws pin the solution down.
@@ -141,7 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.transplant.beta_images = 32
         config.transplant.log_every = 2
     elif arg == "converged":
-        # Three times the default's training (300 steps of 32 images): a check that the
+        # Four times the default's training (300 steps of 32 images): a check that the
         # default budget has converged — where the two agree, the budget did not decide
         # the comparison. Every method still gets the same steps.
         config.transplant.num_steps = 300

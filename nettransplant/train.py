@@ -144,6 +144,11 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
                   ) -> tuple[AdapterTrainState, list[dict[str, float]]]:
     """Run ``num_steps`` steps of :func:`make_train_step`'s step with :func:`training.train_loop`.
 
+    Batch ``i`` is the ``i``-th of the :class:`IndexStream` of ``seed`` (draws: of
+    ``seed + 1``). With fewer samples than ``batch_size`` every batch is the whole
+    sample set; it then holds the real rows only (rounded up to a multiple of
+    the mesh's ``data`` axis) instead of ``batch_size`` rows with masked padding.
+
     Args:
       data: padded :class:`TransferData` (``num_samples`` real rows) or None.
       draws: the bank of cached draws, or None.
@@ -167,6 +172,13 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
     if draws is not None:
         parallel.check_divisible(f"{what}: draws_per_step",
                                  min(draws_per_step, draws.num_draws), mesh)
+    if data is not None and 0 < num_samples < batch_size:
+        # Every batch is then the whole sample set plus masked padding rows, which
+        # add nothing to any loss (masked means): run on the real rows only,
+        # rounded up to a multiple of the devices (the step's cost is per row).
+        shards = parallel.data_size(mesh)
+        batch_size = -(-num_samples // shards) * shards
+        data = jax.tree.map(lambda a: a[:batch_size], data)
     batches = IndexStream(num_samples, batch_size, seed)
     draw_stream = (IndexStream(draws.num_draws, min(draws_per_step, draws.num_draws), seed + 1)
                    if draws is not None else None)

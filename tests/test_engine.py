@@ -797,6 +797,50 @@ def test_train_step_does_not_retrace_across_calls():
     assert len(setup.traces["cached"]) == 1
 
 
+@functools.cache
+def padded_samples():
+    """Five labelled images of the Exp.-1 net padded to a batch of eight (masked rows)."""
+    s = exp1()
+    x = TRAINED.features(s.params, images(6, batch=5))
+    return O.make_transfer_data(TRAINED, s.frozen, x, jnp.array([0, 1, 1, 0, 1]),
+                                key=jax.random.key(4), pad_to=8)
+
+
+def test_a_second_cell_of_equal_shapes_does_not_retrace(monkeypatch):
+    # Two cells (runs) on two problems of one shape, labelled and zero-sample: the
+    # step is traced once for each kind, however many steps and cells run.
+    chex.clear_trace_counter()
+    monkeypatch.setattr(T, "objective_terms", chex.assert_max_traces(O.objective_terms, n=2))
+    optimizer = optax.adam(1e-2)
+    step = T.make_train_step(TRAINED, "back-distill", optimizer)
+    for s in (exp1(), transfer()):
+        for data in (padded_samples(), None):
+            T.train_adapter(step, T.create_train_state(training().adapter, optimizer), s.frozen,
+                            s.scalars, num_steps=3, data=data, num_samples=5, batch_size=8,
+                            draws=s.cache, progress=False)
+
+
+def test_fewer_samples_than_a_batch_train_on_the_real_rows_as_the_padded_batch_does():
+    # train_adapter drops the masked padding rows of a batch (they weigh 0 in every
+    # loss); the run equals steps on the padded batch. SGD: parameters compare like
+    # gradients (float32 sums in another order).
+    s, data, optimizer = exp1(), padded_samples(), optax.sgd(0.1)
+    step = T.make_train_step(TRAINED, "back-distill", optimizer)
+    state, history = T.train_adapter(
+        step, T.create_train_state(training().adapter, optimizer), s.frozen, s.scalars,
+        num_steps=3, data=data, num_samples=5, batch_size=8, draws=s.cache, seed=2,
+        progress=False)
+    padded = T.create_train_state(training().adapter, optimizer)
+    draws = T.IndexStream(NUM_DRAWS, 8, seed=3)
+    for i in range(3):
+        padded, metrics = step(padded, s.frozen, s.scalars, data, s.cache, jnp.arange(8),
+                               jnp.asarray(draws.next()))
+        np.testing.assert_allclose(history[i]["loss"], metrics["loss"], rtol=1e-6)
+        np.testing.assert_allclose(history[i]["task"], metrics["task"], rtol=1e-6)
+    assert history[0]["task"] > 0 and int(state.step) == 3
+    assert_close(state.params, padded.params, 1e-6)
+
+
 def full_bank_loss(params, setup) -> float:
     return float(O.back_distill_term(TRAINED, params, setup.cache, setup.scalars))
 

@@ -123,6 +123,28 @@ class ConvolutionTest(chex.TestCase):
         explicit, reference = both(x, w, g)
         assert_close(explicit, reference)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(
+        ("k3_same_on_2x2", (2, 2, 2, 3), 3, "SAME", ((1, 1), (1, 1))),
+        ("k3_same_on_1x1", (2, 1, 1, 3), 3, "SAME", ((1, 1), (1, 1))),
+        ("k3_same_on_2x4", (2, 2, 4, 3), 3, "SAME", ((1, 1), (1, 1))),
+        ("k7_explicit_on_6x5", (2, 6, 5, 3), 7, ((3, 1), (2, 2)), ((3, 1), (2, 2))))
+    def test_conv2d_with_a_window_larger_than_its_input_and_its_vjp(self, shape, kernel,
+                                                                    padding, pads):
+        # Such convs (VGG's conv5 on a 2×2 map) run as one matmul of patches.
+        x, w, b = normal(0, shape), normal(1, (kernel, kernel, 3, 4)), normal(2, (4,))
+
+        @self.variant
+        def both(x, w, b):
+            y, vjp = jax.vjp(lambda x: ops.conv2d(x, w, b, padding=padding), x)
+            g = jnp.cos(y)
+            return y, vjp(g)[0], ops.conv2d_vjp(g, w, input_spatial=shape[1:3],
+                                                padding=padding)
+
+        y, vjp, explicit = both(x, w, b)
+        assert_close(y, numpy_conv2d(x, w, b, 1, pads))
+        assert_close(vjp, explicit)
+
     def test_flip_and_swap_is_the_papers_kernel(self):
         # Appendix: W[i, j, k, l] = w[m+1-i, m+1-j, l, k] (1-based, m = kernel size).
         w = np.asarray(normal(0, (3, 3, 2, 5)))
@@ -262,6 +284,12 @@ POOL_CASES = (("even_2x2", (2, 16, 16, 3), 2), ("odd_trailing_rows_dropped", (2,
               ("window3_odd", (2, 11, 13, 3), 3))
 
 
+def xla_max_pool(x: jax.Array, window: int) -> jax.Array:
+    """Max pooling as XLA's reduce-window, differentiated by JAX's own rule (the reference)."""
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                 (1, window, window, 1), "VALID")
+
+
 class PoolingTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -271,12 +299,15 @@ class PoolingTest(chex.TestCase):
         g = normal(1, ops.max_pool(x, window).shape)
 
         @self.variant
-        def both(x, g):
+        def three(x, g):
             return (ops.max_pool_vjp(g, x, window),
+                    jax.vjp(lambda x: xla_max_pool(x, window), x)[1](g)[0],
                     jax.vjp(lambda x: ops.max_pool(x, window), x)[1](g)[0])
 
-        explicit, reference = both(x, g)
+        explicit, reference, library = three(x, g)
         assert_close(explicit, reference, tol=0.0)
+        # ops.max_pool's own derivative (from the arg-max) is XLA's, bit for bit.
+        np.testing.assert_array_equal(library, reference)
         # Each window routes its gradient to exactly one position, even when tied.
         ho, wo = shape[1] // window, shape[2] // window
         nonzero = np.asarray(explicit)[:, : ho * window, : wo * window] != 0
@@ -324,6 +355,19 @@ class PoolingTest(chex.TestCase):
         windows = spread.reshape(2, ho, window, wo, window, 3)
         np.testing.assert_allclose(windows, np.broadcast_to(
             np.asarray(g)[:, :, None, :, None] / window**2, windows.shape), rtol=1e-6)
+
+    @parameterized.named_parameters(*POOL_CASES)
+    def test_max_pool_jvp_and_second_derivative_equal_xlas(self, shape, window):
+        x, t = tied_after_relu(0, shape), normal(1, shape)
+        g = normal(2, ops.max_pool(x, window).shape)
+        np.testing.assert_array_equal(jax.jvp(lambda v: ops.max_pool(v, window), (x,), (t,))[1],
+                                      jax.jvp(lambda v: xla_max_pool(v, window), (x,), (t,))[1])
+
+        def vjp_norm(pool):  # a derivative of the VJP (what double back-propagation takes)
+            return jax.grad(lambda v: jnp.sum(
+                jax.vjp(lambda u: pool(u, window) ** 2, v)[1](g)[0] ** 2))(x)
+
+        assert_close(vjp_norm(ops.max_pool), vjp_norm(xla_max_pool), tol=0.0)
 
     def test_avg_pool_is_the_window_mean_and_max_pool_the_window_max(self):
         x = normal(0, (2, 15, 17, 3))
