@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from launch import data_report
 from nettransplant import data
-from nettransplant.data import composite, silhouettes
+from nettransplant.data import baselines, composite, silhouettes
 
 IMAGE_SIZE = 32
 
@@ -186,6 +186,21 @@ def test_threshold_search_finds_a_perfect_rule_when_one_exists():
         float((masks[:, 1:] == 0).mean()))
 
 
+def test_the_stride_8_oracle_keeps_block_masks_and_loses_detail_below_the_block():
+    blocks = np.kron(np.random.default_rng(0).integers(0, 2, (3, 4, 4)),
+                     np.ones((8, 8))).astype(np.uint8)  # (3, 32, 32), constant 8×8 blocks
+    inside = np.zeros((1, 32, 32), np.uint8)
+    inside[:, 4:28, 4:28] = 1  # a 24×24 square, its edges inside blocks
+    assert baselines.coarse_mask_oracle(inside, 1) == 1.0
+    assert baselines.coarse_mask_oracle(inside, 8) < 1.0
+    lines = np.zeros((2, 32, 32), np.uint8)
+    lines[:, :, ::2] = 1  # 1-pixel stripes vanish at 1/8 resolution
+    assert baselines.coarse_mask_oracle(lines, 8) == pytest.approx(0.5)
+    assert baselines.coarse_mask_oracle(blocks, 8) >= 0.9  # only block borders blur
+    with pytest.raises(ValueError, match="do not divide by stride 5"):
+        baselines.coarse_mask_oracle(blocks, 5)
+
+
 def test_data_report_writes_json_and_grids(data_dir, tmp_path):
     out = tmp_path / "report"
     report = data_report.main(["--json", str(tmp_path / "r.json"), "--out", str(out),
@@ -196,6 +211,7 @@ def test_data_report_writes_json_and_grids(data_dir, tmp_path):
     assert stored["threshold_baseline_pixel_acc"] <= 75
     assert stored["threshold_upper_bound_pixel_acc"] >= stored["threshold_baseline_pixel_acc"]
     assert stored["majority_baseline_pixel_acc"] <= 80
+    assert 80 <= stored["stride8_oracle_pixel_acc"] <= 95
     assert stored["splits"]["test"]["per_category"] == {c: 200 for c in data.CATEGORIES}
     assert stored["splits"]["train"]["class_balance_pct"]["cat"] == pytest.approx(10.0)
     for name in ("train", "test"):
