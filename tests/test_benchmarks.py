@@ -157,6 +157,7 @@ def test_the_paper_scale_config_runs_end_to_end_with_the_same_code(fake_voc):
     ("voc.manual_dir", "", "config.voc.manual_dir"),
     ("pretrain.num_steps", 100, "config.pretrain.num_steps"),
     ("teacher.renderings", 4, "config.teacher.renderings"),
+    ("pretrain.renderings", 4, "config.pretrain.renderings=4: 'voc_sbd' has no renderings"),
     ("generic_category", "zebra", "config.generic_category.*'voc_sbd' has"),
 ])
 def test_bad_paper_scale_configs_fail_naming_the_field(tmp_path, field, value, message):
