@@ -38,7 +38,7 @@ TRIMMED = {"pretrain.num_steps": 0, "experiments": ("exp3",), "categories": ("ca
            "transplant.num_draws": 8, "transplant.closed_form_draws": 8}
 TINY = ["--config", f"{REPO}/configs/silhouettes.py:quick",
         *(f"--config.{k}={v!r}" for k, v in TRIMMED.items())]
-TIMING = ("runtime_s",)
+TIMING = ("runtime_s", "stage_seconds")
 
 
 def start(workdir: Path, *extra: str) -> subprocess.Popen:

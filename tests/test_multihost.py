@@ -3,8 +3,9 @@
 Each process has 2 fake CPU devices (a mesh of 4 over both processes), loads
 only its rows of each batch, and the pair writes one ``results.json`` and
 collective orbax checkpoints. Compared with one process on one device: the
-same metrics within :data:`POINTS`, and a teacher checkpoint written by the
-pair restores in a single process. Every process is killed after
+same metrics within :data:`POINTS`, every cell's first loss within
+:data:`LOSS_RTOL`, and a teacher checkpoint written by the pair restores in a
+single process. Every process is killed after
 :data:`TIMEOUT_S` so a hang fails the test instead of stalling the suite.
 """
 
@@ -25,15 +26,19 @@ from nettransplant.experiments import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
-POINTS = 0.5  # % (error or pixel accuracy): float noise from another summation order
+POINTS = 1.0  # % (error or pixel accuracy; 4 of 400 test images): another summation order
+LOSS_RTOL = 1e-3  # a cell's first loss: the same start and data; teachers and warm starts
+# trained or solved in another summation order differ in their last digits
 # The quick config, trimmed: Exps. 1 and 3 on one category, every method at 0 and 10
-# samples (Exp. 3 also exports the transplant net, collectively); teachers from
-# scratch at a learning rate that moves them off chance in 40 steps (at chance every
-# score sits at the decision boundary, where float noise flips test images), with a
-# resumable checkpoint after 20.
+# samples (Exp. 3 also exports the transplant net, collectively). Teachers start from the
+# shipped backbone (the default's pre-training settings, so it is loaded, not trained)
+# and fine-tune 40 steps at the default's small learning rate, with a resumable
+# checkpoint after 20: far from chance (where float noise flips test images at the
+# decision boundary) and too gentle for another summation order to grow into a
+# different teacher.
 OVERRIDES = ["--config.experiments=('exp1','exp3')", "--config.categories=('cat',)",
-             "--config.pretrain.num_steps=0", "--config.teacher.num_steps=40",
-             "--config.teacher.learning_rate=1e-3", "--config.teacher.checkpoint_every=20",
+             "--config.pretrain.num_steps=8000", "--config.pretrain.renderings=4",
+             "--config.teacher.num_steps=40", "--config.teacher.checkpoint_every=20",
              "--config.transplant.num_steps=6"]
 
 
@@ -95,6 +100,19 @@ def runs(tmp_path_factory):
     return root / "single", root / "pair"
 
 
+def _warm_started(path: str) -> bool:
+    """Exp. 1's back-distill rows that Adam trains from the closed-form optimum.
+
+    There the back-distillation gradient is rounding noise, and Adam, which
+    divides each coordinate's step by its own gradient scale, turns noise of either
+    sign into a full step of either sign: the two runs part after the first step
+    (their first losses still agree, see below) and a classifier near its decision
+    boundary shows it as points of error. Segmentation (Exp. 3) averages it away.
+    """
+    return path.startswith("/exp1/") and "/back-distill/" in path and not path.startswith(
+        "/exp1/1conv/back-distill/0/")  # the 1-conv closed form itself is not trained
+
+
 def test_two_processes_give_the_single_process_metrics(runs):
     single, pair = runs
     one, two = (json.loads((w / "results.json").read_text()) for w in (single, pair))
@@ -103,8 +121,31 @@ def test_two_processes_give_the_single_process_metrics(runs):
     numbers = dict(_numbers({k: one[k] for k in parts}))
     paired = dict(_numbers({k: two[k] for k in parts}))
     assert numbers.keys() == paired.keys() and len(numbers) >= 8
-    worst = max(abs(numbers[k] - paired[k]) for k in numbers)
-    assert worst <= POINTS, {k: (numbers[k], paired[k]) for k in numbers}
+    compared = [k for k in numbers if not _warm_started(k)]
+    assert len(compared) >= 20
+    worst = max(abs(numbers[k] - paired[k]) for k in compared)
+    assert worst <= POINTS, {k: (numbers[k], paired[k]) for k in compared}
+
+
+def test_every_cell_starts_at_the_single_process_loss(runs):
+    """Every trained cell's first loss (the same parameters and labelled samples, the
+    batch split over 4 devices in 2 processes) is the single process's."""
+    single, pair = runs
+
+    def first_losses(workdir: Path) -> dict:
+        out = {}
+        for path in (workdir / "cells").rglob("*.json"):
+            record = json.loads(path.read_text())
+            if record["losses"]:
+                name = path.name.rsplit("_", 1)[0]  # without the fingerprint
+                out[path.parent.relative_to(workdir).as_posix() + "/" + name] = \
+                    record["losses"][0]
+        return out
+
+    one, two = first_losses(single), first_losses(pair)
+    assert one.keys() == two.keys() and len(one) >= 10
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=LOSS_RTOL), key
 
 
 def test_only_process_0_writes_result_files(runs):

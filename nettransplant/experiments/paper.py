@@ -261,8 +261,8 @@ class Runner:
                 "transplant": transplant, "adapter": list(adapter_spec),
                 "protocol": protocol, "student": student, "reference": reference,
                 "pad_to": self.pad_to, "view": self.view_name(experiment),
-                "jacobian_weights": (None if self.steps.weights is None
-                                     else dataclasses.asdict(self.steps.weights)),
+                "jacobian_weights": (None if (w := jacobian_weights(c)) is None
+                                     else dataclasses.asdict(w)),
                 "teachers": {t: self.net.category(t).provenance.get("params_sha256")
                              for t in teachers},
                 **({} if draws == "randomised" else {"draws": draws})}
