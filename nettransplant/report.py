@@ -328,7 +328,9 @@ def _fit_findings(results: Mapping) -> list[str]:
     return [f"{sum(map(len, unfit.values()))} of {checked} runs did not fit their own "
             f"labelled samples{budget} (train_fit over 10 % error, or over 2 points below "
             f"the best pixel accuracy of their cell): {runs}. Their test numbers measure "
-            "optimisation as much as the method; results.json train_fit has every value."]
+            "optimisation as much as the method; results.json train_fit has every value, "
+            "and `python -m launch.fit_probe` retrains one with other optimisers, budgets "
+            "or initialisations (README, \"The main job\")."]
 
 
 def summary(results: Mapping) -> str:

@@ -30,8 +30,11 @@ from nettransplant.data import benchmarks
 REPO = Path(__file__).resolve().parents[1]
 
 # The quick config trimmed to two short teachers (no backbone), small batches and
-# Exp. 3's five cells: what the subprocesses run (flags) and in-process tests (config).
+# Exp. 3's 16 cells (0, 10, 20 and 50 samples: enough that a run killed after its first
+# cell still has cells left to interrupt): what the subprocesses run (flags) and
+# in-process tests (config).
 TRIMMED = {"pretrain.num_steps": 0, "experiments": ("exp3",), "categories": ("cat",),
+           "sample_counts": (0, 10, 20, 50),
            "teacher.num_steps": 10, "teacher.checkpoint_every": 5, "teacher.renderings": 1,
            "teacher.batch_size": 16, "teacher.seg_batch_size": 8,
            "transplant.num_steps": 4, "transplant.batch_size": 16,
@@ -113,6 +116,7 @@ def test_kills_anywhere_resume_to_the_uninterrupted_results(uninterrupted, tmp_p
     assert not (workdir / "results.json").exists()
     done = cells(workdir)
     # 4. Ctrl-C during the transplants: one line on how to resume, exit code 130.
+    assert len(done) + 1 < len(cells(uninterrupted)), "step 3 killed the run too late"
     interrupted = kill_when(workdir, lambda: len(cells(workdir)) >= len(done) + 1,
                             "one more cell", sig=signal.SIGINT)
     assert interrupted.returncode == 130, interrupted.stderr[-3000:]
@@ -158,12 +162,13 @@ def test_a_diverging_transplant_is_a_named_failed_cell_and_the_job_goes_on(unint
     md = (workdir / "results.md").read_text()
     assert "## Failed cells" in md
     for f in failed:
-        assert (f["experiment"], f["category"], f["samples"]) == ("exp3", "cat", 10)
-        assert f["message"].startswith(f"exp3 cat {f['method']} n=10: non-finite")
-        assert f"failed cell exp3 cat {f['method']} n=10: diverged at step {f['step']}" in err
-        assert f"| exp3 | cat | {f['method']} | 10 | {f['step']} |" in md
+        n = f["samples"]
+        assert (f["experiment"], f["category"]) == ("exp3", "cat") and n in (10, 20, 50)
+        assert f["message"].startswith(f"exp3 cat {f['method']} n={n}: non-finite")
+        assert f"failed cell exp3 cat {f['method']} n={n}: diverged at step {f['step']}" in err
+        assert f"| exp3 | cat | {f['method']} | {n} | {f['step']} |" in md
         # Scored with the last finite parameters: a number, not NaN.
-        assert np.isfinite(results["exp3"][f["method"]]["10"]["cat"])
+        assert np.isfinite(results["exp3"][f["method"]][str(n)]["cat"])
     # Failed cells are kept like finished ones: a re-run reads them back.
     again = experiments.run(config, workdir, progress=False)
     assert again["failed_cells"] == failed and again["exp3"] == results["exp3"]

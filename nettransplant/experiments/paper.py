@@ -329,21 +329,13 @@ class Runner:
         *failed* cell: it keeps the last finite parameters, is evaluated with them
         and is named in ``record["failed"]``; the job goes on.
         """
-        c = self.config
         prob, warm_start, exact = built["problem"], built["warm_start"], built["exact"]
         task = prob.task
         transfer = None
         if n:
             transfers = built.setdefault("transfer", {})
             if n not in transfers:
-                pool = self.view(experiment, task, target, "train")
-                shots = data.few_shot(pool, n, seed=c.seed)
-                targets = task.targets(shots).astype(np.int32) \
-                    if task.name == "segmentation" else task.targets(shots)
-                transfers[n] = problem.transfer_data(
-                    prob, data.normalize_images(shots.images), targets,
-                    key=jax.random.fold_in(problem_key(c, experiment, target), n),
-                    pad_to=self.pad_to)
+                transfers[n] = self.labelled(prob, experiment, target, n)
             transfer = transfers[n]
         failed = None
         if method == "back-distill" and n == 0 and exact:
@@ -357,7 +349,7 @@ class Runner:
                 self.logdir, f"transplants/{experiment}_{target}_{method}_n{n}")
                 if self.logdir is not None else None)
             try:
-                params, history = self._fit(prob, method, transfer, n, init, what, writer)
+                params, history = self.fit(prob, method, transfer, n, init, what, writer)
             except NonFiniteError as e:
                 params, history = e.state.params, []
                 failed = {"step": int(e.step), "message": str(e)}
@@ -379,16 +371,32 @@ class Runner:
             arrays["fig5"] = np.asarray(problem.hidden_features(prob, params))
         return record, arrays
 
-    def _fit(self, prob, method: str, transfer, n: int, init, what: str, writer):
-        """:func:`nettransplant.problem.fit`, with the cell's name in errors and a metric log."""
+    def labelled(self, prob, experiment: str, target: str, n: int):
+        """The ``n`` labelled samples of a run (:func:`nettransplant.data.few_shot` of the
+        experiment's training view, seeded by the config) as transfer data."""
+        c, task = self.config, prob.task
+        shots = data.few_shot(self.view(experiment, task, target, "train"), n, seed=c.seed)
+        targets = task.targets(shots).astype(np.int32) \
+            if task.name == "segmentation" else task.targets(shots)
+        return problem.transfer_data(
+            prob, data.normalize_images(shots.images), targets,
+            key=jax.random.fold_in(problem_key(c, experiment, target), n), pad_to=self.pad_to)
+
+    def fit(self, prob, method: str, transfer, n: int, init, what: str, writer, *,
+             steps: problem.StepCache | None = None, num_steps: int | None = None):
+        """:func:`nettransplant.problem.fit`, with the cell's name in errors and a metric log.
+
+        ``steps`` / ``num_steps``: another optimiser or budget than the config's
+        (:mod:`nettransplant.experiments.fit_probe`)."""
         tc = self.config.transplant
         if n == 0 and method != "back-distill":
             raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
         objective = objective_of(method)
-        state = adapter_training.create_train_state(init, self.steps.optimizer)
+        steps = steps or self.steps
+        state = adapter_training.create_train_state(init, steps.optimizer)
         state, history = adapter_training.train_adapter(
-            self.steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
-            num_steps=tc.num_steps, data=transfer if n else None, num_samples=n,
+            steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
+            num_steps=num_steps or tc.num_steps, data=transfer if n else None, num_samples=n,
             batch_size=tc.batch_size, draws=prob.cache if objective == "back-distill" else None,
             draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
             log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh)

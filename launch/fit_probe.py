@@ -1,0 +1,77 @@
+"""Retrain one cell of the main job with other optimisers, budgets or initialisations.
+
+    python -m launch.fit_probe --workdir workdir/reproduce --experiment exp1_1conv \\
+        --target sheep --method direct-learn --samples 10 --steps 150,600 \\
+        --optimizers adam@1e-2,adam@1e-3,adam_warmup_cosine@1e-2,adam_clip@1e-2,sgd_momentum@1e-1
+
+uses (or trains) the teachers in ``--workdir`` (a main job's workdir reuses its
+teachers; the config must be that job's), builds the cell's transplant problem
+and labelled samples as the main job does, and trains ``--method`` once per
+optimiser and step count. It prints a table (train and test metric, loss, the
+adapter's active outputs, the logits on positive and negative samples) and
+writes every record to ``--json``. See :mod:`nettransplant.experiments.fit_probe`.
+A bad flag or config field prints one ``error:`` line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+import configs
+from nettransplant import cli, files
+from nettransplant.experiments import config as config_checks
+from nettransplant.experiments import fit_probe
+
+_DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
+_CONFIG = config_checks.define_config_flag(_DEFAULT_CONFIG, "the main job's config")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce",
+                               "where the teachers are (or are trained)")
+_EXPERIMENT = flags.DEFINE_enum("experiment", "exp1_1conv", fit_probe.EXPERIMENTS,
+                                "the cell's experiment")
+_TARGET = flags.DEFINE_string("target", "sheep", "the cell's target category")
+_METHOD = flags.DEFINE_string("method", "direct-learn", "the cell's method")
+_SAMPLES = flags.DEFINE_integer("samples", 10, "labelled samples")
+_STEPS = flags.DEFINE_list("steps", ["150"], "step counts, each run with every optimizer")
+_OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam@1e-2"],
+                                "NAME@RATE, NAME one of " + ", ".join(fit_probe.OPTIMIZERS))
+_INIT = flags.DEFINE_enum("init", "random", fit_probe.INITS,
+                          "the adapter's initialisation (back-distill: its warm start)")
+_JSON = flags.DEFINE_string("json", None, "write every record here (atomically)")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    logging.set_verbosity(logging.WARNING)
+
+    def work() -> None:
+        config = _CONFIG.value
+        config_checks.validate_config(config)
+        optimizers = [fit_probe.OptimizerSpec.parse(o) for o in _OPTIMIZERS.value]
+        try:
+            steps = [int(s) for s in _STEPS.value]
+        except ValueError:
+            raise ValueError(f"--steps {','.join(_STEPS.value)}: expected integers") from None
+        if not steps or min(steps) < 1:
+            raise ValueError(f"--steps {','.join(_STEPS.value)}: every count must be ≥ 1")
+        cell = fit_probe.build_cell(config, _WORKDIR.value, _EXPERIMENT.value, _TARGET.value,
+                                    _SAMPLES.value)
+        records = [r for n in steps
+                   for r in fit_probe.probe(cell, _METHOD.value, optimizers, n, _INIT.value)]
+        print(fit_probe.table(cell, _METHOD.value, records))
+        if _JSON.value:
+            files.write_atomically(_JSON.value, json.dumps(
+                {"experiment": cell.experiment, "target": cell.target,
+                 "method": _METHOD.value, "samples": cell.num_samples,
+                 "runs": records}, indent=1) + "\n")
+
+    return cli.run_main(work)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))

@@ -1,0 +1,106 @@
+"""launch.fit_probe: one cell of the main job retrained with other optimisers.
+
+With the main job's own optimiser and budget the probe reproduces the main job's
+cell (train fit and test metric); its identity initialisation passes the
+re-ordered, re-scaled features through; bad input is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import silhouettes
+from nettransplant.experiments import fit_probe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    config = silhouettes.get_config("quick")
+    config.pretrain.num_steps = 0  # teachers from scratch, briefly
+    config.teacher.num_steps = 10
+    config.teacher.renderings = 1
+    config.teacher.batch_size = 16
+    config.teacher.seg_batch_size = 8
+    config.transplant.num_steps = 4
+    config.transplant.num_draws = 8
+    config.transplant.closed_form_draws = 8
+    config.transplant.beta_images = 16
+    return config
+
+
+@pytest.fixture(scope="module")
+def cell(tmp_path_factory):
+    return fit_probe.build_cell(tiny_config(), tmp_path_factory.mktemp("probe"), "exp1_1conv",
+                                "cat", 10)
+
+
+def test_the_main_jobs_optimiser_reproduces_the_main_jobs_cell(cell):
+    config = cell.config
+    out, _ = cell.runner.run("exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat",
+                             "cat.classification", "cat.classification", 1.0, [10], "exp1_1conv")
+    spec = f"adam@{config.transplant.learning_rate}"
+    for method in ("direct-learn", "back-distill"):
+        (record,) = fit_probe.probe(cell, method, [spec], config.transplant.num_steps)
+        assert record["test"] == out[method]["10"], method
+        assert record["train_fit"] == cell.runner.train_fit["exp1_1conv"]["cat"][method]["10"]
+        assert record["init"] == ("warm_start" if method == "back-distill" else "random")
+        assert len(record["logits_positive"]) + len(record["logits_negative"]) == 10
+        assert 0 <= record["active_start"] <= 1 and 0 <= record["active_end"] <= 1
+
+
+def test_every_optimiser_runs_and_the_table_names_it(cell):
+    specs = [f"{name}@1e-2" for name in fit_probe.OPTIMIZERS]
+    records = fit_probe.probe(cell, "direct-learn", specs, 3, init="identity")
+    assert [r["optimizer"] for r in records] == [f"{name}@0.01" for name in
+                                                 fit_probe.OPTIMIZERS]
+    assert all(r["init"] == "identity" and r["steps"] == 3 for r in records)
+    assert all(np.isfinite(r["losses"]).all() for r in records)
+    text = fit_probe.table(cell, "direct-learn", records)
+    assert all(f"| {name}@0.01 | identity | 3 |" in text for name in fit_probe.OPTIMIZERS)
+
+
+def test_the_identity_initialisation_passes_its_reordered_rescaled_input_through(cell):
+    adapter = cell.problem.transplant.adapter
+    params = fit_probe.identity_init(cell.problem.adapter_init)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 5, 5, adapter.channels))  # ≥ 0
+    y, _ = adapter.apply({"params": params}, x, beta=1.5)
+    np.testing.assert_allclose(y, 1.5 * np.asarray(x)[..., adapter.permutation()], rtol=1e-6)
+
+
+@pytest.mark.parametrize("text, named", [("adam", "NAME@RATE"), ("lion@1e-3", "lion"),
+                                         ("adam@fast", "fast"), ("adam@0", "> 0")])
+def test_a_bad_optimizer_is_refused_by_name(text, named):
+    with pytest.raises(ValueError, match=named):
+        fit_probe.OptimizerSpec.parse(text)
+
+
+def test_bad_cells_are_refused_by_name(cell, tmp_path):
+    config = tiny_config()
+    with pytest.raises(ValueError, match="exp9"):
+        fit_probe.build_cell(config, tmp_path, "exp9", "cat", 10)
+    with pytest.raises(ValueError, match="'zebra'"):
+        fit_probe.build_cell(config, tmp_path, "exp1_1conv", "zebra", 10)
+    with pytest.raises(ValueError, match="samples 11"):
+        fit_probe.build_cell(config, tmp_path, "exp1_1conv", "cat", 11)
+    with pytest.raises(ValueError, match="'distill'"):  # segmentation only
+        fit_probe.probe(cell, "distill", ["adam@1e-2"], 2)
+    with pytest.raises(ValueError, match="'zeros'"):
+        fit_probe.probe(cell, "direct-learn", ["adam@1e-2"], 2, init="zeros")
+
+
+def test_the_command_refuses_a_bad_optimizer_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.fit_probe", f"--workdir={tmp_path}",
+         "--optimizers=adam@1e-2,lion@1e-3"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error:") and "lion@1e-3" in line
