@@ -44,9 +44,16 @@ TINY = ["--config", f"{REPO}/configs/silhouettes.py:quick",
 TIMING = ("runtime_s", "stage_seconds")
 
 
+# `python -m launch.reproduce` with Ctrl-C's default handler: a test session started in
+# the background by a script hands its children an ignored SIGINT, and Python then
+# installs no KeyboardInterrupt handler, so the Ctrl-C step would test nothing.
+REPRODUCE = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "runpy.run_module('launch.reproduce', run_name='__main__', alter_sys=True)")
+
+
 def start(workdir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "launch.reproduce", "--workdir", str(workdir),
+    return subprocess.Popen([sys.executable, "-c", REPRODUCE, "--workdir", str(workdir),
                              *TINY, *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
