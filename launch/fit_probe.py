@@ -16,7 +16,6 @@ A bad flag or config field prints one ``error:`` line and exits with 2.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -44,8 +43,7 @@ _JSON = flags.DEFINE_string("json", None, "write every record here (atomically)"
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    if cli.unexpected_arguments(argv):
         return cli.EXIT_USAGE
     logging.set_verbosity(logging.WARNING)
 

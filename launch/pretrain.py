@@ -13,7 +13,6 @@ weights on the same CPU family. A bad flag or config field prints one
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -32,8 +31,7 @@ _OUTPUT = flags.DEFINE_string("output_dir", str(pretrain.SHIPPED_DIR),
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    if cli.unexpected_arguments(argv):
         return cli.EXIT_USAGE
     logging.set_verbosity(logging.WARNING)
 

@@ -36,8 +36,7 @@ parallel.define_distributed_flags()
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    if cli.unexpected_arguments(argv):
         return cli.EXIT_USAGE
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     parallel.initialize_from_flags()  # a multi-process run: before any other JAX call

@@ -9,7 +9,7 @@ line (what to do next) and exits with :data:`EXIT_INTERRUPTED`.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -32,6 +32,16 @@ def error_message(err: BaseException) -> str:
     """The one-line message of ``err`` (a KeyError's own text, not its repr)."""
     message = err.args[0] if isinstance(err, KeyError) and err.args else err
     return one_line(message)
+
+
+def unexpected_arguments(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` (absl's, program name first) has positional arguments, which no
+    command takes; prints the one-line error. ``if cli.unexpected_arguments(argv):
+    return cli.EXIT_USAGE`` opens a command's ``main``."""
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
+        return True
+    return False
 
 
 def run_main(work: Callable[[], object], *, interrupted: str = "interrupted") -> int:
