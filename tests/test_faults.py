@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from job_configs import TRIMMED, trimmed_quick_config
 
 from configs import silhouettes
 from nettransplant import checkpoint, experiments, teachers
@@ -29,16 +30,7 @@ from nettransplant.data import benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The quick config trimmed to two short teachers (no backbone), small batches and
-# Exp. 3's 16 cells (0, 10, 20 and 50 samples: enough that a run killed after its first
-# cell still has cells left to interrupt): what the subprocesses run (flags) and
-# in-process tests (config).
-TRIMMED = {"pretrain.num_steps": 0, "experiments": ("exp3",), "categories": ("cat",),
-           "sample_counts": (0, 10, 20, 50),
-           "teacher.num_steps": 10, "teacher.checkpoint_every": 5, "teacher.renderings": 1,
-           "teacher.batch_size": 16, "teacher.seg_batch_size": 8,
-           "transplant.num_steps": 4, "transplant.batch_size": 16,
-           "transplant.num_draws": 8, "transplant.closed_form_draws": 8}
+# The trimmed quick config: what the subprocesses run (flags) and in-process tests run.
 TINY = ["--config", f"{REPO}/configs/silhouettes.py:quick",
         *(f"--config.{k}={v!r}" for k, v in TRIMMED.items())]
 TIMING = ("runtime_s", "stage_seconds")
@@ -149,18 +141,11 @@ def test_kills_anywhere_resume_to_the_uninterrupted_results(uninterrupted, tmp_p
     # (Runs 2-5 each started after a killed run: a dead process's lock never blocks.)
 
 
-def tiny_job_config():
-    """The config of :data:`TINY` (what the subprocesses run), in this process."""
-    config = silhouettes.get_config("quick")
-    config.update_from_flattened_dict(TRIMMED)
-    return config
-
-
 def test_a_diverging_transplant_is_a_named_failed_cell_and_the_job_goes_on(uninterrupted,
                                                                           tmp_path, capsys):
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted / "teachers", workdir / "teachers")  # reused, not trained
-    config = tiny_job_config()
+    config = trimmed_quick_config()
     config.transplant.learning_rate = 1e30
     results = experiments.run(config, workdir, progress=False)
     failed = results["failed_cells"]
@@ -195,7 +180,7 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, monkeypatch)
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(PermissionError, match=f"cannot write in {workdir}: Read-only file "
                                               "system; the run needs a writable workdir"):
-        experiments.run(tiny_job_config(), workdir, progress=False)
+        experiments.run(trimmed_quick_config(), workdir, progress=False)
     assert list(workdir.iterdir()) == []  # no teacher, no lock: nothing started
 
 

@@ -15,31 +15,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from job_configs import trimmed_quick_config
 
-from configs import silhouettes
 from nettransplant.experiments import fit_probe
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_config():
-    config = silhouettes.get_config("quick")
-    config.pretrain.num_steps = 0  # teachers from scratch, briefly
-    config.teacher.num_steps = 10
-    config.teacher.renderings = 1
-    config.teacher.batch_size = 16
-    config.teacher.seg_batch_size = 8
-    config.transplant.num_steps = 4
-    config.transplant.num_draws = 8
-    config.transplant.closed_form_draws = 8
-    config.transplant.beta_images = 16
-    return config
-
-
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
-    return fit_probe.build_cell(tiny_config(), tmp_path_factory.mktemp("probe"), "exp1_1conv",
-                                "cat", 10)
+    return fit_probe.build_cell(trimmed_quick_config(), tmp_path_factory.mktemp("probe"),
+                                "exp1_1conv", "cat", 10)
 
 
 def test_the_main_jobs_optimiser_reproduces_the_main_jobs_cell(cell):
@@ -83,13 +69,13 @@ def test_a_bad_optimizer_is_refused_by_name(text, named):
 
 
 def test_bad_cells_are_refused_by_name(cell, tmp_path):
-    config = tiny_config()
+    config = trimmed_quick_config()
     with pytest.raises(ValueError, match="exp9"):
         fit_probe.build_cell(config, tmp_path, "exp9", "cat", 10)
     with pytest.raises(ValueError, match="'zebra'"):
         fit_probe.build_cell(config, tmp_path, "exp1_1conv", "zebra", 10)
-    with pytest.raises(ValueError, match="samples 11"):
-        fit_probe.build_cell(config, tmp_path, "exp1_1conv", "cat", 11)
+    with pytest.raises(ValueError, match="samples 51"):
+        fit_probe.build_cell(config, tmp_path, "exp1_1conv", "cat", 51)
     with pytest.raises(ValueError, match="'distill'"):  # segmentation only
         fit_probe.probe(cell, "distill", ["adam@1e-2"], 2)
     with pytest.raises(ValueError, match="'zeros'"):
