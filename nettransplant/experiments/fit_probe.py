@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import jax
 import numpy as np
 import optax
 
@@ -29,7 +28,6 @@ from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments import paper
 from nettransplant.experiments.zoo import TeacherZoo
-from nettransplant.net.graph import TransplantNet
 from nettransplant.progress import progress_bar
 
 EXPERIMENTS = ("exp1_1conv", "exp1_3conv", "exp2", "exp3")
@@ -112,19 +110,12 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
     if not 1 <= num_samples <= largest:
         raise ValueError(f"samples {num_samples}: expected 1 … {largest} "
                          "(config.sample_counts)")
-    workdir = Path(workdir)
     benchmark = benchmarks.make_benchmark(config)
-    zoo = TeacherZoo(config, workdir, benchmark, progress)
-    if config.pretrain.num_steps:
-        zoo.backbone()
+    zoo = TeacherZoo(config, Path(workdir), benchmark, progress)
+    net = paper.train_teachers(config, zoo, progress)  # those of a finished run: read back
     generic = config.generic_category
-    net = TransplantNet()
-    for category in dict.fromkeys([target] + ([] if experiment.startswith("exp1")
-                                              else [generic])):
-        zoo.category(category)
-        net = net.add_teacher(zoo.parts(category))
     runner = paper.Runner(config, net, benchmark, progress_bar(1, "probe", enabled=False),
-                          cells_lib.CellStore(workdir), logdir=None)
+                          cells_lib.CellStore(Path(workdir)), logdir=None)
     if experiment.startswith("exp1"):
         own = net.task_ref(f"{target}.classification")
         built = runner.problem(experiment, config.adapters[experiment], "exp1", target, own,
@@ -140,18 +131,11 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
                 runner.labelled(prob, experiment, target, num_samples))
 
 
-def identity_init(params: dict) -> dict:
+def identity_init(adapter) -> dict:
     """Every conv the identity (centre tap ``I``), every bias 0: the adapter passes its
-    reordered, re-scaled input through (the ReLUs keep non-negative features)."""
-    def one(leaf):
-        leaf = np.asarray(leaf)
-        if leaf.ndim != 4:
-            return np.zeros_like(leaf)
-        kernel = np.zeros_like(leaf)
-        centre = leaf.shape[0] // 2
-        kernel[centre, centre] = np.eye(leaf.shape[2], leaf.shape[3], dtype=leaf.dtype)
-        return kernel
-    return jax.tree_util.tree_map(lambda a: jax.numpy.asarray(one(a)), params)
+    reordered, re-scaled input through (the ReLUs keep non-negative features). The
+    exact inverse of reorder and re-scaling without the reorder: ``ideal_params(1)``."""
+    return adapter.clone(reorder_seed=None).ideal_params(1.0)
 
 
 def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "random"
@@ -171,7 +155,8 @@ def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "rand
     if method == "back-distill":
         start = cell.warm_start
     else:
-        start = identity_init(prob.adapter_init) if init == "identity" else prob.adapter_init
+        start = (identity_init(prob.transplant.adapter) if init == "identity"
+                 else prob.adapter_init)
     positives = np.asarray(cell.labelled.labels)[:n] == 1
     records = []
     for spec in optimizers:
