@@ -100,13 +100,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.batch_size = 16  # labelled images per step (padded, masked)
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
-    # One budget for every method (fair protocol): Adam at 1e-2, 150 steps of 16 images.
+    # One budget for every method (fair protocol): Adam at 1e-2, 150 steps of 16 images
+    # (and the same restarts, below).
     # Chosen on training samples only (train_fit, Exp. 2 cells): at 1e-3 or 3e-3 direct-
     # learn from random init stays at one class on 10 samples (train_fit 50 %) where 1e-2
     # fits them; the step count is what the 15-minute budget affords. results.json
     # train_fit shows which runs fitted; the :converged variant trains 4× as long.
     config.transplant.learning_rate = 1e-2
     config.transplant.num_steps = 150
+    # Restarts of a classification run that did not fit its samples (over 10 % train
+    # error): up to this many further attempts, keeping the lowest train error (training
+    # samples only). A row from random init (direct-learn, jacobian, back-distill from
+    # random init) restarts from a fresh seeded initialisation, the same for every
+    # method; back-distill's fixed warm start retrains from itself at 1/3, then 1/9 of the
+    # rate (Adam's first steps, ~lr per parameter, can throw it off the optimum it starts
+    # at). Most unfit runs predict one class for every sample, a local optimum more steps
+    # do not leave (README "The main job"); 2 restarts is what the 15-minute budget affords.
+    config.transplant.restarts = 2
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,
     # h·w equations per draw, so a few dozen draws pin the solution down.

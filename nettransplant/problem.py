@@ -59,6 +59,13 @@ def methods_for(task: tasks.Task) -> tuple[str, ...]:
     return SEGMENTATION_METHODS if task == tasks.SEGMENTATION else CLASSIFICATION_METHODS
 
 
+def random_adapter(transplant: Transplant, key: Array) -> Params:
+    """The adapter's seeded random initialisation (its convs' initialisers, zero biases);
+    independent of the feature maps' spatial size."""
+    x0 = jnp.zeros((1, 1, 1, transplant.adapter.channels))
+    return transplant.adapter.init(key, x0)["params"]
+
+
 def drop_dead_draws(cache: objectives.ChainCache, num_draws: int) -> objectives.ChainCache:
     """Keep ``num_draws`` draws whose teacher pseudo-gradient is not identically zero.
 
@@ -141,8 +148,7 @@ def make_problem(transplant: Transplant, frozen: Params, *, key: Array, beta: fl
         sampled.teacher_gradient.reshape(sampled.num_draws, -1) != 0, axis=1))))
     cache = drop_dead_draws(sampled, num_draws)
     scalars = objectives.compute_scalars(cache, beta, lambda0)
-    x0 = jnp.zeros((1, image_size // 2, image_size // 2, transplant.adapter.channels))
-    adapter_init = transplant.adapter.init(k_init, x0)["params"]
+    adapter_init = random_adapter(transplant, k_init)
     test_x = test_y = None
     if test_images is not None:
         test_x = features(transplant.category_module, frozen["category_module"], test_images)

@@ -319,10 +319,14 @@ def _fit_findings(results: Mapping) -> list[str]:
                         unfit.setdefault((run, method), []).append(f"{category}@{n}")
     if not checked:
         return []
+    restarts = results.get("config", {}).get("transplant", {}).get("restarts") or 0
+    lines = _restart_findings(results.get("restarts", {}), restarts)
     budget = f" in {steps} steps" if steps else ""
+    if restarts:
+        budget += f" and up to {restarts} restarts (classification)"
     if not unfit:
         return [f"Every run fit its own labelled samples{budget} (train_fit: at most 10 % "
-                "error, or within 2 points of the best pixel accuracy)."]
+                "error, or within 2 points of the best pixel accuracy).", *lines]
     runs = "; ".join(f"{run} {method}: {', '.join(cells)}"
                      for (run, method), cells in sorted(unfit.items()))
     return [f"{sum(map(len, unfit.values()))} of {checked} runs did not fit their own "
@@ -330,7 +334,23 @@ def _fit_findings(results: Mapping) -> list[str]:
             f"the best pixel accuracy of their cell): {runs}. Their test numbers measure "
             "optimisation as much as the method; results.json train_fit has every value, "
             "and `python -m launch.fit_probe` retrains one with other optimisers, budgets "
-            "or initialisations (README, \"The main job\")."]
+            "or initialisations (README, \"The main job\").", *lines]
+
+
+def _restart_findings(restarts: Mapping, count: int) -> list[str]:
+    """How many unfit classification runs were retrained, and how many then fitted."""
+    if not count:
+        return []
+    runs = [fits for by_target in restarts.values() for by_method in by_target.values()
+            for by_n in by_method.values() for fits in by_n.values()]
+    fitted = sum(min((f for f in fits if f is not None), default=100.0) <= 10 for fits in runs)
+    first = sum(next((i for i, f in enumerate(fits) if f is not None and f <= 10), 0) == 1
+                for fits in runs)
+    return [f"{len(runs)} classification runs did not fit at their first attempt and were "
+            f"retrained (config.transplant.restarts = {count}: a re-drawn initialisation, "
+            f"or back-distill's warm start at a smaller rate); {fitted} of them then fit, "
+            f"{first} at the first restart. results.json restarts has each attempt's "
+            "train_fit."]
 
 
 def summary(results: Mapping) -> str:

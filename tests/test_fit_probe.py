@@ -24,7 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory):
-    return fit_probe.build_cell(trimmed_quick_config(), tmp_path_factory.mktemp("probe"),
+    config = trimmed_quick_config()
+    config.transplant.restarts = 0  # the probe retrains a cell's first attempt
+    return fit_probe.build_cell(config, tmp_path_factory.mktemp("probe"),
                                 "exp1_1conv", "cat", 10)
 
 

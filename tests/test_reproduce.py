@@ -67,6 +67,15 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     assert set(fit["exp3"]) == METHODS and set(fit["exp3"]["distill"]) == {"10"}
     assert all(0 <= v <= 100 for by_m in fit.values() for by_n in by_m.values()
                for cells in by_n.values() for v in cells.values())
+    # Restarts (config.transplant.restarts): only unfit classification runs, the kept
+    # attempt the best one.
+    redrawn = [(e, t, m, n, fits) for e, by_t in results["restarts"].items()
+               for t, by_m in by_t.items() for m, by_n in by_m.items()
+               for n, fits in by_n.items()]
+    assert redrawn and all(e not in ("exp3", "table4_segmentation") for e, *_ in redrawn)
+    for e, t, m, n, fits in redrawn:
+        assert fits[0] > 10 and len(fits) <= 3
+        assert fit[e][m][n][t] == min(f for f in fits if f is not None)
     # Exp. 1: a single conv undoes the reorder exactly, at any adapter depth.
     assert residual["exp1_1conv"]["avg"] < 1e-3 and residual["exp1_3conv"]["avg"] < 1e-3
     md = (workdir / "results.md").read_text()

@@ -62,6 +62,7 @@ NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
 )
 # Optional sections: checked when the config has them.
 OPTIONAL_NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
+    ("transplant.restarts", int, 0, 100),
     ("jacobian_baseline.task", float, 0, 1e12),
     ("jacobian_baseline.output_matching", float, 0, 1e12),
     ("jacobian_baseline.jacobian", float, 0, 1e12),

@@ -78,6 +78,18 @@ def problem_key(config, experiment: str, target: str):
     return jax.random.fold_in(jax.random.key(config.seed), stable_hash(f"{experiment}/{target}"))
 
 
+# A classification run "fits" its labelled samples at most this train error (%); the
+# report lists the runs that do not, and config.transplant.restarts re-draws theirs.
+FIT_ERROR = 10.0
+RESTART_SALT = 0x5E57A27  # separates the restarts' keys from the problem's own
+RETRY_RATE_DIVISOR = 3.0  # the warm start's restart k trains at learning_rate / 3**k
+
+
+def restart_count(config) -> int:
+    """``config.transplant.restarts`` (0 when a config predates the field)."""
+    return int(config.transplant.get("restarts", 0))
+
+
 # Back-distillation from the baselines' random initialisation instead of the closed-form
 # warm start: the same objective, so a reader sees what each part contributes.
 RANDOM_INIT = "back-distill-random-init"
@@ -165,6 +177,7 @@ class Runner:
         self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
         self.steps = problem.StepCache(optax.adam(tc.learning_rate), mesh=self.mesh,
                                        weights=jacobian_weights(config))
+        self._retries: dict[int, problem.StepCache] = {}  # the warm start's restarts
         self.channels = modules.category_channels(config.model.width)
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
@@ -177,6 +190,9 @@ class Runner:
         # {experiment: {target: {method: {n: %}}}}: each run's metric on its own labelled
         # samples, to tell a method that generalises badly from one that has not fit.
         self.train_fit: dict = {}
+        # {experiment: {target: {method: {n: [train_fit per attempt]}}}}: the runs whose
+        # initialisation was re-drawn (config.transplant.restarts).
+        self.restarts: dict = {}
         # {experiment: {target: (adapter, params, beta, provenance)}}: back-distill at the
         # largest sample count, for the exported transplant net.
         self.learned: dict = {}
@@ -255,6 +271,8 @@ class Runner:
         # experiments' cells valid, and the default's fingerprints are those of before it.
         transplant = c.transplant.to_dict()
         transplant.pop("exp1_draws", None)
+        if not transplant.get("restarts"):  # 0 restarts: the fingerprints of before the field
+            transplant.pop("restarts", None)
         draws = self.draws(protocol)
         return {"experiment": experiment, "category": target, "seed": c.seed, "data": c.data,
                 "data_version": self.benchmark.version, "model": c.model.to_dict(),
@@ -358,11 +376,19 @@ class Runner:
             finally:
                 if writer is not None:
                     writer.close()
+        train_fit = float(problem.training_fit(prob, params, transfer, n)) if n else None
+        restarts = None
+        if (failed is None and n and task.name == "classification"
+                and restart_count(self.config)):
+            params, history, restarts = self._restart_unfit(
+                prob, method, transfer, n, params, history, train_fit,
+                jax.random.fold_in(problem_key(self.config, experiment, target), RESTART_SALT),
+                warm_start, f"{experiment} {target} {method} n={n}")
+            train_fit = float(problem.training_fit(prob, params, transfer, n))
         record = {"experiment": experiment, "category": target, "method": method,
                   "samples": n, "metric": float(problem.evaluate(prob, params)),
-                  "metric_name": task.metric_name,
-                  "train_fit": (float(problem.training_fit(prob, params, transfer, n))
-                                if n else None),
+                  "metric_name": task.metric_name, "train_fit": train_fit,
+                  "restarts": restarts,
                   "losses": [h["loss"] for h in history], "beta": beta,
                   "scalars": prob.scalars.as_dict(), "warm_start_residual": built["residual"],
                   "live_draw_fraction": prob.live_draw_fraction, "failed": failed}
@@ -370,6 +396,53 @@ class Runner:
         if fig5:
             arrays["fig5"] = np.asarray(problem.hidden_features(prob, params))
         return record, arrays
+
+    def _restart_unfit(self, prob, method: str, transfer, n: int, params, history,
+                       train_fit: float, key, warm_start, what: str):
+        """Retrain a classification run that did not fit its samples (train_fit over
+        :data:`FIT_ERROR` %) up to ``config.transplant.restarts`` times, and keep the
+        attempt with the lowest train_fit (the first on ties).
+
+        Chosen on the run's own labelled samples only. What an attempt changes is what
+        is arbitrary in the run: a row from random initialisation starts attempt ``k``
+        from the initialisation drawn from ``fold_in(key, k)``, the same for every
+        method; back-distill's closed-form warm start is fixed, and Adam's first steps
+        move every parameter by about the learning rate whatever its gradient, which
+        can throw a run off an optimum it started at, so that row retrains from it at
+        the rate divided by ``RETRY_RATE_DIVISOR ** k``. Same budget and batch order
+        as the first attempt. Returns ``(params, history, [train_fit of each attempt,
+        None where one diverged])``.
+        """
+        fits = [train_fit]
+        best = (train_fit, params, history)
+        warm = method == "back-distill"
+        for attempt in range(1, restart_count(self.config) + 1):
+            if best[0] <= FIT_ERROR:
+                break
+            if warm:
+                init, steps = warm_start, self._retry_steps(attempt)
+            else:
+                init = problem.random_adapter(prob.transplant, jax.random.fold_in(key, attempt))
+                steps = None
+            try:
+                params, history = self.fit(prob, method, transfer, n, init,
+                                           f"{what} restart {attempt}", None, steps=steps)
+            except NonFiniteError as e:
+                message(f"{what}: restart {attempt} diverged at step {e.step}; not kept")
+                fits.append(None)
+                continue
+            fits.append(float(problem.training_fit(prob, params, transfer, n)))
+            if fits[-1] < best[0]:
+                best = (fits[-1], params, history)
+        return best[1], best[2], fits
+
+    def _retry_steps(self, attempt: int) -> problem.StepCache:
+        """The warm-start row's steps of restart ``attempt`` (Adam at a smaller rate)."""
+        if attempt not in self._retries:
+            rate = self.config.transplant.learning_rate / RETRY_RATE_DIVISOR ** attempt
+            self._retries[attempt] = problem.StepCache(
+                optax.adam(rate), mesh=self.mesh, weights=jacobian_weights(self.config))
+        return self._retries[attempt]
 
     def labelled(self, prob, experiment: str, target: str, n: int):
         """The ``n`` labelled samples of a run (:func:`nettransplant.data.few_shot` of the
@@ -413,6 +486,9 @@ class Runner:
         if n:
             self.train_fit.setdefault(experiment, {}).setdefault(target, {}).setdefault(
                 method, {})[str(n)] = record["train_fit"]
+        if record.get("restarts") and len(record["restarts"]) > 1:
+            self.restarts.setdefault(experiment, {}).setdefault(target, {}).setdefault(
+                method, {})[str(n)] = record["restarts"]
         if record["losses"]:
             self.curves.setdefault(curve_key, {}).setdefault(method, {}).setdefault(
                 str(n), []).append(record["losses"])
@@ -619,6 +695,8 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
     results["warm_start_residual"] = {
         e: {**r, "avg": float(np.mean(list(r.values())))} for e, r in runner.residual.items()}
     results["train_fit"] = {e: with_avg(cells) for e, cells in runner.train_fit.items()}
+    if restart_count(config):
+        results["restarts"] = runner.restarts
     if runner.failed:
         results["failed_cells"] = runner.failed
     transplants_done = time.perf_counter()
