@@ -35,11 +35,13 @@ LOSS_RTOL = 1e-3  # a cell's first loss: the same start and data; teachers and w
 # and fine-tune 40 steps at the default's small learning rate, with a resumable
 # checkpoint after 20: far from chance (where float noise flips test images at the
 # decision boundary) and too gentle for another summation order to grow into a
-# different teacher.
+# different teacher. No restarts: a run restarts when its train error passes a threshold,
+# and one training image on the decision boundary could restart a run in one process
+# and not in the other (restarts themselves run the same code on every device count).
 OVERRIDES = ["--config.experiments=('exp1','exp3')", "--config.categories=('cat',)",
              "--config.pretrain.num_steps=8000", "--config.pretrain.renderings=4",
              "--config.teacher.num_steps=40", "--config.teacher.checkpoint_every=20",
-             "--config.transplant.num_steps=6"]
+             "--config.transplant.num_steps=6", "--config.transplant.restarts=0"]
 
 
 def _free_port() -> int:
