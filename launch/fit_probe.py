@@ -7,9 +7,11 @@
 uses (or trains) the teachers in ``--workdir`` (a main job's workdir reuses its
 teachers; the config must be that job's), builds the cell's transplant problem
 and labelled samples as the main job does, and trains ``--method`` once per
-optimiser and step count. It prints a table (train and test metric, loss, the
-adapter's active outputs, the logits on positive and negative samples) and
-writes every record to ``--json``. See :mod:`nettransplant.experiments.fit_probe`.
+optimiser and step count from the cell's first-attempt initialisation (the main
+job's restarts, ``config.transplant.restarts``, are not redone). It prints a
+table (train and test metric, loss, the adapter's active outputs, the logits on
+positive and negative samples) and writes every record to ``--json``. See
+:mod:`nettransplant.experiments.fit_probe`.
 A bad flag or config field prints one ``error:`` line and exits with 2.
 """
 

@@ -3,7 +3,8 @@ with other optimisers, budgets and initialisations.
 
 The main job trains every method with one optimiser and one budget
 (``config.transplant``), and ``train_fit`` shows which runs did not fit their
-samples. :func:`probe` retrains one such cell (experiment, target, method,
+samples (after its restarts; the probe retrains a run's first attempt).
+:func:`probe` retrains one such cell (experiment, target, method,
 sample count) from the same labelled samples, transplant problem and seed with
 each of several optimisers (:class:`OptimizerSpec`), and reports per run: the
 train and test metric, the loss curve, the share of the adapter's outputs that
