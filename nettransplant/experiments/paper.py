@@ -79,7 +79,7 @@ def problem_key(config, experiment: str, target: str):
 
 
 # A classification run "fits" its labelled samples at most this train error (%); the
-# report lists the runs that do not, and config.transplant.restarts re-draws theirs.
+# report lists the runs that do not, and config.transplant.restarts retrains them.
 FIT_ERROR = 10.0
 RESTART_SALT = 0x5E57A27  # separates the restarts' keys from the problem's own
 RETRY_RATE_DIVISOR = 3.0  # the warm start's restart k trains at learning_rate / 3**k
@@ -190,8 +190,8 @@ class Runner:
         # {experiment: {target: {method: {n: %}}}}: each run's metric on its own labelled
         # samples, to tell a method that generalises badly from one that has not fit.
         self.train_fit: dict = {}
-        # {experiment: {target: {method: {n: [train_fit per attempt]}}}}: the runs whose
-        # initialisation was re-drawn (config.transplant.restarts).
+        # {experiment: {target: {method: {n: [train_fit per attempt]}}}}: the runs that
+        # restarted (config.transplant.restarts).
         self.restarts: dict = {}
         # {experiment: {target: (adapter, params, beta, provenance)}}: back-distill at the
         # largest sample count, for the exported transplant net.
