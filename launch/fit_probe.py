@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import configs
 from nettransplant import cli, files
@@ -45,9 +45,8 @@ _JSON = flags.DEFINE_string("json", None, "write every record here (atomically)"
 
 
 def main(argv) -> int:
-    if cli.unexpected_arguments(argv):
+    if not cli.start(argv):
         return cli.EXIT_USAGE
-    logging.set_verbosity(logging.WARNING)
 
     def work() -> None:
         config = _CONFIG.value

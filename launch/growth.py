@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import configs
-from nettransplant.cli import UsageError, run_main
+from nettransplant import cli
 from nettransplant.experiments import config as config_checks
 from nettransplant.experiments import growth
 from nettransplant.experiments.workdir import WorkdirLockedError
@@ -28,19 +28,19 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce",
 
 
 def main(argv) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if not cli.start(argv):
+        sys.exit(cli.EXIT_USAGE)
 
     def work():
         try:
             results = growth.run(_CONFIG.value, Path(_WORKDIR.value))
         except WorkdirLockedError as e:
-            raise UsageError(str(e)) from None
+            raise cli.UsageError(str(e)) from None
         print(growth.results_markdown(results))
         print(f"runtime {results['runtime_s']:.0f} s; results in "
               f"{Path(_WORKDIR.value) / 'growth'}")
 
-    sys.exit(run_main(work, interrupted="interrupted; run the same command again: the "
+    sys.exit(cli.run_main(work, interrupted="interrupted; run the same command again: the "
                                         "teachers already trained are reused"))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import configs
 from nettransplant import cli
@@ -31,9 +31,8 @@ _OUTPUT = flags.DEFINE_string("output_dir", str(pretrain.SHIPPED_DIR),
 
 
 def main(argv) -> int:
-    if cli.unexpected_arguments(argv):
+    if not cli.start(argv):
         return cli.EXIT_USAGE
-    logging.set_verbosity(logging.WARNING)
 
     def work() -> None:
         config = _CONFIG.value

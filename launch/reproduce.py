@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 
 import configs
 from nettransplant import cli, parallel, report
@@ -36,9 +36,8 @@ parallel.define_distributed_flags()
 
 
 def main(argv) -> int:
-    if cli.unexpected_arguments(argv):
+    if not cli.start(argv):
         return cli.EXIT_USAGE
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     parallel.initialize_from_flags()  # a multi-process run: before any other JAX call
     workdir = Path(_WORKDIR.value)
 

@@ -36,12 +36,21 @@ def error_message(err: BaseException) -> str:
 
 def unexpected_arguments(argv: Sequence[str]) -> bool:
     """Whether ``argv`` (absl's, program name first) has positional arguments, which no
-    command takes; prints the one-line error. ``if cli.unexpected_arguments(argv):
-    return cli.EXIT_USAGE`` opens a command's ``main``."""
+    command takes; prints the one-line error (:func:`start` calls it)."""
     if len(argv) > 1:
         print(f"error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
         return True
     return False
+
+
+def start(argv: Sequence[str]) -> bool:
+    """Open a command's ``main``: whether it may go on (``if not cli.start(argv): return
+    cli.EXIT_USAGE``). Refuses positional arguments (:func:`unexpected_arguments`) and
+    keeps absl's log at WARNING (orbax logs every checkpoint save at INFO)."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    return not unexpected_arguments(argv)
 
 
 def run_main(work: Callable[[], object], *, interrupted: str = "interrupted") -> int:

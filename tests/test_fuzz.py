@@ -161,6 +161,16 @@ def test_the_launcher_prints_one_line_and_keeps_what_was_written(tmp_path, args,
                                                          "results.json", "teachers"]
 
 
+@pytest.mark.parametrize("command", ["launch.pretrain", "launch.fit_probe", "launch.growth"])
+def test_every_command_refuses_positional_arguments_in_one_line(tmp_path, command):
+    result = subprocess.run([sys.executable, "-m", command, "--workdir", str(tmp_path / "w"),
+                             "extra"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2
+    assert result.stderr == "error: unexpected arguments ['extra']\n", result.stderr
+    assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------------------- weight files
 
 
