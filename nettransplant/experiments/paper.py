@@ -384,7 +384,7 @@ class Runner:
                 prob, method, transfer, n, params, history, train_fit,
                 jax.random.fold_in(problem_key(self.config, experiment, target), RESTART_SALT),
                 warm_start, f"{experiment} {target} {method} n={n}")
-            train_fit = float(problem.training_fit(prob, params, transfer, n))
+            train_fit = min(f for f in restarts if f is not None)  # the kept attempt's
         record = {"experiment": experiment, "category": target, "method": method,
                   "samples": n, "metric": float(problem.evaluate(prob, params)),
                   "metric_name": task.metric_name, "train_fit": train_fit,
