@@ -107,6 +107,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # fits them; the step count is what the 15-minute budget affords. results.json
     # train_fit shows which runs fitted; the :converged variant trains 4× as long.
     config.transplant.learning_rate = 1e-2
+    # Segmentation's rate (every method; segmentation runs do not restart). Chosen on
+    # training samples only (train_fit of Exp. 3 cells, `python -m launch.fit_probe
+    # --experiment exp3 --optimizers adam@1e-2,adam@3e-2,adam@1e-1`): at 1e-2 the rows
+    # from random init end 2-5 points of own-pixel accuracy below the warm start after
+    # 150 steps, slow fits rather than plateaus (600 steps close most of the gap); 3e-2
+    # closes most of it in 150 (cat, 10 samples: direct-learn 88.1 → 91.4, back-distill
+    # from random init 90.9 → 91.9; the warm start 91.8 → 91.9), while 1e-1 helps some
+    # rows and hurts others (jacobian, cat, 100 samples: 90.2 at 3e-2, 89.7 at 1e-1).
+    config.transplant.learning_rate_segmentation = 3e-2
     config.transplant.num_steps = 150
     # Restarts of a classification run that did not fit its samples (over 10 % train
     # error): up to this many further attempts, keeping the lowest train error (training
@@ -116,6 +125,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rate (Adam's first steps, ~lr per parameter, can throw it off the optimum it starts
     # at). Most unfit runs predict one class for every sample, a local optimum more steps
     # do not leave (README "The main job"); 2 restarts is what the 15-minute budget affords.
+    # Both back-distill rows' restart k also weighs the back-distillation term by λ·0.1^k:
+    # where the student's task module is not the teacher's (Exp. 2, Table 4) the term at
+    # λ0 drowns the task loss, which stays at chance (train_fit of Table 4 cells: horse,
+    # 20 samples, from random init: 35 % at λ0, 15 % at λ0/10, 5 % at λ0/100).
     config.transplant.restarts = 2
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,

@@ -7,8 +7,11 @@
 uses (or trains) the teachers in ``--workdir`` (a main job's workdir reuses its
 teachers; the config must be that job's), builds the cell's transplant problem
 and labelled samples as the main job does, and trains ``--method`` once per
-optimiser and step count from the cell's first-attempt initialisation (the main
-job's restarts, ``config.transplant.restarts``, are not redone). It prints a
+optimiser (default: the main job's) and step count from the cell's first-attempt
+initialisation (the main job's restarts, ``config.transplant.restarts``, are not
+redone). Every experiment of the main job has cells: ``exp1_1conv``,
+``exp1_3conv``, ``exp2``, ``exp3``, ``table4_classification`` and
+``table4_segmentation``. It prints a
 table (train and test metric, loss, the adapter's active outputs, the logits on
 positive and negative samples) and writes every record to ``--json``. See
 :mod:`nettransplant.experiments.fit_probe`.
@@ -37,8 +40,9 @@ _TARGET = flags.DEFINE_string("target", "sheep", "the cell's target category")
 _METHOD = flags.DEFINE_string("method", "direct-learn", "the cell's method")
 _SAMPLES = flags.DEFINE_integer("samples", 10, "labelled samples")
 _STEPS = flags.DEFINE_list("steps", ["150"], "step counts, each run with every optimizer")
-_OPTIMIZERS = flags.DEFINE_list("optimizers", ["adam@1e-2"],
-                                "NAME@RATE, NAME one of " + ", ".join(fit_probe.OPTIMIZERS))
+_OPTIMIZERS = flags.DEFINE_list("optimizers", [],
+                                "NAME@RATE, NAME one of " + ", ".join(fit_probe.OPTIMIZERS)
+                                + " (default: the main job's, Adam at the cell's task's rate)")
 _INIT = flags.DEFINE_enum("init", "random", fit_probe.INITS,
                           "the adapter's initialisation (back-distill: its warm start)")
 _JSON = flags.DEFINE_string("json", None, "write every record here (atomically)")
@@ -60,6 +64,7 @@ def main(argv) -> int:
             raise ValueError(f"--steps {','.join(_STEPS.value)}: every count must be ≥ 1")
         cell = fit_probe.build_cell(config, _WORKDIR.value, _EXPERIMENT.value, _TARGET.value,
                                     _SAMPLES.value)
+        optimizers = optimizers or [fit_probe.job_optimizer(cell)]
         records = [r for n in steps
                    for r in fit_probe.probe(cell, _METHOD.value, optimizers, n, _INIT.value)]
         print(fit_probe.table(cell, _METHOD.value, records))

@@ -348,7 +348,8 @@ def _restart_findings(restarts: Mapping, count: int) -> list[str]:
                 for fits in runs)
     return [f"{len(runs)} classification runs did not fit at their first attempt and were "
             f"retrained (config.transplant.restarts = {count}: a re-drawn initialisation, "
-            f"or back-distill's warm start at a smaller rate); {fitted} of them then fit, "
+            f"or back-distill's warm start at a smaller rate; back-distill's term weighed "
+            f"by a tenth of the previous attempt's λ); {fitted} of them then fit, "
             f"{first} at the first restart. results.json restarts has each attempt's "
             "train_fit."]
 

@@ -18,16 +18,26 @@ import pytest
 from job_configs import trimmed_quick_config
 
 from nettransplant.experiments import fit_probe
+from nettransplant.experiments.zoo import generic_name
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cell(tmp_path_factory):
+def _config():
     config = trimmed_quick_config()
     config.transplant.restarts = 0  # the probe retrains a cell's first attempt
-    return fit_probe.build_cell(config, tmp_path_factory.mktemp("probe"),
-                                "exp1_1conv", "cat", 10)
+    config.experiments = ("exp3", "table4")  # Table 4's leave-one-out module too
+    return config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("probe")
+
+
+@pytest.fixture(scope="module")
+def cell(workdir):
+    return fit_probe.build_cell(_config(), workdir, "exp1_1conv", "cat", 10)
 
 
 def test_the_main_jobs_optimiser_reproduces_the_main_jobs_cell(cell):
@@ -42,6 +52,27 @@ def test_the_main_jobs_optimiser_reproduces_the_main_jobs_cell(cell):
         assert record["init"] == ("warm_start" if method == "back-distill" else "random")
         assert len(record["logits_positive"]) + len(record["logits_negative"]) == 10
         assert 0 <= record["active_start"] <= 1 and 0 <= record["active_end"] <= 1
+
+
+@pytest.mark.parametrize("experiment,task", [("table4_classification", "classification"),
+                                             ("table4_segmentation", "segmentation")])
+def test_table4_cells_are_the_main_jobs_and_train_at_their_tasks_rate(cell, workdir,
+                                                                      experiment, task):
+    config = _config()
+    table4 = fit_probe.build_cell(config, workdir, experiment, "cat", 10)
+    assert fit_probe.job_optimizer(table4).learning_rate == (
+        config.transplant.learning_rate_segmentation if task == "segmentation"
+        else config.transplant.learning_rate)
+    student = generic_name("cat")
+    runner = table4.runner
+    beta = runner.beta(student, runner.benchmark.leave_one_out_categories("cat"), "cat")
+    protocol = "exp3" if task == "segmentation" else "exp2"
+    out, _ = runner.run(experiment, config.adapters[protocol], protocol, "cat",
+                        f"{student}.{task}", f"cat.{task}", beta, [10], experiment)
+    (record,) = fit_probe.probe(table4, "direct-learn", [fit_probe.job_optimizer(table4)],
+                                config.transplant.num_steps)
+    assert record["test"] == out["direct-learn"]["10"]
+    assert record["train_fit"] == runner.train_fit[experiment]["cat"]["direct-learn"]["10"]
 
 
 def test_every_optimiser_runs_and_the_table_names_it(cell):

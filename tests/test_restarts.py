@@ -11,6 +11,7 @@ job's results name every re-drawn run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,13 @@ def test_an_unfit_run_is_retrained_from_redrawn_inits_and_the_best_is_kept(cell)
     assert len(kept_history) == len(history)
 
 
-def test_the_warm_start_is_retrained_from_itself_at_a_smaller_rate(cell):
+def _weaker(prob, attempt):
+    """``prob`` with λ as a back-distill row's restart ``attempt`` weighs it."""
+    return dataclasses.replace(prob, scalars=prob.scalars.replace(
+        lam=prob.scalars.lam * paper.RETRY_LAMBDA_FACTOR ** attempt))
+
+
+def test_the_warm_start_is_retrained_from_itself_at_a_smaller_rate_and_lambda(cell):
     prob, runner = cell.problem, cell.runner
     params, history = runner.fit(prob, "back-distill", cell.labelled, 10, cell.warm_start,
                                  "test", None)
@@ -83,11 +90,69 @@ def test_the_warm_start_is_retrained_from_itself_at_a_smaller_rate(cell):
     rate = cell.config.transplant.learning_rate / paper.RETRY_RATE_DIVISOR
     steps = problem.StepCache(optax.adam(rate), mesh=runner.mesh,
                               weights=paper.jacobian_weights(cell.config))
-    by_hand, _ = runner.fit(prob, "back-distill", cell.labelled, 10, cell.warm_start, "test",
-                            None, steps=steps)
+    by_hand, by_hand_history = runner.fit(_weaker(prob, 1), "back-distill", cell.labelled, 10,
+                                          cell.warm_start, "test", None, steps=steps)
     assert problem.training_fit(prob, by_hand, cell.labelled, 10) == fits[1]
     jax.tree_util.tree_map(np.testing.assert_array_equal, kept, by_hand)
-    assert runner._retry_steps(1) is runner._retry_steps(1)  # compiled once per attempt
+    # The weaker λ is what trained: the first step's term is λ0's times the factor.
+    _, at_lambda0 = runner.fit(prob, "back-distill", cell.labelled, 10, cell.warm_start,
+                               "test", None, steps=steps, num_steps=1)
+    assert by_hand_history[0]["back_distill"] == pytest.approx(
+        paper.RETRY_LAMBDA_FACTOR * at_lambda0[0]["back_distill"], rel=1e-5)
+    assert runner.steps("classification", 1) is runner.steps("classification", 1)
+
+
+def test_back_distill_from_random_init_redraws_and_weakens_lambda(cell):
+    prob, runner = cell.problem, cell.runner
+    key = jax.random.PRNGKey(5)
+    params, history = runner.fit(prob, paper.RANDOM_INIT, cell.labelled, 10, prob.adapter_init,
+                                 "test", None)
+    with restarts(cell.config, 2):
+        kept, _, fits = runner._restart_unfit(
+            prob, paper.RANDOM_INIT, cell.labelled, 10, params, history, 100.0, key,
+            cell.warm_start, "test")
+    assert 2 <= len(fits) <= 3
+    for attempt, value in enumerate(fits[1:], start=1):  # each attempt, redone by hand
+        init = problem.random_adapter(prob.transplant, jax.random.fold_in(key, attempt))
+        by_hand, _ = runner.fit(_weaker(prob, attempt), paper.RANDOM_INIT, cell.labelled, 10,
+                                init, "test", None)
+        assert problem.training_fit(prob, by_hand, cell.labelled, 10) == value
+    assert problem.training_fit(prob, kept, cell.labelled, 10) == min(fits)
+
+
+def test_segmentation_trains_at_its_own_rate(cell):
+    config, runner = cell.config, cell.runner
+    tc = config.transplant
+    assert paper.learning_rate(config, "classification") == tc.learning_rate
+    assert paper.learning_rate(config, "segmentation") == tc.learning_rate_segmentation
+    without = trimmed_quick_config()
+    del without.transplant["learning_rate_segmentation"]  # a config that predates the field
+    assert paper.learning_rate(without, "segmentation") == without.transplant.learning_rate
+    # Each task's steps hold their own Adam: one update of 1 moves a parameter by the rate.
+    for task_name in ("classification", "segmentation"):
+        optimizer = runner.steps(task_name).optimizer
+        params = {"w": jnp.zeros(())}
+        update, _ = optimizer.update({"w": jnp.ones(())}, optimizer.init(params), params)
+        assert float(update["w"]) == pytest.approx(-paper.learning_rate(config, task_name),
+                                                  rel=1e-4)  # Adam's ε
+
+
+def test_only_back_distill_classification_cells_name_the_lambda_retry(cell):
+    config, runner = cell.config, cell.runner
+    spec = {"experiment": "exp1_1conv"}
+    for count in (0, 2):
+        with restarts(config, count):
+            for task_name in ("classification", "segmentation"):
+                for method in ("direct-learn", "jacobian", "distill", "back-distill",
+                               paper.RANDOM_INIT):
+                    cell_spec = runner.cell_spec(spec, method, 10, False, task_name)
+                    named = (count and task_name == "classification"
+                             and method in ("back-distill", paper.RANDOM_INIT))
+                    assert cell_spec.get("retry_lambda_factor") == (
+                        paper.RETRY_LAMBDA_FACTOR if named else None), (count, task_name, method)
+                    assert {k: v for k, v in cell_spec.items()
+                            if k != "retry_lambda_factor"} == {
+                        **spec, "method": method, "samples": 10, "fig5": False}
 
 
 def test_a_run_that_fits_is_left_alone(cell):

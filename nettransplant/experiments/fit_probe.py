@@ -28,10 +28,11 @@ from nettransplant import problem
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments import paper
-from nettransplant.experiments.zoo import TeacherZoo
+from nettransplant.experiments.zoo import TeacherZoo, generic_name
 from nettransplant.progress import progress_bar
 
-EXPERIMENTS = ("exp1_1conv", "exp1_3conv", "exp2", "exp3")
+EXPERIMENTS = ("exp1_1conv", "exp1_3conv", "exp2", "exp3", "table4_classification",
+               "table4_segmentation")
 INITS = ("random", "identity")
 OPTIMIZERS = ("adam", "adam_warmup_cosine", "adam_clip", "sgd_momentum")
 
@@ -122,14 +123,28 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
         built = runner.problem(experiment, config.adapters[experiment], "exp1", target, own,
                                own, 1.0)
     else:
-        task = "classification" if experiment == "exp2" else "segmentation"
-        beta = runner.beta(generic, [generic], target)
-        built = runner.problem(experiment, config.adapters[experiment], experiment, target,
-                               net.task_ref(f"{generic}.{task}"),
-                               net.task_ref(f"{target}.{task}"), beta)
+        # Exps. 2-3 transplant to the generic category's task modules, Table 4 to the
+        # leave-one-out module of the target (the main job's wiring, paper._run_locked).
+        task = "segmentation" if experiment in ("exp3", "table4_segmentation") \
+            else "classification"
+        protocol = "exp3" if task == "segmentation" else "exp2"
+        if experiment.startswith("table4"):
+            student, sources = generic_name(target), benchmark.leave_one_out_categories(target)
+        else:
+            student, sources = generic, [generic]
+        built = runner.problem(experiment, config.adapters[protocol], protocol, target,
+                               net.task_ref(f"{student}.{task}"),
+                               net.task_ref(f"{target}.{task}"),
+                               runner.beta(student, sources, target))
     prob, warm_start, _, _ = built
     return Cell(config, runner, experiment, target, num_samples, prob, warm_start,
                 runner.labelled(prob, experiment, target, num_samples))
+
+
+def job_optimizer(cell: Cell) -> OptimizerSpec:
+    """The main job's optimiser for ``cell``: Adam at its task's rate
+    (:func:`nettransplant.experiments.paper.learning_rate`)."""
+    return OptimizerSpec("adam", paper.learning_rate(cell.config, cell.problem.task.name))
 
 
 def identity_init(adapter) -> dict:

@@ -83,6 +83,16 @@ def problem_key(config, experiment: str, target: str):
 FIT_ERROR = 10.0
 RESTART_SALT = 0x5E57A27  # separates the restarts' keys from the problem's own
 RETRY_RATE_DIVISOR = 3.0  # the warm start's restart k trains at learning_rate / 3**k
+RETRY_LAMBDA_FACTOR = 0.1  # a back-distill row's restart k weighs its term by λ · 0.1**k
+
+
+def learning_rate(config, task_name: str) -> float:
+    """The adapters' Adam rate for ``task_name``: ``config.transplant.learning_rate``, or
+    ``learning_rate_segmentation`` for segmentation where the config has that field."""
+    tc = config.transplant
+    if task_name == "segmentation":
+        return float(tc.get("learning_rate_segmentation", tc.learning_rate))
+    return float(tc.learning_rate)
 
 
 def restart_count(config) -> int:
@@ -175,9 +185,9 @@ class Runner:
         tc = config.transplant
         self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
         self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
-        self.steps = problem.StepCache(optax.adam(tc.learning_rate), mesh=self.mesh,
-                                       weights=jacobian_weights(config))
-        self._retries: dict[int, problem.StepCache] = {}  # the warm start's restarts
+        # One step cache per (task, attempt): attempt 0 trains at the task's rate, the
+        # warm start's restart k at that rate / RETRY_RATE_DIVISOR**k.
+        self._steps: dict[tuple[str, int], problem.StepCache] = {}
         self.channels = modules.category_channels(config.model.width)
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
@@ -319,8 +329,8 @@ class Runner:
             fig5 = (experiment == "exp1_3conv" and target == c.categories[0]
                     and method in ("back-distill", "direct-learn") and n == fig5_count(c))
             name = f"{method}_n{n}"
-            key = cells_lib.fingerprint({**problem_spec, "method": method, "samples": n,
-                                         "fig5": fig5})
+            key = cells_lib.fingerprint(self.cell_spec(problem_spec, method, n, fig5,
+                                                       task.name))
             stored = self.store.load(experiment, target, name, key)
             if stored is None:
                 stored = self._run_cell(the_problem(), experiment, target, method, n, fig5,
@@ -338,6 +348,16 @@ class Runner:
             self.residual.setdefault(experiment, {})[target] = built["residual"]
             live = built["problem"].live_draw_fraction
         return out, live
+
+    def cell_spec(self, problem_spec: dict, method: str, n: int, fig5: bool,
+                  task_name: str) -> dict:
+        """What one cell depends on: its problem, method, sample count, whether it
+        feeds Fig. 5, and for a back-distill row that restarts (classification) the
+        factor its restarts scale λ by (:meth:`_restart_unfit`)."""
+        retry = ({"retry_lambda_factor": RETRY_LAMBDA_FACTOR}
+                 if restart_count(self.config) and objective_of(method) == "back-distill"
+                 and task_name == "classification" else {})
+        return {**problem_spec, "method": method, "samples": n, "fig5": fig5, **retry}
 
     def _run_cell(self, built: dict, experiment: str, target: str, method: str, n: int,
                   fig5: bool, beta: float) -> tuple[dict, dict]:
@@ -409,18 +429,27 @@ class Runner:
         method; back-distill's closed-form warm start is fixed, and Adam's first steps
         move every parameter by about the learning rate whatever its gradient, which
         can throw a run off an optimum it started at, so that row retrains from it at
-        the rate divided by ``RETRY_RATE_DIVISOR ** k``. Same budget and batch order
-        as the first attempt. Returns ``(params, history, [train_fit of each attempt,
-        None where one diverged])``.
+        the rate divided by ``RETRY_RATE_DIVISOR ** k``. Both back-distill rows also
+        weigh the back-distillation term by ``λ · RETRY_LAMBDA_FACTOR ** k``: where the
+        student's task module differs from the teacher's (Exp. 2, Table 4) the term
+        pulls toward a chain the adapter cannot produce and, at λ0, drowns the task
+        loss, which then stays at chance; a weaker prior lets the samples decide. Same
+        budget and batch order as the first attempt. Returns ``(params, history,
+        [train_fit of each attempt, None where one diverged])``.
         """
         fits = [train_fit]
         best = (train_fit, params, history)
         warm = method == "back-distill"
+        distills = objective_of(method) == "back-distill"
+        base = prob
         for attempt in range(1, restart_count(self.config) + 1):
             if best[0] <= FIT_ERROR:
                 break
+            if distills:  # λ is a jit argument: a new value does not recompile
+                prob = dataclasses.replace(base, scalars=base.scalars.replace(
+                    lam=base.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
             if warm:
-                init, steps = warm_start, self._retry_steps(attempt)
+                init, steps = warm_start, self.steps(prob.task.name, attempt)
             else:
                 init = problem.random_adapter(prob.transplant, jax.random.fold_in(key, attempt))
                 steps = None
@@ -436,13 +465,15 @@ class Runner:
                 best = (fits[-1], params, history)
         return best[1], best[2], fits
 
-    def _retry_steps(self, attempt: int) -> problem.StepCache:
-        """The warm-start row's steps of restart ``attempt`` (Adam at a smaller rate)."""
-        if attempt not in self._retries:
-            rate = self.config.transplant.learning_rate / RETRY_RATE_DIVISOR ** attempt
-            self._retries[attempt] = problem.StepCache(
+    def steps(self, task_name: str, attempt: int = 0) -> problem.StepCache:
+        """The steps of ``task_name``'s runs: Adam at :func:`learning_rate`, divided by
+        ``RETRY_RATE_DIVISOR ** attempt`` for the warm start's restart ``attempt``."""
+        key = (task_name, attempt)
+        if key not in self._steps:
+            rate = learning_rate(self.config, task_name) / RETRY_RATE_DIVISOR ** attempt
+            self._steps[key] = problem.StepCache(
                 optax.adam(rate), mesh=self.mesh, weights=jacobian_weights(self.config))
-        return self._retries[attempt]
+        return self._steps[key]
 
     def labelled(self, prob, experiment: str, target: str, n: int):
         """The ``n`` labelled samples of a run (:func:`nettransplant.data.few_shot` of the
@@ -465,7 +496,7 @@ class Runner:
         if n == 0 and method != "back-distill":
             raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
         objective = objective_of(method)
-        steps = steps or self.steps
+        steps = steps or self.steps(prob.task.name)
         state = adapter_training.create_train_state(init, steps.optimizer)
         state, history = adapter_training.train_adapter(
             steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
