@@ -441,20 +441,20 @@ class Runner:
         best = (train_fit, params, history)
         warm = method == "back-distill"
         distills = objective_of(method) == "back-distill"
-        base = prob
         for attempt in range(1, restart_count(self.config) + 1):
             if best[0] <= FIT_ERROR:
                 break
-            if distills:  # λ is a jit argument: a new value does not recompile
-                prob = dataclasses.replace(base, scalars=base.scalars.replace(
-                    lam=base.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
+            retry = prob  # λ is a jit argument: a weaker one does not recompile
+            if distills:
+                retry = dataclasses.replace(prob, scalars=prob.scalars.replace(
+                    lam=prob.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
             if warm:
                 init, steps = warm_start, self.steps(prob.task.name, attempt)
             else:
                 init = problem.random_adapter(prob.transplant, jax.random.fold_in(key, attempt))
                 steps = None
             try:
-                params, history = self.fit(prob, method, transfer, n, init,
+                params, history = self.fit(retry, method, transfer, n, init,
                                            f"{what} restart {attempt}", None, steps=steps)
             except NonFiniteError as e:
                 message(f"{what}: restart {attempt} diverged at step {e.step}; not kept")
