@@ -29,6 +29,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Devices: {axis: size}, -1 = every remaining device. Batches and draws are split
     # over "data", parameters replicated (nettransplant.parallel; docs/scaling.md).
     config.mesh = ml_collections.ConfigDict({"data": -1})
+    # Transplant cells trained at once, each in a thread, when the mesh is one device
+    # of one process (else 1). A cell's steps are small: on 2 CPU cores a second cell
+    # fills the cores while the first waits on Python (`python -m launch.benchmark
+    # --concurrent_cells 2` measures it). The numbers do not depend on it, so cells
+    # stay reusable.
+    config.concurrent_cells = 2
 
     # Categories (paper Sec. 4): Exp. 1 runs inside every teacher of
     # ``categories``; Exps. 2-3 and Table 4 transplant ``target_categories`` to

@@ -15,7 +15,9 @@ installed, each method's step (direct-learn, distill, back-distill with 0
 samples and with a batch, jacobian) is also timed beside the same step written
 in PyTorch (:mod:`nettransplant.experiments.torch_reference`), with the Exp. 1
 1-conv adapter (or the first of ``--adapters``); ``--no_torch`` skips that
-section, and without PyTorch it is skipped with a one-line note.
+section, and without PyTorch it is skipped with a one-line note. The threads
+section times whole trainings one after another and in ``--concurrent_cells``
+threads (the main job's ``config.concurrent_cells``; 0 skips it).
 """
 
 from __future__ import annotations
@@ -52,8 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--torch_threads", "--torch-threads", type=int, default=None,
                         help="PyTorch's threads in that section (default: its default, one "
                              "per core)")
+    parser.add_argument("--concurrent_cells", "--concurrent-cells", type=int, default=2,
+                        help="threads of the threads section (default 2; 0 skips it)")
     parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
+    if args.concurrent_cells < 0:
+        parser.error(f"--concurrent_cells must be >= 0, got {args.concurrent_cells}")
     if args.cpu_devices:
         import jax
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
@@ -73,6 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
             num_draws=64 if args.quick else config.transplant.num_draws,
             torch_threads=args.torch_threads)
         print(step_benchmark.format_torch_table(results["torch"]))
+    if args.concurrent_cells:
+        results["threads"] = step_benchmark.threads_section(
+            config, "exp1_1conv" if "exp1_1conv" in names else names[0],
+            workers=args.concurrent_cells, fits=4, num_steps=20 if args.quick else 50,
+            rounds=3, num_draws=64 if args.quick else config.transplant.num_draws)
+        print(step_benchmark.format_threads_table(results["threads"]))
     counts = (None if args.device_counts is None else
               [int(n) for n in args.device_counts.split(",") if int(n) > 0])
     if counts != []:

@@ -15,6 +15,7 @@ Which ReLU dummies the pseudo chains use follows the paper's experiments
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -185,6 +186,7 @@ class StepCache:
     """One jitted train step per (transplant, method): problems of one shape share it.
 
     ``mesh``: the devices the steps run on, data parallel (default: every device).
+    Threads may share one cache.
     """
 
     def __init__(self, optimizer: optax.GradientTransformation,
@@ -194,13 +196,15 @@ class StepCache:
         self.mesh = mesh or parallel.data_mesh()
         self.weights = weights  # the loss terms' weights (default: all 1)
         self._steps: dict[tuple, train_lib.StepFn] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, transplant: Transplant, method: str) -> train_lib.StepFn:
         key = (transplant, method)
-        if key not in self._steps:
-            self._steps[key] = train_lib.make_train_step(transplant, method, self.optimizer,
-                                                         weights=self.weights, mesh=self.mesh)
-        return self._steps[key]
+        with self._lock:
+            if key not in self._steps:
+                self._steps[key] = train_lib.make_train_step(
+                    transplant, method, self.optimizer, weights=self.weights, mesh=self.mesh)
+            return self._steps[key]
 
 
 def fit(problem: TransplantProblem, method: str, steps: StepCache, *,

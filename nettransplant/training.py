@@ -15,12 +15,16 @@ goes through :func:`guarded_update`:
   :class:`~nettransplant.metric_writers.MetricWriter`;
 * ``on_checkpoint(state, history)`` runs every ``checkpoint_every`` steps, so a
   run can resume: the batch streams are pure functions of the step index.
+
+:class:`Trainings` runs independent trainings in threads (small steps leave
+cores idle while Python dispatches).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -213,3 +217,42 @@ def train_loop(step_fn: StepFn, state: TrainState, step_args: Callable[[int], tu
         if writer is not None:
             writer.flush()
     return state, history
+
+
+
+class Trainings:
+    """Independent trainings in threads, up to ``workers`` at once; each result is taken
+    when the caller asks for it, in any order.
+
+    Small steps leave the cores idle while Python dispatches, so a second training
+    fills them. ``workers`` = 1 starts no thread: a job runs in the caller's thread
+    when its result is asked for. A job's error is raised where its result is
+    taken; :meth:`close` (also on leaving a ``with`` block) cancels the jobs not
+    started and waits for the running ones. Jobs must not share mutable state
+    unguarded.
+    """
+
+    def __init__(self, workers: int):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, job: Callable[[], Any]) -> Callable[[], Any]:
+        """Start ``job`` (with one worker: when asked); returns what gives its result."""
+        if self.workers == 1:
+            return job
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="training")
+        return self._pool.submit(job).result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Trainings:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -271,3 +271,17 @@ def test_without_pytorch_the_pytorch_section_is_one_note(monkeypatch):
                                            num_draws=2)
     assert list(section) == ["skipped"] and "PyTorch is not installed" in section["skipped"]
     assert step_benchmark.format_torch_table(section) == section["skipped"]
+
+
+def test_the_threads_section_times_both_ways_and_checks_the_parameters_are_equal(tmp_path):
+    section = step_benchmark.threads_section(_tiny_benchmark_config(), "exp3", workers=2,
+                                             fits=2, num_steps=2, rounds=1, num_draws=2)
+    path = tmp_path / "bench.json"
+    step_benchmark.write_json({"threads": section}, str(path))
+    stored = json.loads(path.read_text())["threads"]
+    assert stored["workers"] == 2 and list(stored["methods"]) == ["direct-learn", "back-distill"]
+    for r in stored["methods"].values():
+        assert r["serial_s"] > 0 and r["threaded_s"] > 0 and r["speedup"] > 0
+        assert r["same_parameters"] is True  # each fit owns its state and batch order
+    table = step_benchmark.format_threads_table(section).splitlines()
+    assert "speedup" in table[1] and len(table) == 5

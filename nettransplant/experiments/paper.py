@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,7 @@ from nettransplant.experiments.zoo import TeacherZoo, generic_name, stable_hash
 from nettransplant.net import operations
 from nettransplant.net.graph import ModuleRef, TransplantNet
 from nettransplant.progress import message, progress_bar
-from nettransplant.training import NonFiniteError
+from nettransplant.training import NonFiniteError, Trainings
 
 __all__ = ["EXPERIMENTS", "Runner", "run", "validate_config"]
 
@@ -131,6 +134,21 @@ def table4_segmentation_counts(config) -> list[int]:
     return chosen or [n for n in config.sample_counts if n > 0][:2]
 
 
+def concurrent_cells(config, mesh: jax.sharding.Mesh) -> int:
+    """How many transplant cells train at once, each in its own thread.
+
+    ``config.concurrent_cells`` (default 1) where the adapters train on one
+    device of one process: a cell's steps are small, and a second cell fills
+    the cores while the first waits on Python or on a sync. 1 on a mesh of
+    several devices, whose steps use them all already, and in a multi-process
+    run, whose hosts must issue their collectives in one order. Each cell's
+    numbers are those it gets alone: it owns its state, data and batch order.
+    """
+    if mesh.devices.size > 1 or jax.process_count() > 1:
+        return 1
+    return int(config.get("concurrent_cells", 1))
+
+
 def num_runs(config) -> int:
     """How many (experiment, category, method, sample count) cells the config runs."""
     counts = list(config.sample_counts)
@@ -176,6 +194,10 @@ class Runner:
       bar: the stage's progress bar (one update per finished cell).
       store: where finished cells are kept and read back (resuming).
       logdir: where each training's metrics are logged (None: not logged).
+
+    Up to :func:`concurrent_cells` cells train at once (:meth:`submit`); they are
+    stored and added to the results in their fixed order, so the job's outputs
+    do not depend on how many ran together. :meth:`close` after an error.
     """
 
     def __init__(self, config, net: TransplantNet, benchmark: benchmarks.Benchmark, bar,
@@ -185,6 +207,9 @@ class Runner:
         tc = config.transplant
         self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
         self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
+        # The cells in flight, in threads where that helps (concurrent_cells).
+        self.trainings = Trainings(concurrent_cells(config, self.mesh))
+        self._steps_lock = threading.Lock()  # cells in threads share the step caches
         # One step cache per (task, attempt): attempt 0 trains at the task's rate, the
         # warm start's restart k at that rate / RETRY_RATE_DIVISOR**k.
         self._steps: dict[tuple[str, int], problem.StepCache] = {}
@@ -297,57 +322,97 @@ class Runner:
 
     def run(self, experiment: str, adapter_spec, protocol: str, target: str, student: str,
             reference: str, beta: float, counts, curve_key: str):
-        """All methods × ``counts`` for one target category; returns ``{method: {n: %}}``.
+        """All methods × ``counts`` for one target category; returns ``({method: {n: %}},
+        live draw fraction)``. :meth:`submit` and its ``finish()`` in one call."""
+        return self.submit(experiment, adapter_spec, protocol, target, student, reference,
+                           beta, counts, curve_key)()
+
+    def submit(self, experiment: str, adapter_spec, protocol: str, target: str, student: str,
+               reference: str, beta: float, counts, curve_key: str
+               ) -> Callable[[], tuple[dict, float | None]]:
+        """Start all methods × ``counts`` for one target category; returns ``finish()``,
+        which adds the cells to the results in their fixed order and returns
+        ``({method: {n: %}}, live draw fraction)``.
 
         Each finished cell is stored (:class:`~nettransplant.experiments.cells.CellStore`)
         and a stored cell is read back instead of run again; the problem itself is
-        built only when some cell still has to run.
+        built only when some cell still has to run. With threads
+        (:func:`concurrent_cells`) the problem is built and its cells start now, so
+        the problems of several categories overlap; with one, everything happens
+        in ``finish()``, one problem in memory at a time.
         """
+        spec = (experiment, adapter_spec, protocol, target, student, reference, beta, counts,
+                curve_key)
+        if self.trainings.workers == 1:
+            return lambda: self._finish(self._start(*spec))
+        return functools.partial(self._finish, self._start(*spec))
+
+    def _start(self, experiment: str, adapter_spec, protocol: str, target: str, student: str,
+               reference: str, beta: float, counts, curve_key: str) -> dict:
+        """Read back the stored cells, build the problem if a cell has to run, and hand
+        those cells to :attr:`trainings`; returns what :meth:`_finish` needs."""
         c = self.config
         problem_spec = self._fingerprint(experiment, adapter_spec, protocol, target, student,
                                          reference)
-        built: dict = {}  # the problem, its warm start and labelled data, made on demand
-
-        def the_problem():
-            if "problem" not in built:
-                prob, warm_start, exact, residual = self.problem(
-                    experiment, adapter_spec, protocol, target, self.net.task_ref(student),
-                    self.net.task_ref(reference), beta)
-                built.update(problem=prob, warm_start=warm_start, exact=exact,
-                             residual=residual)
-            return built
-
         task = self.net.task_ref(student).module.task
+        cells = []  # (n, method, fig5, name, key, stored cell or what gives it)
+        for n in counts:
+            for method in problem.methods_for(task) + (RANDOM_INIT,):
+                if not (n or method == "back-distill"):
+                    continue
+                fig5 = (experiment == "exp1_3conv" and target == c.categories[0]
+                        and method in ("back-distill", "direct-learn") and n == fig5_count(c))
+                name = f"{method}_n{n}"
+                key = cells_lib.fingerprint(self.cell_spec(problem_spec, method, n, fig5,
+                                                           task.name))
+                cells.append([n, method, fig5, name, key,
+                              self.store.load(experiment, target, name, key)])
+        to_run = [cell for cell in cells if cell[-1] is None]
+        built: dict = {}  # the problem, its warm start, residual and labelled samples
+        if to_run or not cells:  # with nothing to run, the problem's residual is still reported
+            prob, warm_start, exact, residual = self.problem(
+                experiment, adapter_spec, protocol, target, self.net.task_ref(student),
+                self.net.task_ref(reference), beta)
+            built.update(problem=prob, warm_start=warm_start, exact=exact, residual=residual)
+            # The labelled samples of each count, made here once for the cells' threads.
+            built["transfer"] = {n: self.labelled(prob, experiment, target, n)
+                                 for n in sorted({cell[0] for cell in to_run if cell[0]})}
+        for cell in to_run:
+            n, method, fig5 = cell[:3]
+            cell[-1] = self.trainings.submit(functools.partial(
+                self._run_cell, built, experiment, target, method, n, fig5, beta))
+        return {"experiment": experiment, "target": target, "adapter_spec": adapter_spec,
+                "beta": beta, "counts": counts, "curve_key": curve_key, "cells": cells,
+                "built": built}
+
+    def _finish(self, started: dict) -> tuple[dict, float | None]:
+        """Store each cell that ran and add every cell to the results, in order."""
+        experiment, target = started["experiment"], started["target"]
         out: dict = {}
         live = None
-        cells = [(n, method) for n in counts for method in problem.methods_for(task)
-                 + (RANDOM_INIT,) if n or method == "back-distill"]
-        if not cells:  # nothing to run, but the problem's residual is still reported
-            the_problem()
-        for n, method in cells:
+        for n, method, fig5, name, key, stored in started["cells"]:
             self.bar.set_postfix_str(f"{experiment} {target} {method} n={n}")
-            fig5 = (experiment == "exp1_3conv" and target == c.categories[0]
-                    and method in ("back-distill", "direct-learn") and n == fig5_count(c))
-            name = f"{method}_n{n}"
-            key = cells_lib.fingerprint(self.cell_spec(problem_spec, method, n, fig5,
-                                                       task.name))
-            stored = self.store.load(experiment, target, name, key)
-            if stored is None:
-                stored = self._run_cell(the_problem(), experiment, target, method, n, fig5,
-                                        beta)
+            if callable(stored):  # run now: its result, waited for
+                stored = stored()
                 self.store.save(experiment, target, name, key, *stored)
                 self.cells_run += 1
             else:
                 self.cells_reused += 1
             record, arrays = stored
             live = record["live_draw_fraction"]
-            self._absorb(record, arrays, experiment, target, method, n, counts, curve_key,
-                         adapter_spec, beta, fig5, out)
+            self._absorb(record, arrays, experiment, target, method, n, started["counts"],
+                         started["curve_key"], started["adapter_spec"], started["beta"],
+                         fig5, out)
             self.bar.update()
+        built = started["built"]
         if "problem" in built:
             self.residual.setdefault(experiment, {})[target] = built["residual"]
             live = built["problem"].live_draw_fraction
         return out, live
+
+    def close(self) -> None:
+        """Cancel the cells not started and wait for the running ones (after an error)."""
+        self.trainings.close()
 
     def cell_spec(self, problem_spec: dict, method: str, n: int, fig5: bool,
                   task_name: str) -> dict:
@@ -369,12 +434,7 @@ class Runner:
         """
         prob, warm_start, exact = built["problem"], built["warm_start"], built["exact"]
         task = prob.task
-        transfer = None
-        if n:
-            transfers = built.setdefault("transfer", {})
-            if n not in transfers:
-                transfers[n] = self.labelled(prob, experiment, target, n)
-            transfer = transfers[n]
+        transfer = built["transfer"][n] if n else None
         failed = None
         if method == "back-distill" and n == 0 and exact:
             params, history = warm_start, []
@@ -469,11 +529,12 @@ class Runner:
         """The steps of ``task_name``'s runs: Adam at :func:`learning_rate`, divided by
         ``RETRY_RATE_DIVISOR ** attempt`` for the warm start's restart ``attempt``."""
         key = (task_name, attempt)
-        if key not in self._steps:
-            rate = learning_rate(self.config, task_name) / RETRY_RATE_DIVISOR ** attempt
-            self._steps[key] = problem.StepCache(
-                optax.adam(rate), mesh=self.mesh, weights=jacobian_weights(self.config))
-        return self._steps[key]
+        with self._steps_lock:
+            if key not in self._steps:
+                rate = learning_rate(self.config, task_name) / RETRY_RATE_DIVISOR ** attempt
+                self._steps[key] = problem.StepCache(
+                    optax.adam(rate), mesh=self.mesh, weights=jacobian_weights(self.config))
+            return self._steps[key]
 
     def labelled(self, prob, experiment: str, target: str, n: int):
         """The ``n`` labelled samples of a run (:func:`nettransplant.data.few_shot` of the
@@ -669,57 +730,66 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
     bar = progress_bar(num_runs(config), "transplants", enabled=progress)
     runner = Runner(config, zoo_net, benchmark, bar, cells_lib.CellStore(workdir),
                     logdir=workdir / "logs")
-    counts = [int(n) for n in config.sample_counts]
-    labelled = [n for n in counts if n > 0]
-    generic = config.generic_category
+    try:
+        counts = [int(n) for n in config.sample_counts]
+        labelled = [n for n in counts if n > 0]
+        generic = config.generic_category
 
-    if "exp1" in config.experiments:
-        results["exp1"] = {}
-        for name, spec in (("1conv", config.adapters.exp1_1conv),
-                           ("3conv", config.adapters.exp1_3conv)):
+        if "exp1" in config.experiments:
+            results["exp1"] = {}
+            for name, spec in (("1conv", config.adapters.exp1_1conv),
+                               ("3conv", config.adapters.exp1_3conv)):
+                # Every category's cells are submitted before the first is waited for: the
+                # next problem is built while the threads train this one's cells.
+                finish = {category: runner.submit(
+                    f"exp1_{name}", spec, "exp1", category, f"{category}.classification",
+                    f"{category}.classification", 1.0, counts, f"exp1_{name}")
+                    for category in config.categories}
+                cells = {}
+                for category in config.categories:
+                    cells[category], live[f"exp1_{name}/{category}"] = finish.pop(category)()
+                results["exp1"][name] = with_avg(cells)
+
+        betas: dict = {}
+
+        def transfer(experiment, task, spec, protocol, student_of, source_categories_of, counts_):
+            finish = {}
+            for category in config.target_categories:
+                student = student_of(category)
+                beta = betas[experiment, category] = runner.beta(
+                    student, source_categories_of(category), category)
+                finish[category] = runner.submit(experiment, spec, protocol, category,
+                                                 f"{student}.{task}", f"{category}.{task}", beta,
+                                                 counts_, experiment)
             cells = {}
-            for category in config.categories:
-                own = f"{category}.classification"
-                cells[category], live[f"exp1_{name}/{category}"] = runner.run(
-                    f"exp1_{name}", spec, "exp1", category, own, own, 1.0, counts,
-                    f"exp1_{name}")
-            results["exp1"][name] = with_avg(cells)
+            for category in config.target_categories:
+                cells[category], live[f"{experiment}/{category}"] = finish.pop(category)()
+            return with_avg(cells)
 
-    betas: dict = {}
-
-    def transfer(experiment, task, spec, protocol, student_of, source_categories_of, counts_):
-        cells = {}
-        for category in config.target_categories:
-            student = student_of(category)
-            beta = betas[experiment, category] = runner.beta(
-                student, source_categories_of(category), category)
-            cells[category], live[f"{experiment}/{category}"] = runner.run(
-                experiment, spec, protocol, category, f"{student}.{task}",
-                f"{category}.{task}", beta, counts_, experiment)
-        return with_avg(cells)
-
-    if "exp2" in config.experiments:
-        results["exp2"] = transfer("exp2", "classification", config.adapters.exp2, "exp2",
-                                   lambda c: generic, lambda c: [generic], labelled)
-        swaps = {c: runner.head_swap(f"{generic}.classification", f"{c}.classification", c,
-                                     betas["exp2", c])
-                 for c in config.target_categories}
-        results["exp2_head_swap"] = {
-            **swaps, "avg": {k: float(np.mean([v[k] for v in swaps.values()]))
-                             for k in ("fc8_cosine", "residual_with_own_head")}}
-    if "exp3" in config.experiments:
-        results["exp3"] = transfer("exp3", "segmentation", config.adapters.exp3, "exp3",
-                                   lambda c: generic, lambda c: [generic], counts)
-    if "table4" in config.experiments:
-        results["table4"] = {
-            "classification": transfer(
-                "table4_classification", "classification", config.adapters.exp2, "exp2",
-                generic_name, benchmark.leave_one_out_categories, labelled),
-            "segmentation": transfer(
-                "table4_segmentation", "segmentation", config.adapters.exp3, "exp3",
-                generic_name, benchmark.leave_one_out_categories,
-                table4_segmentation_counts(config)),
-        }
+        if "exp2" in config.experiments:
+            results["exp2"] = transfer("exp2", "classification", config.adapters.exp2, "exp2",
+                                       lambda c: generic, lambda c: [generic], labelled)
+            swaps = {c: runner.head_swap(f"{generic}.classification", f"{c}.classification", c,
+                                         betas["exp2", c])
+                     for c in config.target_categories}
+            results["exp2_head_swap"] = {
+                **swaps, "avg": {k: float(np.mean([v[k] for v in swaps.values()]))
+                                 for k in ("fc8_cosine", "residual_with_own_head")}}
+        if "exp3" in config.experiments:
+            results["exp3"] = transfer("exp3", "segmentation", config.adapters.exp3, "exp3",
+                                       lambda c: generic, lambda c: [generic], counts)
+        if "table4" in config.experiments:
+            results["table4"] = {
+                "classification": transfer(
+                    "table4_classification", "classification", config.adapters.exp2, "exp2",
+                    generic_name, benchmark.leave_one_out_categories, labelled),
+                "segmentation": transfer(
+                    "table4_segmentation", "segmentation", config.adapters.exp3, "exp3",
+                    generic_name, benchmark.leave_one_out_categories,
+                    table4_segmentation_counts(config)),
+            }
+    finally:  # after an error: the cells not started are cancelled
+        runner.close()
     bar.close()
     results["live_draw_fraction"] = live
     results["scalars"] = runner.scalars
@@ -731,13 +801,15 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
     if runner.failed:
         results["failed_cells"] = runner.failed
     transplants_done = time.perf_counter()
-    # Where the time went; compilation is counted inside the stage that triggered it.
+    # Where the time went; compilation is counted inside the stage that triggered it,
+    # summed over the threads that compiled (with several, it can exceed the stage's time).
     results["stage_seconds"] = {
         "data": data_done - start, "teachers": teachers_done - data_done,
         "teachers_compile": teachers_compiled - compiled,
         "transplants": transplants_done - teachers_done,
         "transplants_compile": compile_seconds() - teachers_compiled,
-        "transplant_cells_run": runner.cells_run, "transplant_cells_reused": runner.cells_reused}
+        "transplant_cells_run": runner.cells_run, "transplant_cells_reused": runner.cells_reused,
+        "transplant_threads": runner.trainings.workers}
     net = product_net(config, zoo_net, runner)
     results["runtime_s"] = time.perf_counter() - start
     write_outputs(config, workdir, results, zoo, runner, net)

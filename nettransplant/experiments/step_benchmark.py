@@ -9,11 +9,15 @@ is the median over rounds of the mean step time in a round. Times are in seconds
 the same step written as a PyTorch user would
 (:mod:`nettransplant.experiments.torch_reference`), rounds alternating between
 them; without PyTorch it returns a one-line note instead.
+
+:func:`threads_section` times whole adapter trainings one after another and in
+threads (the main job's ``config.concurrent_cells``), rounds alternating.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -29,7 +33,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from nettransplant import closed_form, objectives, parallel, train
+from nettransplant import closed_form, objectives, parallel, train, training
 from nettransplant.adapter import Adapter
 from nettransplant.files import write_atomically
 from nettransplant.modules import CategoryModule, ClassificationTaskModule, category_channels
@@ -266,6 +270,73 @@ def run(config, *, mode: str, adapters: list[str], steps: int, rounds: int,
         if key in headline:
             results[key] = headline[key]
     return results
+
+
+def threads_section(config, adapter: str, *, workers: int, fits: int, num_steps: int,
+                    rounds: int, num_draws: int) -> dict:
+    """``fits`` whole trainings (:func:`train.train_adapter`, ``num_steps`` steps, seeds
+    0 … fits − 1) per method, one after another and in ``workers`` threads
+    (:class:`training.Trainings`), rounds alternating; direct-learn and back-distill
+    with a labelled batch, on :func:`build_problem`'s problem for ``adapter``.
+
+    Returns per method the median seconds of both ways, their ratio, and whether
+    the threaded fits' parameters equal the serial ones bit for bit.
+    """
+    t = config.transplant
+    spec = tuple(config.adapters[adapter])
+    p = build_problem(config, spec, num_draws)
+    optimizer, mesh = optax.adam(t.learning_rate), one_device()
+    methods = {}
+    for method in ("direct-learn", "back-distill"):
+        step = train.make_train_step(p.transplant, method, optimizer, mesh=mesh)
+
+        def fit(seed, step=step, method=method):
+            state = train.create_train_state(p.adapter_params, optimizer)
+            state, _ = train.train_adapter(
+                step, state, p.frozen, p.scalars, num_steps=num_steps, data=p.data,
+                num_samples=t.batch_size, batch_size=t.batch_size,
+                draws=p.cache if method == "back-distill" else None,
+                draws_per_step=t.draws_per_step, seed=seed, progress=False,
+                log_every=num_steps, mesh=mesh)
+            return jax.block_until_ready(state.params)
+
+        jobs = [functools.partial(fit, seed) for seed in range(fits)]
+        fit(0)  # compiled before timing
+        times: dict[int, list[float]] = {1: [], workers: []}
+        params = {}
+        for _ in tqdm(range(rounds), desc=f"{method} fits, 1 and {workers} threads",
+                      leave=False):
+            for count in times:
+                start = time.perf_counter()
+                with training.Trainings(count) as trainings:
+                    results = [trainings.submit(job) for job in jobs]
+                    params[count] = [result() for result in results]
+                times[count].append(time.perf_counter() - start)
+        same = all(bool(jnp.array_equal(a, b)) for pair in zip(params[1], params[workers])
+                   for a, b in zip(*(jax.tree.leaves(tree) for tree in pair)))
+        serial, threaded = (statistics.median(times[c]) for c in times)
+        methods[method] = {"serial_s": serial, "threaded_s": threaded,
+                           "speedup": serial / threaded, "same_parameters": same}
+    return {"adapter": {"name": adapter, "description": ADAPTERS[adapter]},
+            "workers": workers, "fits": fits, "num_steps": num_steps,
+            "timing": f"median over {rounds} rounds, one after another and in threads "
+                      "alternating", "methods": methods}
+
+
+def format_threads_table(section: dict) -> str:
+    """Per method: the fits' seconds one after another and in threads, and the ratio."""
+    header = (f"{section['fits']} trainings of {section['num_steps']} steps, adapter "
+              f"{section['adapter']['name']}: one after another vs {section['workers']} "
+              f"threads; {section['timing']}")
+    rows = [("method", "serial", "threads", "speedup", "same params")]
+    for name, r in section["methods"].items():
+        rows.append((name, f"{r['serial_s']:.2f}s", f"{r['threaded_s']:.2f}s",
+                     f"{r['speedup']:.2f}", "yes" if r["same_parameters"] else "NO"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([header, *lines])
 
 
 def write_json(results: dict, path: str) -> None:
