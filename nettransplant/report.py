@@ -186,9 +186,11 @@ def results_markdown(results: Mapping) -> str:
                   for c in checked]
         parts.append("")
         parts += findings(results) + [""]
-    if "runtime_s" in results:
-        parts += [f"Runtime: {results['runtime_s']:.0f} s.", ""]
     stages = results.get("stage_seconds")
+    if "runtime_s" in results:
+        # results.md is itself an output: written before the outputs stage ends.
+        before = "" if stages is None or "outputs" in stages else " (before writing the outputs)"
+        parts += [f"Runtime{before}: {results['runtime_s']:.0f} s.", ""]
     if stages:
         parts += ["| stage | seconds | of which compiling |", "|---|---|---|"]
         for stage in ("data", "teachers", "transplants", "outputs"):
@@ -196,8 +198,10 @@ def results_markdown(results: Mapping) -> str:
                 compiling = stages.get(f"{stage}_compile")
                 parts.append(f"| {stage} | {stages[stage]:.0f} | "
                              + ("" if compiling is None else f"{compiling:.0f}") + " |")
-        parts += ["", f"Transplant cells trained: {stages.get('transplant_cells_run', 0)}, "
-                  f"read back from an earlier run: {stages.get('transplant_cells_reused', 0)}.",
+        threads = stages.get("transplant_threads", 1)
+        parts += ["", f"Transplant cells trained: {stages.get('transplant_cells_run', 0)}"
+                  + (f" ({threads} at a time)" if threads > 1 else "")
+                  + f", read back from an earlier run: {stages.get('transplant_cells_reused', 0)}.",
                   ""]
     return "\n".join(parts)
 
