@@ -219,7 +219,6 @@ def train_loop(step_fn: StepFn, state: TrainState, step_args: Callable[[int], tu
     return state, history
 
 
-
 class Trainings:
     """Independent trainings in threads, up to ``workers`` at once; each result is taken
     when the caller asks for it, in any order.

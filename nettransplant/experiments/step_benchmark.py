@@ -217,6 +217,16 @@ ADAPTERS = {"exp1_1conv": "1-conv 3×3 (Exp. 1)", "exp1_3conv": "3-conv 3×3 (Ex
             "exp2": "3-conv 1×1 (Exp. 2)", "exp3": "1-conv 1×1 (Exp. 3)"}
 
 
+def _aligned(rows: list[tuple[str, ...]], *, first_left: bool = True) -> list[str]:
+    """``rows`` (the first one a header) as lines of padded columns, numbers right-aligned,
+    a rule under the header; the first column left-aligned when ``first_left``."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 and first_left else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_table(results: dict) -> str:
     rows = [("adapter", "direct", "bd-zero", "bd-task", "naive", "zero/direct", "task/direct",
              "naive/zero", "cf s", "sgd s", "sgd/cf")]
@@ -231,10 +241,7 @@ def format_table(results: dict) -> str:
                      f"{n * 1e3:.1f}ms", f"{z / d:.2f}", f"{k / d:.2f}", f"{n / z:.1f}",
                      "-" if cf is None else f"{cf:.3f}", "-" if sgd is None else f"{sgd:.2f}",
                      "-" if cf is None else f"{sgd / cf:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(_aligned(rows, first_left=False))
 
 
 def run(config, *, mode: str, adapters: list[str], steps: int, rounds: int,
@@ -332,11 +339,7 @@ def format_threads_table(section: dict) -> str:
     for name, r in section["methods"].items():
         rows.append((name, f"{r['serial_s']:.2f}s", f"{r['threaded_s']:.2f}s",
                      f"{r['speedup']:.2f}", "yes" if r["same_parameters"] else "NO"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([header, *lines])
+    return "\n".join([header, *_aligned(rows)])
 
 
 def write_json(results: dict, path: str) -> None:
@@ -520,8 +523,4 @@ def format_torch_table(section: dict) -> str:
                      "-" if naive is None else f"{naive * 1e3:.1f}ms",
                      f"{r['torch_step_s'] * 1e3:.1f}ms", f"{r['jax_over_torch']:.2g}",
                      "-" if naive is None else f"{r['jax_naive_over_torch']:.2g}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([header, *lines])
+    return "\n".join([header, *_aligned(rows)])
