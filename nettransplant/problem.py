@@ -67,6 +67,21 @@ def random_adapter(transplant: Transplant, key: Array) -> Params:
     return transplant.adapter.init(key, x0)["params"]
 
 
+def identity_adapter(transplant: Transplant) -> Params:
+    """Every conv the identity (centre tap ``I``), every bias 0: the adapter passes its
+    reordered, re-scaled input ``β·x[perm]`` through (its ReLUs keep the non-negative
+    features). Without a reorder this is the exact inverse of the re-scaling up to β."""
+    return transplant.adapter.clone(reorder_seed=None).ideal_params(1.0)
+
+
+def perturbed_adapter(transplant: Transplant, centre: Params, key: Array,
+                      scale: float) -> Params:
+    """``centre + scale · random_adapter(transplant, key)``, parameter by parameter: a
+    seeded draw around a chosen adapter (the identity, or the closed-form warm start)."""
+    draw = random_adapter(transplant, key)
+    return jax.tree_util.tree_map(lambda c, d: jnp.asarray(c) + scale * d, centre, draw)
+
+
 def drop_dead_draws(cache: objectives.ChainCache, num_draws: int) -> objectives.ChainCache:
     """Keep ``num_draws`` draws whose teacher pseudo-gradient is not identically zero.
 
@@ -239,6 +254,44 @@ def _predict(problem: TransplantProblem, adapter_params: Params, features: Array
     return evaluation.batched_apply(
         lambda x: _student_predictions(problem.transplant, adapter_params, problem.frozen,
                                        problem.scalars.beta, x), features)
+
+
+# A classification run fits its labelled samples at most this train error (%), a
+# segmentation run at most FIT_MARGIN points of pixel accuracy below its teacher's on
+# the same samples (teacher_fit).
+FIT_ERROR = 10.0
+FIT_MARGIN = 2.0
+
+
+def fits_samples(task_name: str, train_fit: float, reference: float | None = None) -> bool:
+    """Whether a run fitted its own labelled samples: classification at most
+    :data:`FIT_ERROR` % train error (:func:`training_fit`); segmentation at most
+    :data:`FIT_MARGIN` points of pixel accuracy below ``reference``, the teacher's on the
+    same samples (:func:`teacher_fit`: the network the target's task module comes from
+    fits them that well; distillation, which fits the teacher's outputs, cannot beat it)."""
+    if task_name == "segmentation":
+        if reference is None:
+            raise ValueError("a segmentation run's fit needs its reference (teacher_fit)")
+        return train_fit >= reference - FIT_MARGIN
+    return train_fit <= FIT_ERROR
+
+
+@partial(jax.jit, static_argnums=0)
+def _teacher_predictions(transplant: Transplant, frozen, x):
+    return transplant.task.predict(transplant.teacher_output(frozen, x))
+
+
+def teacher_fit(problem: TransplantProblem, data: objectives.TransferData,
+                num_samples: int) -> float:
+    """The teacher's metric on a run's own ``num_samples`` labelled samples: how well the
+    network the target's task module comes from fits them (``y_T = g_T(x)``), the
+    reference a segmentation run's :func:`training_fit` is held to."""
+    if not 0 < num_samples <= data.size:
+        raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
+    predictions = evaluation.batched_apply(
+        lambda x: _teacher_predictions(problem.transplant, problem.frozen, x), data.features)
+    return problem.task.metric(predictions[:num_samples],
+                               np.asarray(data.labels)[:num_samples])
 
 
 def score(problem: TransplantProblem, adapter_params: Params, features: Array,

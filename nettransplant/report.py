@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nettransplant import paper_results
+from nettransplant import paper_results, problem
 
 METHOD_ORDER = ("direct-learn", "distill", "jacobian", "back-distill-random-init",
                 "back-distill")
@@ -297,11 +297,14 @@ def _fit_findings(results: Mapping) -> list[str]:
 
     Every method trains the same number of steps; a run that still misclassifies
     over 10 % of its own samples (classification), or segments them over 2
-    points worse than the best method of its cell (segmentation), has not fit
-    them, and its test number says as much about optimisation as about the
-    method. Listed per experiment and method, with the sample counts.
+    points worse than its teacher does (segmentation, ``teacher_fit``; results
+    without it: than the best method of its cell), has not fit them
+    (:func:`nettransplant.problem.fits_samples`), and its test number says as much
+    about optimisation as about the method. Listed per experiment and method, with
+    the sample counts.
     """
     fit = results.get("train_fit", {})
+    teacher = results.get("teacher_fit", {})
     steps = results.get("config", {}).get("transplant", {}).get("num_steps")
     unfit: dict[tuple[str, str], list[str]] = {}
     checked = 0
@@ -314,46 +317,72 @@ def _fit_findings(results: Mapping) -> list[str]:
                         continue
                     checked += 1
                     if segmentation:
-                        best = max(by_method[m][n][category] for m in by_method
-                                   if n in by_method[m] and category in by_method[m][n])
-                        bad = value < best - 2
+                        reference = teacher.get(run, {}).get(n, {}).get(category)
+                        if reference is None:
+                            reference = max(by_method[m][n][category] for m in by_method
+                                            if n in by_method[m]
+                                            and category in by_method[m][n])
+                        bad = not problem.fits_samples("segmentation", value, reference)
                     else:
-                        bad = value > 10
+                        bad = not problem.fits_samples("classification", value)
                     if bad:
                         unfit.setdefault((run, method), []).append(f"{category}@{n}")
     if not checked:
         return []
     restarts = results.get("config", {}).get("transplant", {}).get("restarts") or 0
-    lines = _restart_findings(results.get("restarts", {}), restarts)
+    lines = _restart_findings(results.get("restarts", {}), restarts,
+                              results.get("config", {}).get("transplant", {}).get(
+                                  "restart_noise"), teacher)
     budget = f" in {steps} steps" if steps else ""
     if restarts:
-        budget += f" and up to {restarts} restarts (classification)"
+        budget += f" and up to {restarts} restarts"
+    segmentation_rule = ("the teacher's pixel accuracy on the same samples" if teacher
+                         else "the best pixel accuracy of their cell")
     if not unfit:
         return [f"Every run fit its own labelled samples{budget} (train_fit: at most 10 % "
-                "error, or within 2 points of the best pixel accuracy).", *lines]
+                f"error, or within 2 points of {segmentation_rule}).", *lines]
     runs = "; ".join(f"{run} {method}: {', '.join(cells)}"
                      for (run, method), cells in sorted(unfit.items()))
     return [f"{sum(map(len, unfit.values()))} of {checked} runs did not fit their own "
             f"labelled samples{budget} (train_fit over 10 % error, or over 2 points below "
-            f"the best pixel accuracy of their cell): {runs}. Their test numbers measure "
+            f"{segmentation_rule}): {runs}. Their test numbers measure "
             "optimisation as much as the method; results.json train_fit has every value, "
             "and `python -m launch.fit_probe` retrains one with other optimisers, budgets "
             "or initialisations (README, \"The main job\").", *lines]
 
 
-def _restart_findings(restarts: Mapping, count: int) -> list[str]:
-    """How many unfit classification runs were retrained, and how many then fitted."""
+def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,
+                      teacher: Mapping | None = None) -> list[str]:
+    """How many unfit runs were retrained, and how many then fitted.
+
+    ``noise``: ``config.transplant.restart_noise`` (None: a config without the field,
+    whose restarts start from exact draws and the exact warm start); ``teacher``:
+    results.json ``teacher_fit``, the segmentation runs' references."""
     if not count:
         return []
-    runs = [fits for by_target in restarts.values() for by_method in by_target.values()
-            for by_n in by_method.values() for fits in by_n.values()]
-    fitted = sum(min((f for f in fits if f is not None), default=100.0) <= 10 for fits in runs)
-    first = sum(next((i for i, f in enumerate(fits) if f is not None and f <= 10), 0) == 1
-                for fits in runs)
-    return [f"{len(runs)} classification runs did not fit at their first attempt and were "
-            f"retrained (config.transplant.restarts = {count}: a re-drawn initialisation, "
-            f"or back-distill's warm start at a smaller rate; back-distill's term weighed "
-            f"by a tenth of the previous attempt's λ); {fitted} of them then fit, "
+    teacher = teacher or {}
+    starts = ("a re-drawn initialisation, or back-distill's warm start at a smaller rate"
+              if noise is None else
+              f"a re-drawn initialisation, the last near the identity, or back-distill's "
+              f"warm start plus {noise:g} of a draw at a smaller rate")
+
+    def fit(run: str, target: str, n: str, value: float | None) -> bool:
+        if value is None:
+            return False
+        if run in _SEGMENTATION_RUNS:
+            reference = teacher.get(run, {}).get(n, {}).get(target)
+            return reference is not None and problem.fits_samples("segmentation", value,
+                                                                  reference)
+        return problem.fits_samples("classification", value)
+
+    runs = [[fit(run, target, n, f) for f in fits]
+            for run, by_target in restarts.items() for target, by_method in by_target.items()
+            for by_n in by_method.values() for n, fits in by_n.items()]
+    fitted = sum(any(fits) for fits in runs)
+    first = sum(fits.index(True) == 1 for fits in runs if any(fits))
+    return [f"{len(runs)} runs did not fit at their first attempt and were "
+            f"retrained (config.transplant.restarts = {count}: {starts}; back-distill's "
+            f"term weighed by a tenth of the previous attempt's λ); {fitted} of them then fit, "
             f"{first} at the first restart. results.json restarts has each attempt's "
             "train_fit."]
 

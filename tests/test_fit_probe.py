@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from job_configs import trimmed_quick_config
 
+from nettransplant import problem
 from nettransplant.experiments import fit_probe
 from nettransplant.experiments.zoo import generic_name
 
@@ -88,7 +89,7 @@ def test_every_optimiser_runs_and_the_table_names_it(cell):
 
 def test_the_identity_initialisation_passes_its_reordered_rescaled_input_through(cell):
     adapter = cell.problem.transplant.adapter
-    params = fit_probe.identity_init(adapter)
+    params = problem.identity_adapter(cell.problem.transplant)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 5, 5, adapter.channels))  # ≥ 0
     y, _ = adapter.apply({"params": params}, x, beta=1.5)
     np.testing.assert_allclose(y, 1.5 * np.asarray(x)[..., adapter.permutation()], rtol=1e-6)

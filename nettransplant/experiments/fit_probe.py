@@ -147,20 +147,13 @@ def job_optimizer(cell: Cell) -> OptimizerSpec:
     return OptimizerSpec("adam", paper.learning_rate(cell.config, cell.problem.task.name))
 
 
-def identity_init(adapter) -> dict:
-    """Every conv the identity (centre tap ``I``), every bias 0: the adapter passes its
-    reordered, re-scaled input through (the ReLUs keep non-negative features). The
-    exact inverse of reorder and re-scaling without the reorder: ``ideal_params(1)``."""
-    return adapter.clone(reorder_seed=None).ideal_params(1.0)
-
-
 def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "random"
           ) -> list[dict]:
     """Train ``method`` on ``cell`` once per optimiser; one record per run.
 
     ``init``: ``"random"`` (the main job's seeded initialisation of every row but
-    back-distill), ``"identity"`` (:func:`identity_init`); back-distill itself
-    starts at the closed-form warm start, as in the main job.
+    back-distill), ``"identity"`` (:func:`nettransplant.problem.identity_adapter`);
+    back-distill itself starts at the closed-form warm start, as in the main job.
     """
     if init not in INITS:
         raise ValueError(f"init {init!r}: expected one of {', '.join(INITS)}")
@@ -171,7 +164,7 @@ def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "rand
     if method == "back-distill":
         start = cell.warm_start
     else:
-        start = (identity_init(prob.transplant.adapter) if init == "identity"
+        start = (problem.identity_adapter(prob.transplant) if init == "identity"
                  else prob.adapter_init)
     positives = np.asarray(cell.labelled.labels)[:n] == 1
     records = []
