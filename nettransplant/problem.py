@@ -284,8 +284,9 @@ def _teacher_predictions(transplant: Transplant, frozen, x):
 def teacher_fit(problem: TransplantProblem, data: objectives.TransferData,
                 num_samples: int) -> float:
     """The teacher's metric on a run's own ``num_samples`` labelled samples: how well the
-    network the target's task module comes from fits them (``y_T = g_T(x)``), the
-    reference a segmentation run's :func:`training_fit` is held to."""
+    network the target's task module comes from fits them (``y_T = g_T(x)``; error % or
+    pixel accuracy %), the reference a segmentation run's :func:`training_fit` is held
+    to."""
     if not 0 < num_samples <= data.size:
         raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
     predictions = evaluation.batched_apply(

@@ -307,6 +307,7 @@ def _fit_findings(results: Mapping) -> list[str]:
     teacher = results.get("teacher_fit", {})
     steps = results.get("config", {}).get("transplant", {}).get("num_steps")
     unfit: dict[tuple[str, str], list[str]] = {}
+    hard: set[tuple[str, str, str, float]] = set()  # unfit where the teacher errs > 10 % too
     checked = 0
     for run, by_method in fit.items():
         segmentation = run in _SEGMENTATION_RUNS
@@ -325,6 +326,9 @@ def _fit_findings(results: Mapping) -> list[str]:
                         bad = not problem.fits_samples("segmentation", value, reference)
                     else:
                         bad = not problem.fits_samples("classification", value)
+                        own = teacher.get(run, {}).get(n, {}).get(category)
+                        if bad and own is not None and own > problem.FIT_ERROR:
+                            hard.add((run, category, n, own))
                     if bad:
                         unfit.setdefault((run, method), []).append(f"{category}@{n}")
     if not checked:
@@ -348,7 +352,18 @@ def _fit_findings(results: Mapping) -> list[str]:
             f"{segmentation_rule}): {runs}. Their test numbers measure "
             "optimisation as much as the method; results.json train_fit has every value, "
             "and `python -m launch.fit_probe` retrains one with other optimisers, budgets "
-            "or initialisations (README, \"The main job\").", *lines]
+            "or initialisations (README, \"The main job\").", *_hard_samples(hard), *lines]
+
+
+def _hard_samples(hard: set) -> list[str]:
+    """Unfit classification cells whose teacher also errs over 10 % on the same samples."""
+    if not hard:
+        return []
+    cells = ", ".join(f"{run} {category}@{n}: {own:.0f} %"
+                      for run, category, n, own in sorted(hard, key=lambda h: (
+                          h[0], h[1], int(h[2]))))
+    return [f"Among them, samples their own teacher misclassifies over 10 % of too "
+            f"(results.json teacher_fit): {cells}."]
 
 
 def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,

@@ -347,6 +347,13 @@ def test_the_report_counts_the_retrained_runs():
     unfit, retrained = report._fit_findings(results)
     assert unfit.startswith("2 of 6 runs did not fit") and "exp3 distill: cat@10." in unfit
     assert "2 of them then fit, 1 at the first restart" in retrained
+    assert not any(line.startswith("Among them") for line in report._fit_findings(results))
+    # An unfit classification run whose teacher also errs over 10 % on its samples is named.
+    results["teacher_fit"]["exp2"] = {"10": {"cat": 0.0, "cow": 20.0, "avg": 10.0}}
+    lines = report._fit_findings(results)
+    assert lines[1] == ("Among them, samples their own teacher misclassifies over 10 % of "
+                        "too (results.json teacher_fit): exp2 cow@10: 20 %.")
+    del results["teacher_fit"]["exp2"]
     # Results without teacher_fit (older runs): the best pixel accuracy of the cell.
     del results["teacher_fit"]
     unfit, _ = report._fit_findings(results)

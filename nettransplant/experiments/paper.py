@@ -261,8 +261,8 @@ class Runner:
         # {experiment: {target: {method: {n: %}}}}: each run's metric on its own labelled
         # samples, to tell a method that generalises badly from one that has not fit.
         self.train_fit: dict = {}
-        # {experiment: {target: {n: %}}}: the teacher's pixel accuracy on a segmentation
-        # run's samples, the reference its train_fit is held to (problem.fits_samples).
+        # {experiment: {target: {n: %}}}: the teacher's metric on a run's samples; for
+        # segmentation the reference its train_fit is held to (problem.fits_samples).
         self.teacher_fit: dict = {}
         # {experiment: {target: {method: {n: [train_fit per attempt]}}}}: the runs that
         # restarted (config.transplant.restarts).
@@ -502,8 +502,9 @@ class Runner:
                 if writer is not None:
                     writer.close()
         train_fit = float(problem.training_fit(prob, params, transfer, n)) if n else None
-        reference = (float(problem.teacher_fit(prob, transfer, n))
-                     if n and task.name == "segmentation" else None)
+        # The teacher on the same samples: a segmentation run's reference (fits_samples),
+        # and for classification what the report shows beside a run that did not fit.
+        reference = float(problem.teacher_fit(prob, transfer, n)) if n else None
         restarts = None
         if failed is None and n and restart_count(self.config):
             params, history, restarts = self._restart_unfit(
