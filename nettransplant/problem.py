@@ -287,12 +287,9 @@ def teacher_fit(problem: TransplantProblem, data: objectives.TransferData,
     network the target's task module comes from fits them (``y_T = g_T(x)``; error % or
     pixel accuracy %), the reference a segmentation run's :func:`training_fit` is held
     to."""
-    if not 0 < num_samples <= data.size:
-        raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
-    predictions = evaluation.batched_apply(
-        lambda x: _teacher_predictions(problem.transplant, problem.frozen, x), data.features)
-    return problem.task.metric(predictions[:num_samples],
-                               np.asarray(data.labels)[:num_samples])
+    return _metric_on_samples(
+        problem, lambda x: _teacher_predictions(problem.transplant, problem.frozen, x), data,
+        num_samples)
 
 
 def score(problem: TransplantProblem, adapter_params: Params, features: Array,
@@ -317,9 +314,17 @@ def training_fit(problem: TransplantProblem, adapter_params: Params,
     Predicts the whole padded set, whose size is fixed for a run, so every sample
     count shares one compiled shape; the padding rows are dropped afterwards.
     """
+    return _metric_on_samples(problem, lambda x: _student_predictions(
+        problem.transplant, adapter_params, problem.frozen, problem.scalars.beta, x),
+        data, num_samples)
+
+
+def _metric_on_samples(problem: TransplantProblem, predict, data: objectives.TransferData,
+                       num_samples: int) -> float:
+    """The task's metric of ``predict`` on the first ``num_samples`` rows of ``data``."""
     if not 0 < num_samples <= data.size:
         raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
-    predictions = _predict(problem, adapter_params, data.features)[:num_samples]
+    predictions = evaluation.batched_apply(predict, data.features)[:num_samples]
     return problem.task.metric(predictions, np.asarray(data.labels)[:num_samples])
 
 

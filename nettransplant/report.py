@@ -317,18 +317,14 @@ def _fit_findings(results: Mapping) -> list[str]:
                     if category == "avg":
                         continue
                     checked += 1
-                    if segmentation:
-                        reference = teacher.get(run, {}).get(n, {}).get(category)
-                        if reference is None:
-                            reference = max(by_method[m][n][category] for m in by_method
-                                            if n in by_method[m]
-                                            and category in by_method[m][n])
-                        bad = not problem.fits_samples("segmentation", value, reference)
-                    else:
-                        bad = not problem.fits_samples("classification", value)
-                        own = teacher.get(run, {}).get(n, {}).get(category)
-                        if bad and own is not None and own > problem.FIT_ERROR:
-                            hard.add((run, category, n, own))
+                    best = (max(by_method[m][n][category] for m in by_method
+                                if n in by_method[m] and category in by_method[m][n])
+                            if segmentation else None)
+                    bad = not _run_fits(run, category, n, value, teacher, best)
+                    own = teacher.get(run, {}).get(n, {}).get(category)
+                    if (bad and not segmentation and own is not None
+                            and own > problem.FIT_ERROR):
+                        hard.add((run, category, n, own))
                     if bad:
                         unfit.setdefault((run, method), []).append(f"{category}@{n}")
     if not checked:
@@ -353,6 +349,19 @@ def _fit_findings(results: Mapping) -> list[str]:
             "optimisation as much as the method; results.json train_fit has every value, "
             "and `python -m launch.fit_probe` retrains one with other optimisers, budgets "
             "or initialisations (README, \"The main job\").", *_hard_samples(hard), *lines]
+
+
+def _run_fits(run: str, category: str, n: str, value: float | None, teacher: Mapping,
+              cell_best: float | None = None) -> bool:
+    """:func:`nettransplant.problem.fits_samples` for one run of ``results.json``: a
+    segmentation run against its ``teacher_fit`` (else ``cell_best``, the best pixel
+    accuracy of its cell, for results without it; with neither it has not fit)."""
+    if value is None:
+        return False
+    if run not in _SEGMENTATION_RUNS:
+        return problem.fits_samples("classification", value)
+    reference = teacher.get(run, {}).get(n, {}).get(category, cell_best)
+    return reference is not None and problem.fits_samples("segmentation", value, reference)
 
 
 def _hard_samples(hard: set) -> list[str]:
@@ -380,17 +389,7 @@ def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,
               if noise is None else
               f"a re-drawn initialisation, the last near the identity, or back-distill's "
               f"warm start plus {noise:g} of a draw at a smaller rate")
-
-    def fit(run: str, target: str, n: str, value: float | None) -> bool:
-        if value is None:
-            return False
-        if run in _SEGMENTATION_RUNS:
-            reference = teacher.get(run, {}).get(n, {}).get(target)
-            return reference is not None and problem.fits_samples("segmentation", value,
-                                                                  reference)
-        return problem.fits_samples("classification", value)
-
-    runs = [[fit(run, target, n, f) for f in fits]
+    runs = [[_run_fits(run, target, n, f, teacher) for f in fits]
             for run, by_target in restarts.items() for target, by_method in by_target.items()
             for by_n in by_method.values() for n, fits in by_n.items()]
     fitted = sum(any(fits) for fits in runs)

@@ -414,9 +414,12 @@ class Runner:
                 experiment, adapter_spec, protocol, target, self.net.task_ref(student),
                 self.net.task_ref(reference), beta)
             built.update(problem=prob, warm_start=warm_start, exact=exact, residual=residual)
-            # The labelled samples of each count, made here once for the cells' threads.
+            # The labelled samples of each count and the teacher's fit of them, made here
+            # once for the cells' threads (every method of a count shares them).
             built["transfer"] = {n: self.labelled(prob, experiment, target, n)
                                  for n in sorted({cell[0] for cell in to_run if cell[0]})}
+            built["teacher_fit"] = {n: float(problem.teacher_fit(prob, transfer, n))
+                                    for n, transfer in built["transfer"].items()}
         for cell in to_run:
             n, method, fig5 = cell[:3]
             cell[-1] = self.trainings.submit(functools.partial(
@@ -504,7 +507,7 @@ class Runner:
         train_fit = float(problem.training_fit(prob, params, transfer, n)) if n else None
         # The teacher on the same samples: a segmentation run's reference (fits_samples),
         # and for classification what the report shows beside a run that did not fit.
-        reference = float(problem.teacher_fit(prob, transfer, n)) if n else None
+        reference = built["teacher_fit"][n] if n else None
         restarts = None
         if failed is None and n and restart_count(self.config):
             params, history, restarts = self._restart_unfit(
@@ -571,7 +574,7 @@ class Runner:
                 fits.append(None)
                 continue
             fits.append(float(problem.training_fit(prob, params, transfer, n)))
-            if _best_fit(task, [best[0], fits[-1]]) != best[0]:
+            if (fits[-1] > best[0]) if task.higher_is_better else (fits[-1] < best[0]):
                 best = (fits[-1], params, history)
         return best[1], best[2], fits
 
