@@ -305,7 +305,8 @@ def _fit_findings(results: Mapping) -> list[str]:
     """
     fit = results.get("train_fit", {})
     teacher = results.get("teacher_fit", {})
-    steps = results.get("config", {}).get("transplant", {}).get("num_steps")
+    transplant = results.get("config", {}).get("transplant", {})
+    steps = transplant.get("num_steps")
     unfit: dict[tuple[str, str], list[str]] = {}
     hard: set[tuple[str, str, str, float]] = set()  # unfit where the teacher errs > 10 % too
     checked = 0
@@ -329,10 +330,10 @@ def _fit_findings(results: Mapping) -> list[str]:
                         unfit.setdefault((run, method), []).append(f"{category}@{n}")
     if not checked:
         return []
-    restarts = results.get("config", {}).get("transplant", {}).get("restarts") or 0
+    restarts = transplant.get("restarts") or 0
     lines = _restart_findings(results.get("restarts", {}), restarts,
-                              results.get("config", {}).get("transplant", {}).get(
-                                  "restart_noise"), teacher)
+                              transplant.get("restart_noise"), teacher,
+                              transplant.get("last_restart_budget"))
     budget = f" in {steps} steps" if steps else ""
     if restarts:
         budget += f" and up to {restarts} restarts"
@@ -376,12 +377,15 @@ def _hard_samples(hard: set) -> list[str]:
 
 
 def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,
-                      teacher: Mapping | None = None) -> list[str]:
+                      teacher: Mapping | None = None, budget: int | None = None
+                      ) -> list[str]:
     """How many unfit runs were retrained, and how many then fitted.
 
     ``noise``: ``config.transplant.restart_noise`` (None: a config without the field,
     whose restarts start from exact draws and the exact warm start); ``teacher``:
-    results.json ``teacher_fit``, the segmentation runs' references."""
+    results.json ``teacher_fit``, the segmentation runs' references; ``budget``:
+    ``config.transplant.last_restart_budget`` (None: the last restart is like the
+    others)."""
     if not count:
         return []
     teacher = teacher or {}
@@ -389,6 +393,8 @@ def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,
               if noise is None else
               f"a re-drawn initialisation, the last near the identity, or back-distill's "
               f"warm start plus {noise:g} of a draw at a smaller rate")
+    if budget is not None:
+        starts += f"; the last restart {budget:g} times the steps, at the task's full rate"
     runs = [[_run_fits(run, target, n, f, teacher) for f in fits]
             for run, by_target in restarts.items() for target, by_method in by_target.items()
             for by_n in by_method.values() for n, fits in by_n.items()]
@@ -466,13 +472,17 @@ def plot_learning_curves(curves: Mapping, path: Path) -> None:
             ax.plot([h["step"] for h in history], [h["loss"] for h in history], label=name)
     ax.set_title("teachers: training loss")
     ax.set_xlabel("step")
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:  # teachers read back have no curves
+        ax.legend(fontsize=6)
     styles = {"back-distill": "-", "direct-learn": "--", "distill": ":", "jacobian": "-."}
     for i, (experiment, methods) in enumerate(transplants.items(), start=1):
         ax = axes[i // cols][i % cols]
         for method, by_count in methods.items():
             for n, runs in sorted(by_count.items(), key=lambda kv: int(kv[0])):
-                mean = np.mean(np.asarray(runs, np.float64), axis=0)
+                # A run kept from a longer last restart logs more steps: the mean
+                # covers the steps every run of the row has.
+                common = min(map(len, runs))
+                mean = np.mean(np.asarray([r[:common] for r in runs], np.float64), axis=0)
                 ax.plot(mean, styles.get(method, "-"), label=f"{method} n={n}")
         ax.set_yscale("log")
         ax.set_title(f"{experiment}: mean loss over categories")

@@ -3,7 +3,8 @@ from re-drawn initialisations, chosen by its train fit alone.
 
 Attempt k starts from ``random_adapter(fold_in(key, k))`` (the last near the identity),
 or for back-distill's fixed warm start from it plus ``restart_noise`` times that draw at a
-smaller rate (each checked by redoing it by hand), the
+smaller rate, the last restart ``last_restart_budget`` times longer at the full rate (each
+checked by redoing it by hand), the
 kept run is the attempt with the lowest train fit, a run that fits is
 left alone, 0 restarts keeps the cell fingerprints of before the field, and the
 job's results name every re-drawn run.
@@ -50,10 +51,21 @@ def restarts(config, count):
         config.transplant.restarts = 0
 
 
-def _fit(cell, init):
+def _fit(cell, init, num_steps=None):
     params, history = cell.runner.fit(cell.problem, "direct-learn", cell.labelled, 10, init,
-                                      "test", None)
+                                      "test", None, num_steps=num_steps)
     return params, history, problem.training_fit(cell.problem, params, cell.labelled, 10)
+
+
+def _last_steps(cell):
+    """The steps of the last restart: ``last_restart_budget`` times ``num_steps``."""
+    return cell.config.transplant.num_steps * cell.config.transplant.last_restart_budget
+
+
+@pytest.fixture
+def never_fits(monkeypatch):
+    """Every attempt counts as unfit, so every restart runs."""
+    monkeypatch.setattr(problem, "fits_samples", lambda *args, **kwargs: False)
 
 
 def test_the_random_initialisation_does_not_depend_on_the_map_size(cell):
@@ -72,14 +84,21 @@ def test_an_unfit_run_is_retrained_from_redrawn_inits_and_the_best_is_kept(cell)
             cell.problem, "direct-learn", cell.labelled, 10, params, history, 100.0, key,
             cell.warm_start, "test")
     assert fits[0] == 100.0 and 2 <= len(fits) <= 3
+    histories = [history]
     for attempt, value in enumerate(fits[1:], start=1):  # each attempt, redone by hand
         init = _by_hand_init(cell, key, attempt, last=attempt == 2)
-        assert _fit(cell, init)[2] == value
+        # the last restart trains last_restart_budget times longer
+        _, by_hand_history, by_hand_fit = _fit(cell, init,
+                                               _last_steps(cell) if attempt == 2 else None)
+        assert by_hand_fit == value
+        histories.append(by_hand_history)
     if len(fits) == 2:  # it stopped early: attempt 1 fitted
         assert fits[1] <= paper.FIT_ERROR
     best = min(fits)
     assert problem.training_fit(cell.problem, kept, cell.labelled, 10) == best
-    assert len(kept_history) == len(history)
+    assert kept_history == histories[fits.index(best)]
+    if len(fits) == 3:
+        assert histories[2][-1]["step"] > histories[0][-1]["step"]
 
 
 def _by_hand_init(cell, key, attempt, last=False, centre=None):
@@ -143,23 +162,38 @@ def _weaker(prob, attempt):
         lam=prob.scalars.lam * paper.RETRY_LAMBDA_FACTOR ** attempt))
 
 
-def test_the_warm_start_is_retrained_from_itself_perturbed_at_a_smaller_rate_and_lambda(cell):
+def _by_hand_steps(cell, rate):
+    return problem.StepCache(optax.adam(rate), mesh=cell.runner.mesh,
+                             weights=paper.jacobian_weights(cell.config))
+
+
+def test_the_warm_start_is_retrained_from_itself_perturbed_at_a_smaller_rate_and_lambda(
+        cell, never_fits):
     prob, runner = cell.problem, cell.runner
     params, history = runner.fit(prob, "back-distill", cell.labelled, 10, cell.warm_start,
                                  "test", None)
-    with restarts(cell.config, 1):
-        kept, _, fits = runner._restart_unfit(
+    with restarts(cell.config, 2):
+        kept, kept_history, fits = runner._restart_unfit(
             prob, "back-distill", cell.labelled, 10, params, history, 100.0,
             jax.random.PRNGKey(0), cell.warm_start, "test")
-    assert len(fits) == 2
+    assert len(fits) == 3
     rate = cell.config.transplant.learning_rate / paper.RETRY_RATE_DIVISOR
-    steps = problem.StepCache(optax.adam(rate), mesh=runner.mesh,
-                              weights=paper.jacobian_weights(cell.config))
+    steps = _by_hand_steps(cell, rate)
     start = _by_hand_init(cell, jax.random.PRNGKey(0), 1, centre=cell.warm_start)
     by_hand, by_hand_history = runner.fit(_weaker(prob, 1), "back-distill", cell.labelled, 10,
                                           start, "test", None, steps=steps)
     assert problem.training_fit(prob, by_hand, cell.labelled, 10) == fits[1]
-    jax.tree_util.tree_map(np.testing.assert_array_equal, kept, by_hand)
+    # The last restart: the task's full rate (not 1/9 of it), last_restart_budget times
+    # the steps, λ at a hundredth.
+    last_start = _by_hand_init(cell, jax.random.PRNGKey(0), 2, centre=cell.warm_start)
+    last, last_history = runner.fit(
+        _weaker(prob, 2), "back-distill", cell.labelled, 10, last_start, "test", None,
+        steps=_by_hand_steps(cell, cell.config.transplant.learning_rate),
+        num_steps=_last_steps(cell))
+    assert problem.training_fit(prob, last, cell.labelled, 10) == fits[2]
+    assert last_history[-1]["step"] > by_hand_history[-1]["step"] == history[-1]["step"]
+    kept_by_hand = {1: by_hand, 2: last}.get(fits.index(min(fits)), params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, kept, kept_by_hand)
     # The weaker λ is what trained: the first step's term is λ0's times the factor.
     _, at_lambda0 = runner.fit(prob, "back-distill", cell.labelled, 10, start,
                                "test", None, steps=steps, num_steps=1)
@@ -181,7 +215,8 @@ def test_back_distill_from_random_init_redraws_and_weakens_lambda(cell):
     for attempt, value in enumerate(fits[1:], start=1):  # each attempt, redone by hand
         init = _by_hand_init(cell, key, attempt, last=attempt == 2)
         by_hand, _ = runner.fit(_weaker(prob, attempt), paper.RANDOM_INIT, cell.labelled, 10,
-                                init, "test", None)
+                                init, "test", None,
+                                num_steps=_last_steps(cell) if attempt == 2 else None)
         assert problem.training_fit(prob, by_hand, cell.labelled, 10) == value
     assert problem.training_fit(prob, kept, cell.labelled, 10) == min(fits)
 
@@ -285,10 +320,34 @@ def test_zero_restarts_keep_the_fingerprints_and_some_change_them(cell):
     with restarts(config, 2):
         two = cell.runner._fingerprint(*args)
     assert "restarts" not in zero["transplant"] and two["transplant"]["restarts"] == 2
-    assert "restart_noise" not in zero["transplant"]  # nothing restarts: it cannot matter
-    assert two["transplant"]["restart_noise"] == 0.3
+    for field, value in (("restart_noise", 0.3), ("last_restart_budget", 4)):
+        assert field not in zero["transplant"]  # nothing restarts: it cannot matter
+        assert two["transplant"][field] == value
     assert {k: v for k, v in two["transplant"].items()
-            if k not in ("restarts", "restart_noise")} == zero["transplant"]
+            if k not in ("restarts", "restart_noise", "last_restart_budget")} \
+        == zero["transplant"]
+
+
+def test_without_the_budget_field_the_last_restart_is_like_the_others(cell, never_fits):
+    """A config that predates ``last_restart_budget``: the warm start's last restart at
+    1/3**k of the rate, the config's steps."""
+    config, prob, runner = cell.config, cell.problem, cell.runner
+    params, history = runner.fit(prob, "back-distill", cell.labelled, 10, cell.warm_start,
+                                 "test", None)
+    del config.transplant["last_restart_budget"]
+    try:
+        with restarts(config, 1):
+            _, kept_history, fits = runner._restart_unfit(
+                prob, "back-distill", cell.labelled, 10, params, history, 100.0,
+                jax.random.PRNGKey(0), cell.warm_start, "test")
+    finally:
+        config.transplant.last_restart_budget = 4
+    start = _by_hand_init(cell, jax.random.PRNGKey(0), 1, centre=cell.warm_start)
+    by_hand, by_hand_history = runner.fit(
+        _weaker(prob, 1), "back-distill", cell.labelled, 10, start, "test", None,
+        steps=_by_hand_steps(cell, config.transplant.learning_rate / paper.RETRY_RATE_DIVISOR))
+    assert problem.training_fit(prob, by_hand, cell.labelled, 10) == fits[1]
+    assert by_hand_history[-1]["step"] == history[-1]["step"] == kept_history[-1]["step"]
 
 
 def test_the_job_records_every_redrawn_run(cell):
@@ -311,6 +370,14 @@ def test_a_bad_restart_count_is_refused_by_name(value):
     config = trimmed_quick_config()
     config.transplant.restarts = value
     with pytest.raises(ValueError, match=r"config\.transplant\.restarts"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("value", [0, 101])
+def test_a_bad_last_restart_budget_is_refused_by_name(value):
+    config = trimmed_quick_config()
+    config.transplant.last_restart_budget = value
+    with pytest.raises(ValueError, match=r"config\.transplant\.last_restart_budget"):
         validate_config(config)
 
 
@@ -343,6 +410,10 @@ def test_the_report_counts_the_retrained_runs():
     assert retrained.startswith("4 runs did not fit at their first attempt")
     assert "1 of them then fit, 1 at the first restart" in retrained
     assert "the last near the identity" in retrained and "plus 0.3 of a draw" in retrained
+    assert "times the steps" not in retrained  # a config without last_restart_budget
+    results["config"]["transplant"]["last_restart_budget"] = 4
+    assert "the last restart 4 times the steps, at the task's full rate" in \
+        report._fit_findings(results)[1]
     results["teacher_fit"]["exp3"]["10"]["cow"] = 80.5  # cow's distill at 79.0: within 2
     unfit, retrained = report._fit_findings(results)
     assert unfit.startswith("2 of 6 runs did not fit") and "exp3 distill: cat@10." in unfit
@@ -358,3 +429,24 @@ def test_the_report_counts_the_retrained_runs():
     del results["teacher_fit"]
     unfit, _ = report._fit_findings(results)
     assert "exp3 distill: cat@10, cow@10" not in unfit and "the best pixel accuracy" in unfit
+
+
+def test_learning_curves_average_the_steps_every_run_of_a_row_has(tmp_path, monkeypatch):
+    """A run kept from the longer last restart logs more steps than its row's others: the
+    row's curve is the mean over the steps they all have."""
+    import matplotlib.axes
+    plotted = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        plotted.append((kwargs.get("label"), np.asarray(args[0])))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    curves = {"teachers": {}, "transplants": {"exp2": {"direct-learn": {
+        "10": [[4.0, 2.0, 1.0], [2.0, 1.0, 0.5, 0.2, 0.1, 0.05]]}}}}
+    report.plot_learning_curves(curves, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    (label, mean), = plotted
+    assert label == "direct-learn n=10"
+    np.testing.assert_allclose(mean, [3.0, 1.5, 0.75])

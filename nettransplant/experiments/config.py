@@ -64,6 +64,7 @@ NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
 OPTIONAL_NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
     ("transplant.restarts", int, 0, 100),
     ("transplant.restart_noise", float, 0, 100),
+    ("transplant.last_restart_budget", int, 1, 100),
     ("concurrent_cells", int, 1, 64),
     ("transplant.learning_rate_segmentation", float, 1e-12, math.inf),
     ("jacobian_baseline.task", float, 0, 1e12),

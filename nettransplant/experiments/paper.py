@@ -110,6 +110,14 @@ def restart_noise(config) -> float | None:
     return None if noise is None else float(noise)
 
 
+def last_restart_budget(config) -> int | None:
+    """``config.transplant.last_restart_budget``: the last restart trains this many times
+    ``num_steps``, at the task's full rate for every row (the warm start's included).
+    None when a config predates the field: the last restart is like the others."""
+    budget = config.transplant.get("last_restart_budget")
+    return None if budget is None else int(budget)
+
+
 def restart_init(config, transplant, method: str, attempt: int, key, warm_start):
     """Where restart ``attempt`` (1, 2, …) of an unfit ``method`` run starts.
 
@@ -348,6 +356,7 @@ class Runner:
         if not transplant.get("restarts"):  # 0 restarts: the fingerprints of before the field
             transplant.pop("restarts", None)
             transplant.pop("restart_noise", None)  # what restarts start from: none run
+            transplant.pop("last_restart_budget", None)
         draws = self.draws(protocol)
         return {"experiment": experiment, "category": target, "seed": c.seed, "data": c.data,
                 "data_version": self.benchmark.version, "model": c.model.to_dict(),
@@ -549,14 +558,19 @@ class Runner:
         student's task module differs from the teacher's (Exp. 2, Table 4) the term
         pulls toward a chain the adapter cannot produce and, at λ0, drowns the task
         loss, which then stays at chance; a weaker prior lets the samples decide. Same
-        budget and batch order as the first attempt. Returns ``(params, history,
-        [train_fit of each attempt, None where one diverged])``.
+        budget and batch order as the first attempt, except the last restart where
+        ``config.transplant.last_restart_budget`` is set: that many times the steps, at
+        the task's full rate for every row (a run still unfit then is mostly one that
+        was fitting when its budget ended, and a warm start at 1/3**k of the rate
+        hardly moves). Returns ``(params, history, [train_fit of each attempt, None
+        where one diverged])``.
         """
         task = prob.task
         fits = [train_fit]
         best = (train_fit, params, history)
         warm = method == "back-distill"
         distills = objective_of(method) == "back-distill"
+        budget = last_restart_budget(self.config)
         for attempt in range(1, restart_count(self.config) + 1):
             if problem.fits_samples(task.name, best[0], reference):
                 break
@@ -565,10 +579,14 @@ class Runner:
                 retry = dataclasses.replace(prob, scalars=prob.scalars.replace(
                     lam=prob.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
             init = restart_init(self.config, prob.transplant, method, attempt, key, warm_start)
-            steps = self.steps(prob.task.name, attempt) if warm else None
+            steps, num_steps = self.steps(prob.task.name, attempt if warm else 0), None
+            if attempt == restart_count(self.config) and budget is not None:
+                steps = self.steps(prob.task.name)
+                num_steps = self.config.transplant.num_steps * budget
             try:
                 params, history = self.fit(retry, method, transfer, n, init,
-                                           f"{what} restart {attempt}", None, steps=steps)
+                                           f"{what} restart {attempt}", None, steps=steps,
+                                           num_steps=num_steps)
             except NonFiniteError as e:
                 message(f"{what}: restart {attempt} diverged at step {e.step}; not kept")
                 fits.append(None)
