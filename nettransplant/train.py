@@ -140,7 +140,8 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
                   draws: ChainCache | RawDraws | None = None, draws_per_step: int = 8,
                   seed: int = 0, progress: bool | str = True,
                   log_every: int = 1, writer=None, what: str = "train adapter",
-                  mesh: jax.sharding.Mesh | None = None
+                  mesh: jax.sharding.Mesh | None = None,
+                  stop_when: Callable[[Params], bool] | None = None, check_every: int = 0
                   ) -> tuple[AdapterTrainState, list[dict[str, float]]]:
     """Run ``num_steps`` steps of :func:`make_train_step`'s step with :func:`training.train_loop`.
 
@@ -156,6 +157,8 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
       writer: a metric writer for the logged steps.
       mesh: the mesh ``step`` was made for (default: every device). The
         arguments are replicated on it once; the returned state is host-local.
+      stop_when / check_every: after every ``check_every`` steps, end the training
+        early when ``stop_when(params)`` is True (one device read per check).
     Returns:
       The final state and the logged metrics.
     Raises:
@@ -192,9 +195,12 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
         return frozen, scalars, data, draws, batch_index, draw_index
 
     try:
-        state, history = train_loop(step, state, step_args, num_steps=num_steps,
-                                    log_every=log_every, progress=progress, writer=writer,
-                                    what=what)
+        state, history = train_loop(
+            step, state, step_args, num_steps=num_steps, log_every=log_every,
+            progress=progress, writer=writer, what=what,
+            checkpoint_every=check_every if stop_when is not None else 0,
+            on_checkpoint=(lambda s, _: stop_when(parallel.local(s).params))
+            if stop_when is not None else None)
     except NonFiniteError as e:
         e.state = parallel.local(e.state)
         raise

@@ -157,7 +157,8 @@ def train_loop(step_fn: StepFn, state: TrainState, step_args: Callable[[int], tu
       log_every: log steps ``i % log_every == 0`` and the last one; also how
         often the loop reads the device back to check for non-finite steps.
       checkpoint_every: call ``on_checkpoint(state, history)`` after every this
-        many steps (not after the last: the caller saves the final state).
+        many steps (not after the last: the caller saves the final state). When it
+        returns True the training ends there (its step is logged, as a last step is).
       progress: show a progress bar (a string sets its description).
       writer: a :class:`~nettransplant.metric_writers.MetricWriter` that gets
         every logged step's metrics.
@@ -192,25 +193,31 @@ def train_loop(step_fn: StepFn, state: TrainState, step_args: Callable[[int], tu
                 f"and the state holds {int(state.step)} finite updates", state, values, i)
         pending.clear()
 
+    def log(i: int, metrics: Mapping[str, Any]) -> None:
+        check()
+        values = _host_values(metrics)
+        if writer is not None:
+            writer.write_scalars(i, values)
+        values["step"] = i
+        history.append(values)
+        bar.set_postfix_str(f"loss={values['loss']:.4g}")
+
     try:
         for i in range(start, num_steps):
             state, metrics = step_fn(state, *step_args(i))
             pending.append((i, metrics["finite"], metrics))
-            last = i == num_steps - 1
-            if i % log_every == 0 or last:
-                check()
-                values = _host_values(metrics)
-                if writer is not None:
-                    writer.write_scalars(i, values)
-                values["step"] = i
-                history.append(values)
-                bar.set_postfix_str(f"loss={values['loss']:.4g}")
+            logged = i % log_every == 0 or i == num_steps - 1
+            if logged:
+                log(i, metrics)
             done = i + 1
+            bar.update()
             if on_checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 \
                     and done < num_steps:
                 check()
-                on_checkpoint(state, history)
-            bar.update()
+                if on_checkpoint(state, history):  # the caller ends the training here
+                    if not logged:
+                        log(i, metrics)
+                    break
         check()
     finally:
         bar.close()

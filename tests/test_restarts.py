@@ -450,3 +450,51 @@ def test_learning_curves_average_the_steps_every_run_of_a_row_has(tmp_path, monk
     (label, mean), = plotted
     assert label == "direct-learn n=10"
     np.testing.assert_allclose(mean, [3.0, 1.5, 0.75])
+
+
+def test_the_last_restart_ends_at_the_first_check_where_it_fits(cell, monkeypatch):
+    """Checked every num_steps: a last restart that fits after the first num_steps ends
+    there, with the parameters of a run of num_steps steps."""
+    calls = []
+
+    def fits_from_the_second_call(*args, **kwargs):  # the loop's check, then training's
+        calls.append(args)
+        return len(calls) > 1
+
+    params, history, _ = _fit(cell, cell.problem.adapter_init)
+    key = jax.random.PRNGKey(2)
+    monkeypatch.setattr(problem, "fits_samples", fits_from_the_second_call)
+    with restarts(cell.config, 1):
+        kept, kept_history, fits = cell.runner._restart_unfit(
+            cell.problem, "direct-learn", cell.labelled, 10, params, history, 100.0, key,
+            cell.warm_start, "test")
+    assert len(calls) == 2 and len(fits) == 2
+    steps = cell.config.transplant.num_steps
+    by_hand, by_hand_history, by_hand_fit = _fit(cell, _by_hand_init(cell, key, 1, last=True),
+                                                 steps)
+    assert by_hand_fit == fits[1] == calls[1][1]
+    assert kept_history[-1]["step"] == by_hand_history[-1]["step"] == steps - 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, kept, by_hand)
+
+
+def test_a_checkpoint_callback_that_returns_true_ends_the_training():
+    from nettransplant.training import train_loop
+
+    def step(state, x):
+        return state + x, {"loss": jnp.asarray(state, jnp.float32), "finite": jnp.asarray(True)}
+
+    seen = []
+
+    def on_checkpoint(state, history):
+        seen.append(int(state))
+        return int(state) >= 8
+
+    state, history = train_loop(step, jnp.asarray(0), lambda i: (jnp.asarray(1),),
+                                num_steps=20, log_every=3, checkpoint_every=4,
+                                on_checkpoint=on_checkpoint, progress=False)
+    assert int(state) == 8 and seen == [4, 8]
+    assert [h["step"] for h in history] == [0, 3, 6, 7]  # the step it ended at is logged
+    state, history = train_loop(step, jnp.asarray(0), lambda i: (jnp.asarray(1),),
+                                num_steps=20, log_every=3, checkpoint_every=4,
+                                on_checkpoint=lambda *_: None, progress=False)
+    assert int(state) == 20 and [h["step"] for h in history][-2:] == [18, 19]

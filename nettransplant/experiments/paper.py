@@ -559,10 +559,11 @@ class Runner:
         pulls toward a chain the adapter cannot produce and, at λ0, drowns the task
         loss, which then stays at chance; a weaker prior lets the samples decide. Same
         budget and batch order as the first attempt, except the last restart where
-        ``config.transplant.last_restart_budget`` is set: that many times the steps, at
-        the task's full rate for every row (a run still unfit then is mostly one that
-        was fitting when its budget ended, and a warm start at 1/3**k of the rate
-        hardly moves). Returns ``(params, history, [train_fit of each attempt, None
+        ``config.transplant.last_restart_budget`` is set: up to that many times the
+        steps, at the task's full rate for every row, ending at the first multiple of
+        ``num_steps`` where it fits (a run still unfit then is mostly one that was
+        fitting when its budget ended, and a warm start at 1/3**k of the rate hardly
+        moves). Returns ``(params, history, [train_fit of each attempt, None
         where one diverged])``.
         """
         task = prob.task
@@ -571,6 +572,10 @@ class Runner:
         warm = method == "back-distill"
         distills = objective_of(method) == "back-distill"
         budget = last_restart_budget(self.config)
+
+        def fitted(params) -> bool:  # the last restart ends at the first check it passes
+            return problem.fits_samples(
+                task.name, float(problem.training_fit(prob, params, transfer, n)), reference)
         for attempt in range(1, restart_count(self.config) + 1):
             if problem.fits_samples(task.name, best[0], reference):
                 break
@@ -579,14 +584,14 @@ class Runner:
                 retry = dataclasses.replace(prob, scalars=prob.scalars.replace(
                     lam=prob.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
             init = restart_init(self.config, prob.transplant, method, attempt, key, warm_start)
-            steps, num_steps = self.steps(prob.task.name, attempt if warm else 0), None
+            steps, num_steps, stop = self.steps(prob.task.name, attempt if warm else 0), None, None
             if attempt == restart_count(self.config) and budget is not None:
                 steps = self.steps(prob.task.name)
-                num_steps = self.config.transplant.num_steps * budget
+                num_steps, stop = self.config.transplant.num_steps * budget, fitted
             try:
                 params, history = self.fit(retry, method, transfer, n, init,
                                            f"{what} restart {attempt}", None, steps=steps,
-                                           num_steps=num_steps)
+                                           num_steps=num_steps, stop_when=stop)
             except NonFiniteError as e:
                 message(f"{what}: restart {attempt} diverged at step {e.step}; not kept")
                 fits.append(None)
@@ -619,11 +624,13 @@ class Runner:
             key=jax.random.fold_in(problem_key(c, experiment, target), n), pad_to=self.pad_to)
 
     def fit(self, prob, method: str, transfer, n: int, init, what: str, writer, *,
-             steps: problem.StepCache | None = None, num_steps: int | None = None):
+             steps: problem.StepCache | None = None, num_steps: int | None = None,
+             stop_when=None):
         """:func:`nettransplant.problem.fit`, with the cell's name in errors and a metric log.
 
         ``steps`` / ``num_steps``: another optimiser or budget than the config's
-        (:mod:`nettransplant.experiments.fit_probe`)."""
+        (:mod:`nettransplant.experiments.fit_probe`); ``stop_when(params)``: checked
+        every ``config.transplant.num_steps`` steps, True ends the training there."""
         tc = self.config.transplant
         if n == 0 and method != "back-distill":
             raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
@@ -635,7 +642,8 @@ class Runner:
             num_steps=num_steps or tc.num_steps, data=transfer if n else None, num_samples=n,
             batch_size=tc.batch_size, draws=prob.cache if objective == "back-distill" else None,
             draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
-            log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh)
+            log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh,
+            stop_when=stop_when, check_every=tc.num_steps)
         return state.params, history
 
     def _absorb(self, record: dict, arrays: dict, experiment: str, target: str, method: str,
