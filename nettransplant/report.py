@@ -394,7 +394,8 @@ def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,
               f"a re-drawn initialisation, the last near the identity, or back-distill's "
               f"warm start plus {noise:g} of a draw at a smaller rate")
     if budget is not None:
-        starts += f"; the last restart {budget:g} times the steps, at the task's full rate"
+        starts += (f"; the last restart up to {budget:g} times the steps, at the task's "
+                   "full rate, until it fits")
     runs = [[_run_fits(run, target, n, f, teacher) for f in fits]
             for run, by_target in restarts.items() for target, by_method in by_target.items()
             for by_n in by_method.values() for n, fits in by_n.items()]

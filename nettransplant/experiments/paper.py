@@ -111,8 +111,9 @@ def restart_noise(config) -> float | None:
 
 
 def last_restart_budget(config) -> int | None:
-    """``config.transplant.last_restart_budget``: the last restart trains this many times
-    ``num_steps``, at the task's full rate for every row (the warm start's included).
+    """``config.transplant.last_restart_budget``: the last restart trains up to this many
+    times ``num_steps``, at the task's full rate for every row (the warm start's
+    included), ending at the first multiple of ``num_steps`` where it fits.
     None when a config predates the field: the last restart is like the others."""
     budget = config.transplant.get("last_restart_budget")
     return None if budget is None else int(budget)
