@@ -585,14 +585,14 @@ class Runner:
                 retry = dataclasses.replace(prob, scalars=prob.scalars.replace(
                     lam=prob.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
             init = restart_init(self.config, prob.transplant, method, attempt, key, warm_start)
-            steps, num_steps, stop = self.steps(prob.task.name, attempt if warm else 0), None, None
-            if attempt == restart_count(self.config) and budget is not None:
-                steps = self.steps(prob.task.name)
-                num_steps, stop = self.config.transplant.num_steps * budget, fitted
+            longer = attempt == restart_count(self.config) and budget is not None
+            steps = self.steps(prob.task.name, attempt if warm and not longer else 0)
             try:
-                params, history = self.fit(retry, method, transfer, n, init,
-                                           f"{what} restart {attempt}", None, steps=steps,
-                                           num_steps=num_steps, stop_when=stop)
+                params, history = self.fit(
+                    retry, method, transfer, n, init, f"{what} restart {attempt}", None,
+                    steps=steps,
+                    num_steps=self.config.transplant.num_steps * budget if longer else None,
+                    stop_when=fitted if longer else None)
             except NonFiniteError as e:
                 message(f"{what}: restart {attempt} diverged at step {e.step}; not kept")
                 fits.append(None)
