@@ -27,6 +27,7 @@ from nettransplant.net import (
     export_net,
     load_net,
     load_teacher,
+    verify,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,9 +245,12 @@ def test_a_single_module_exports_and_loads_as_a_one_module_net(grown, tmp_path):
 
 
 def _edit_spec(path: Path, edit) -> None:
+    """Edit the spec and store a matching content hash (a crafted net, not a damaged one)."""
     record_file = path / checkpoint.METADATA_FILE
     record = json.loads(record_file.read_text())
     edit(record["metadata"]["spec"])
+    record["metadata"]["net_sha256"] = verify.content_digest(record["metadata"],
+                                                             record["params_sha256"])
     record_file.write_text(json.dumps(record))
 
 

@@ -5,7 +5,13 @@
 * :mod:`~nettransplant.net.operations` — transplant, connect, add a task
   module, fine-tune, rank task modules (each returns the grown net);
 * :mod:`~nettransplant.net.io` — export / import of nets and single modules,
-  teacher checkpoints as :class:`TeacherParts`.
+  teacher checkpoints as :class:`TeacherParts`;
+* :mod:`~nettransplant.net.verify` — a net's content hash, field and size checks
+  made before anything of it is built;
+* :mod:`~nettransplant.net.outputs` — one writer per output (a lock), outputs
+  checked before any work;
+* :mod:`~nettransplant.net.images` — images and samples read as uint8 RGB, sizes
+  checked before decoding.
 """
 
 from nettransplant.net.graph import (
@@ -20,6 +26,7 @@ from nettransplant.net.graph import (
 )
 from nettransplant.net.io import (
     NetSpecError,
+    UnverifiedNetWarning,
     export_module,
     export_net,
     load_net,
@@ -37,10 +44,13 @@ from nettransplant.net.operations import (
     rank_task_modules,
     transplant,
 )
+from nettransplant.net.verify import NetVerificationError
 
 __all__ = [
-    "CategoryNode", "Edge", "InputSpec", "ModuleRef", "NetSpecError", "Route", "TaskNode",
+    "CategoryNode", "Edge", "InputSpec", "ModuleRef", "NetSpecError", "NetVerificationError",
+    "Route", "TaskNode",
     "TaskTrainingSettings", "TeacherParts", "TransplantNet", "TransplantSettings", "add_task",
     "build_problem", "connect", "export_module", "export_net", "fine_tune", "learn_adapter",
     "load_net", "load_teacher", "net_spec", "rank_task_modules", "transplant",
+    "UnverifiedNetWarning",
 ]

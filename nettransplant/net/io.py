@@ -12,11 +12,19 @@ are the net's tree by module id and whose metadata is::
                          "fields"} | null, "beta", "provenance"}]}}
 
 Provenance records where each piece came from (teacher checkpoint and its
-parameters' SHA-256, method, sample count, α/β/λ, metrics). :func:`load_net`
-rebuilds every module from the spec, checks every stored tensor's shape against
-the module's own (an error names the module and the key), and the checkpoint's
-content hash; a net exported in one process and imported in another gives
-bit-identical predictions. :func:`export_module` writes a one-module net.
+parameters' SHA-256, method, sample count, α/β/λ, metrics). The metadata also
+holds ``net_sha256``, the hash of the whole spec and the parameters
+(:mod:`nettransplant.net.verify`).
+
+:func:`load_net` verifies that hash (a net without one is refused unless
+``allow_unverified``), checks every spec field's type and range and compares
+the sizes the spec declares with the stored tensors' shapes before building any
+module, then rebuilds every module from the spec, checks every stored tensor's
+shape against the module's own (an error names the module and the key) and
+the parameters' hash; a net exported in one process and imported in another
+gives bit-identical predictions. :func:`export_module` writes a one-module net.
+:func:`export_net` holds the output's lock (:mod:`nettransplant.net.outputs`)
+while it writes, so two writers of one directory never race.
 
 :func:`load_teacher` reads a teacher checkpoint (the main job's
 ``W/teachers/<name>`` or a torchvision VGG-16 converted by
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +50,7 @@ from nettransplant.modules import (
     ClassificationTaskModule,
     SegmentationTaskModule,
 )
+from nettransplant.net import outputs, verify
 from nettransplant.net.graph import (
     ADAPTERS,
     CATEGORY_MODULES,
@@ -65,6 +75,15 @@ _TASK_KINDS = ("ClassificationTaskModule", "SegmentationTaskModule")
 
 class NetSpecError(ValueError):
     """A net's spec or tensors do not describe a valid transplant net."""
+
+
+class UnverifiedNetWarning(UserWarning):
+    """A net without a content hash was loaded because the caller allowed it."""
+
+
+REEXPORT_HINT = ("Re-export it: python -m launch.net export --net {path} --out NEW "
+                 "--allow-unverified (once you trust its source), or pass --allow-unverified "
+                 "to use it unverified.")
 
 
 # --------------------------------------------------------------------------- module specs
@@ -150,20 +169,52 @@ def net_spec(net: TransplantNet) -> dict[str, Any]:
     }
 
 
-def export_net(net: TransplantNet, directory: str | os.PathLike, *,
-               overwrite: bool = False) -> Path:
-    """Write ``net`` to ``directory`` (atomically; see :mod:`nettransplant.checkpoint`)."""
+def net_metadata(net: TransplantNet, params_sha256: str) -> dict[str, Any]:
+    """The checkpoint metadata of ``net``: kind, spec version, spec and ``net_sha256``."""
     metadata = {"kind": NET_KIND, "spec_version": SPEC_VERSION, "spec": net_spec(net)}
+    metadata = checkpoint._checked_metadata(metadata)  # the JSON it is read back as
+    metadata[verify.CONTENT_HASH_FIELD] = verify.content_digest(metadata, params_sha256)
+    return metadata
+
+
+def write_net(net: TransplantNet, directory: str | os.PathLike, *,
+              overwrite: bool = False) -> Path:
+    """Write ``net`` to ``directory`` atomically, without taking the output's lock.
+
+    For a caller that already holds it (:func:`nettransplant.net.outputs.exclusive_output`);
+    everything else calls :func:`export_net`.
+    """
     # orbax writes an empty group (a net without adapters) as a marker that does
     # not restore into a target; empty groups are left out and restored empty.
     params = {group: tree for group, tree in net.params.items() if tree}
+    metadata = net_metadata(net, checkpoint.tree_digest(params))
     return checkpoint.save_checkpoint(directory, params, metadata, overwrite=overwrite)
+
+
+def export_net(net: TransplantNet, directory: str | os.PathLike, *,
+               overwrite: bool = False) -> Path:
+    """Write ``net`` to ``directory`` (atomically; see :mod:`nettransplant.checkpoint`).
+
+    Holds ``directory``'s lock while writing (a second writer is refused with an
+    :class:`~nettransplant.net.outputs.OutputBusyError`) and first removes the
+    staging folders a killed write left behind.
+    """
+    with outputs.exclusive_output(directory) as target:
+        checkpoint.clean_stale(target)
+        return write_net(net, target, overwrite=overwrite)
 
 
 def export_module(net: TransplantNet, directory: str | os.PathLike, *,
                   category: str | None = None, task_module: str | None = None,
                   overwrite: bool = False) -> Path:
     """Write one module of ``net`` as a one-module net (load it with :func:`load_net`)."""
+    return export_net(single_module_net(net, category=category, task_module=task_module),
+                      directory, overwrite=overwrite)
+
+
+def single_module_net(net: TransplantNet, *, category: str | None = None,
+                      task_module: str | None = None) -> TransplantNet:
+    """A net holding one module of ``net`` (exactly one of ``category``, ``task_module``)."""
     if (category is None) == (task_module is None):
         raise ValueError("export_module takes exactly one of category= or task_module=")
     single = TransplantNet()
@@ -175,10 +226,11 @@ def export_module(net: TransplantNet, directory: str | os.PathLike, *,
         node = net.task_module(task_module)
         single = single.add_task_module(task_module, node.module, net.task_params(task_module),
                                         provenance=node.provenance)
-    return export_net(single, directory, overwrite=overwrite)
+    return single
 
 
-def _spec_of(path: Path) -> dict[str, Any]:
+def _spec_of(path: Path, allow_unverified: bool = False) -> dict[str, Any]:
+    """The spec of the net at ``path``, after checking its content hash and every field."""
     metadata = checkpoint.load_metadata(path)
     if metadata.get("kind") != NET_KIND:
         raise NetSpecError(f"{path} is a checkpoint but not a transplant net (kind "
@@ -190,6 +242,18 @@ def _spec_of(path: Path) -> dict[str, Any]:
     spec = metadata.get("spec")
     if not isinstance(spec, Mapping):
         raise NetSpecError(f"{path}: the metadata holds no spec")
+    file = path / checkpoint.METADATA_FILE
+    verified = verify.check_content_hash(
+        metadata, checkpoint.stored_digest(path), file, allow_unverified=allow_unverified,
+        reexport_hint=REEXPORT_HINT.format(path=path))
+    if not verified:
+        warnings.warn(f"{file} has no content hash: loading the net UNVERIFIED "
+                      "(--allow-unverified); an edited or damaged spec or parameter file "
+                      "would go unnoticed", UnverifiedNetWarning, stacklevel=3)
+    try:
+        verify.check_spec(spec, file, MODULE_KINDS, _CATEGORY_KINDS, _TASK_KINDS)
+    except ValueError as e:
+        raise NetSpecError(str(e)) from None
     return spec
 
 
@@ -243,21 +307,37 @@ def _structure_from_spec(spec: Mapping[str, Any], path: Path) -> TransplantNet:
         raise NetSpecError(f"{path}: {e}") from e
 
 
-def load_net(directory: str | os.PathLike) -> TransplantNet:
+def load_net(directory: str | os.PathLike, *, allow_unverified: bool = False
+             ) -> TransplantNet:
     """Read a net written by :func:`export_net` (or a module by :func:`export_module`).
 
+    Args:
+      directory: the net's folder.
+      allow_unverified: load a net without a content hash (written before
+        nettransplant recorded one), with an :class:`UnverifiedNetWarning`.
+        A hash that does not match is refused whatever this flag.
+
     Raises:
-      NetSpecError: the spec names an unknown module kind or field, an edge
-        between modules it does not define, or a stored tensor whose shape is
-        not the module's (the error names the module and the key).
-      CheckpointError: unreadable or damaged files (content hash mismatch).
+      NetVerificationError: no content hash (and not ``allow_unverified``), or
+        one that does not match the spec and the parameters' hash.
+      NetSpecError: a field of the wrong type or out of range, sizes the
+        stored tensors do not have (checked before any module is built), an
+        unknown module kind or field, an edge between modules the spec does
+        not define, or a stored tensor whose shape is not the module's (the
+        error names the module and the key).
+      CheckpointError: unreadable or damaged files (parameters' hash mismatch).
     """
     path = Path(directory).expanduser().absolute()
-    spec = _spec_of(path)
+    spec = _spec_of(path, allow_unverified)
+    stored = checkpoint.stored_shapes(path)
+    try:
+        verify.check_declared_sizes(spec, stored, path / checkpoint.METADATA_FILE,
+                                    MODULE_KINDS)
+    except ValueError as e:
+        raise NetSpecError(str(e)) from None
     structure = _structure_from_spec(spec, path)
     expected = expected_params(structure)
-    problems = _module_mismatches(checkpoint.stored_shapes(path),
-                                  checkpoint.flat_shapes(expected))
+    problems = _module_mismatches(stored, checkpoint.flat_shapes(expected))
     if problems:
         raise NetSpecError(f"{path}: the stored tensors do not fit the spec: "
                            + "; ".join(problems[:5])
