@@ -6,104 +6,104 @@ Every command that grows a net writes a new net (``--out``) and leaves the
 input net untouched. Labelled samples are ``.npz`` files with a uint8
 ``images`` array ``(N, H, W, 3)`` and ``labels`` ``(N,)`` (classification)
 or ``masks`` ``(N, H, W)`` (segmentation); ``samples`` writes such files from
-the embedded benchmark. Errors are one line naming the offending input.
+the embedded benchmark. Errors are one line naming the offending input (exit 2).
+
+Nets are verified when read (their content hash covers the spec and the
+parameters); a net written before the hash existed needs --allow-unverified,
+or re-export it with ``export --allow-unverified``. --out is checked before
+any training (an existing one needs --overwrite) and locked while written: a
+second writer of the same path is refused. Images are read as uint8 RGB from
+8- or 16-bit gray, RGB, RGBA or palette files, at most 16,777,216 pixels each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Sequence
+import math
+import re
+import shutil
+import sys
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from nettransplant import tasks
-from nettransplant.cli import UsageError, one_line, run_main
+from nettransplant import checkpoint, tasks
+from nettransplant.cli import USER_ERRORS, UsageError, run_main
 from nettransplant.files import atomic_path
 from nettransplant.net import (
     TaskTrainingSettings,
     TransplantNet,
     TransplantSettings,
-    export_net,
     load_net,
     load_teacher,
+    outputs,
 )
 from nettransplant.net import io as net_io
+from nettransplant.net.images import (  # noqa: F401 - part of this module's interface
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    num_classes,
+    read_images,
+    read_samples,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 METHODS = ("back-distill", "direct-learn", "distill", "jacobian")
+PANEL_NAME = re.compile(r"\d{5}\.png")
 
 
 # --------------------------------------------------------------------------- inputs
 
 
-def read_images(path: str | Path) -> np.ndarray:
-    """uint8 RGB images ``(N, H, W, 3)`` from an ``.npz`` (``images``) or a folder of PNG/JPEG."""
-    path = Path(path)
-    if path.is_dir():
-        from PIL import Image, UnidentifiedImageError
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UsageError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in the folder")
-        images = []
-        for file in files:
-            try:
-                with Image.open(file) as image:
-                    images.append(np.asarray(image.convert("RGB")))
-            except (UnidentifiedImageError, OSError) as err:
-                raise UsageError(f"{file}: not a readable image ({err})") from None
-        shapes = {im.shape for im in images}
-        if len(shapes) > 1:
-            raise UsageError(f"{path}: the images have different sizes {sorted(shapes)}; "
-                             "resize them to the net's input size first")
-        return np.stack(images)
-    arrays = _read_npz(path)
-    if "images" not in arrays:
-        raise UsageError(f"{path}: no 'images' array (it holds {sorted(arrays)})")
-    images = arrays["images"]
-    if images.dtype != np.uint8:
-        raise UsageError(f"{path}: 'images' must be uint8 RGB (0..255), got {images.dtype}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise UsageError(f"{path}: 'images' must be (N, H, W, 3) RGB, got shape {images.shape}")
-    return images
+def _load(args) -> TransplantNet:
+    """``--net``, verified (or with a one-line warning under ``--allow-unverified``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", net_io.UnverifiedNetWarning)
+        net = load_net(args.net, allow_unverified=getattr(args, "allow_unverified", False))
+    for warning in caught:
+        if issubclass(warning.category, net_io.UnverifiedNetWarning):
+            print(f"WARNING: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
+    return net
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:  # an .npz never unpickles objects
-            return {k: f[k] for k in f.files}
-    except (ValueError, OSError, EOFError) as err:
-        raise UsageError(f"{path}: not a readable .npz file ({one_line(err)})") from None
-
-
-def read_samples(path: str | Path, task: tasks.Task) -> tuple[np.ndarray, np.ndarray]:
-    """``(images, labels or masks)`` for ``task`` from a samples ``.npz``."""
-    path = Path(path)
-    images = read_images(path)
-    arrays = _read_npz(path)
-    field = task.target_field
-    if field not in arrays:
-        raise UsageError(f"{path}: a {task.name} sample file needs a '{field}' array "
-                         f"(it holds {sorted(arrays)})")
-    targets = arrays[field]
-    if len(targets) != len(images):
-        raise UsageError(f"{path}: {len(images)} images but {len(targets)} {field}")
-    expected = images.shape[:3] if field == "masks" else images.shape[:1]
-    if targets.shape != expected:
-        raise UsageError(f"{path}: '{field}' has shape {targets.shape}, expected {expected}")
-    return images, targets
+def _samples_for(net: TransplantNet, path: str | None, task_module: str):
+    """``(images, targets)`` of ``path`` checked against ``task_module``'s classes, or None."""
+    if not path:
+        return None
+    node = net.task_module(task_module)
+    return read_samples(path, node.task, num_classes(node.module))
 
 
 def _settings(args) -> TransplantSettings:
     return TransplantSettings(num_steps=args.steps, seed=args.seed, warm_start=not args.cold)
 
 
-def _write_net(net: TransplantNet, out: str, overwrite: bool) -> None:
-    export_net(net, out, overwrite=overwrite)
+@contextlib.contextmanager
+def _net_output(out: str, overwrite: bool) -> Iterator[Path]:
+    """Check ``--out`` and hold its lock for the whole command (before any training).
+
+    ``--out`` must not exist unless ``--overwrite`` (and then it must be a net);
+    stale staging folders of killed writes are removed once the lock is held.
+    """
+    def check() -> Path:
+        return outputs.check_output(out, overwrite=overwrite,
+                                    replaceable=checkpoint.is_checkpoint, what="transplant net")
+
+    with outputs.exclusive_output(check()) as target:
+        checkpoint.clean_stale(target)
+        check()  # again under the lock: another writer may have finished meanwhile
+        yield target
+
+
+def _write_net(net: TransplantNet, out: Path, overwrite: bool) -> None:
+    net_io.write_net(net, out, overwrite=overwrite)
     print(f"wrote {out}: {len(net.routes())} routes")
 
 
@@ -111,16 +111,33 @@ def _write_net(net: TransplantNet, out: str, overwrite: bool) -> None:
 
 
 def cmd_build(args) -> None:
-    net = TransplantNet()
-    for path in args.teacher:
-        net = net.add_teacher(load_teacher(path))
-    _write_net(net, args.out, args.overwrite)
+    with _net_output(args.out, args.overwrite) as out:
+        net = TransplantNet()
+        for path in args.teacher:
+            net = net.add_teacher(load_teacher(path))
+        _write_net(net, out, args.overwrite)
+
+
+def cmd_export(args) -> None:
+    """Write the net (or one module of it) again, with a fresh content hash."""
+    if args.category and args.task_module:
+        raise UsageError("give at most one of --category and --task-module")
+    with _net_output(args.out, args.overwrite) as out:
+        net = _load(args)
+        if args.category or args.task_module:
+            single = net_io.single_module_net(net, category=args.category,
+                                              task_module=args.task_module)
+            net_io.write_net(single, out, overwrite=args.overwrite)
+            print(f"wrote {out}: module {args.category or args.task_module}")
+        else:
+            _write_net(net, out, args.overwrite)
 
 
 def cmd_samples(args) -> None:
     from configs import silhouettes
     from nettransplant.data import benchmarks
 
+    out = outputs.check_output(args.out, flag="--out", replaceable=Path.is_file, what="file")
     config = silhouettes.get_config()
     bench = benchmarks.make_benchmark(config)
     if args.category not in bench.categories:
@@ -132,66 +149,73 @@ def cmd_samples(args) -> None:
     view = view.take(np.sort(rows))
     task = tasks.get(args.task)
     arrays = {"images": view.images, task.target_field: task.targets(view)}
-    _atomic_npz(Path(args.out), arrays)
+    with outputs.exclusive_output(out):
+        _atomic_npz(out, arrays)
     print(f"wrote {args.out}: {len(view)} {args.split} {args.task} samples of {args.category}")
 
 
 def cmd_transplant(args) -> None:
-    net = load_net(args.net)
-    teacher = load_teacher(args.teacher, args.name)
-    task = net.task_module(args.onto).task
-    samples = read_samples(args.samples, task) if args.samples else None
-    beta_images = None
-    if args.beta is None:
-        beta_images = (read_images(args.beta_images[0]), read_images(args.beta_images[1])) \
-            if args.beta_images else None
-        if beta_images is None:
-            raise UsageError("give --beta, or --beta-images OLD NEW (images of a category "
-                             f"{args.onto!r} already serves, and of {teacher.name!r})")
-    grown, report = net.transplant(teacher, onto=args.onto, method=args.method,
-                                   samples=samples, beta=args.beta, beta_images=beta_images,
-                                   settings=_settings(args))
-    print(json.dumps(_brief(report)))
-    _write_net(grown, args.out, args.overwrite)
+    if args.beta is None and not args.beta_images:
+        raise UsageError("give --beta, or --beta-images OLD NEW (images of a category "
+                         f"{args.onto!r} already serves, and of the new one)")
+    with _net_output(args.out, args.overwrite) as out:
+        net = _load(args)
+        net.task_module(args.onto)
+        teacher = load_teacher(args.teacher, args.name)
+        samples = _samples_for(net, args.samples, args.onto)
+        beta_images = None
+        if args.beta is None:
+            beta_images = (read_images(args.beta_images[0]), read_images(args.beta_images[1]))
+        grown, report = net.transplant(teacher, onto=args.onto, method=args.method,
+                                       samples=samples, beta=args.beta,
+                                       beta_images=beta_images, settings=_settings(args))
+        print(json.dumps(_brief(report)))
+        _write_net(grown, out, args.overwrite)
 
 
 def cmd_connect(args) -> None:
-    net = load_net(args.net)
-    task = net.task_module(args.task_module).task
-    samples = read_samples(args.samples, task) if args.samples else None
-    grown, report = net.connect(args.category, args.task_module, reference=args.reference,
-                                method=args.method, samples=samples,
-                                beta=args.beta if args.beta is not None else 1.0,
-                                settings=_settings(args))
-    print(json.dumps(_brief(report)))
-    _write_net(grown, args.out, args.overwrite)
+    with _net_output(args.out, args.overwrite) as out:
+        net = _load(args)
+        net.category(args.category)
+        samples = _samples_for(net, args.samples, args.task_module)
+        grown, report = net.connect(args.category, args.task_module, reference=args.reference,
+                                    method=args.method, samples=samples,
+                                    beta=args.beta if args.beta is not None else 1.0,
+                                    settings=_settings(args))
+        print(json.dumps(_brief(report)))
+        _write_net(grown, out, args.overwrite)
 
 
 def cmd_add_task(args) -> None:
-    net = load_net(args.net)
-    task = tasks.TASKS[args.task]
-    data = {}
+    pairs = []
     for item in args.data:
         category, sep, path = item.partition("=")
-        if not sep:
+        if not sep or not category or not path:
             raise UsageError(f"--data {item!r}: expected CATEGORY=FILE.npz")
-        data[category] = read_samples(path, task)
-        net.category(category)
-    # The new module has the architecture of a task module of the same task
-    # already in the net that takes the categories' features.
-    template = next((node for node in net.task_modules.values() if node.task is task), None)
-    if template is None:
-        raise UsageError(f"--task {args.task}: the net has no {args.task} task module to copy "
-                         "the architecture from")
-    grown, report = net.add_task(args.name, template.module, data=data,
-                                 settings=TaskTrainingSettings(num_steps=args.steps,
-                                                               seed=args.seed))
-    print(json.dumps(_brief(report)))
-    _write_net(grown, args.out, args.overwrite)
+        pairs.append((category, path))
+    with _net_output(args.out, args.overwrite) as out:
+        net = _load(args)
+        task = tasks.TASKS[args.task]
+        # The new module has the architecture of a task module of the same task
+        # already in the net that takes the categories' features.
+        template = next((node for node in net.task_modules.values() if node.task is task),
+                        None)
+        if template is None:
+            raise UsageError(f"--task {args.task}: the net has no {args.task} task module to "
+                             "copy the architecture from")
+        data = {}
+        for category, path in pairs:
+            net.category(category)
+            data[category] = read_samples(path, task, num_classes(template.module))
+        grown, report = net.add_task(args.name, template.module, data=data,
+                                     settings=TaskTrainingSettings(num_steps=args.steps,
+                                                                   seed=args.seed))
+        print(json.dumps(_brief(report)))
+        _write_net(grown, out, args.overwrite)
 
 
 def cmd_info(args) -> None:
-    net = load_net(args.net)
+    net = _load(args)
     info = describe(net)
     if args.json:
         print(json.dumps(info, indent=1, sort_keys=True))
@@ -243,20 +267,40 @@ def describe(net: TransplantNet) -> dict:
     }
 
 
+def _is_overlay_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of overlay panels only (``00000.png`` …), or empty."""
+    return path.is_dir() and not path.is_symlink() and all(
+        PANEL_NAME.fullmatch(p.name) and p.is_file() for p in path.iterdir())
+
+
 def cmd_predict(args) -> None:
-    net = load_net(args.net)
-    images = read_images(args.images)
-    task = net.task_module(args.task).task
-    predictions = net.predict(images, category=args.category, task=args.task)
-    field = task.target_field
-    _atomic_npz(Path(args.out), {field: np.asarray(predictions)})
-    print(f"wrote {args.out}: {field} {tuple(predictions.shape)}")
+    out = outputs.check_output(args.out, replaceable=Path.is_file, what="file")
+    overlays = None
     if args.overlays:
-        if task.name != "segmentation":
-            raise UsageError(f"--overlays: {args.task!r} is a {task.name} module; overlays are "
-                             "drawn for segmentation")
-        write_overlays(images, np.asarray(predictions), Path(args.overlays))
-        print(f"wrote {len(images)} overlays to {args.overlays}")
+        overlays = outputs.check_output(args.overlays, flag="--overlays",
+                                        replaceable=_is_overlay_folder,
+                                        what="folder of overlay panels (00000.png …)")
+        if overlays == out:
+            raise UsageError("--overlays and --out name the same path")
+    net = _load(args)
+    net.edge(args.category, args.task)
+    task = net.task_module(args.task).task
+    if overlays is not None and task.name != "segmentation":
+        raise UsageError(f"--overlays: {args.task!r} is a {task.name} module; overlays are "
+                         "drawn for segmentation")
+    images = read_images(args.images)
+    net.category(args.category).input.check(images.shape, f"--images {args.images}")
+    with contextlib.ExitStack() as held:
+        held.enter_context(outputs.exclusive_output(out))
+        if overlays is not None:
+            held.enter_context(outputs.exclusive_output(overlays))
+        predictions = np.asarray(net.predict(images, category=args.category, task=args.task))
+        field = task.target_field
+        _atomic_npz(out, {field: predictions})
+        print(f"wrote {args.out}: {field} {tuple(predictions.shape)}")
+        if overlays is not None:
+            write_overlays(images, predictions, overlays)
+            print(f"wrote {len(images)} overlays to {args.overlays}")
 
 
 def write_overlays(images: np.ndarray, masks: np.ndarray, folder: Path,
@@ -264,23 +308,47 @@ def write_overlays(images: np.ndarray, masks: np.ndarray, folder: Path,
     """A PNG per image: the image beside its prediction (background darkened, object tinted).
 
     Darkening the background shows the mask whatever the image's colours; small
-    images are enlarged (nearest neighbour) to at least ``min_side`` pixels.
+    images are enlarged (nearest neighbour) to at least ``min_side`` pixels. The
+    panels are written into a staging folder that then replaces ``folder`` whole,
+    so no panel of an earlier run is left beside the new ones.
     """
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tint = np.array([0, 255, 0], np.float32)
-    scale = max(1, -(-min_side // max(images.shape[1:3])))
-    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        shown = image.astype(np.float32)
-        on = mask.astype(bool)
-        shown[~on] *= 0.25
-        shown[on] = 0.6 * shown[on] + 0.4 * tint
-        gap = np.full((image.shape[0], 2, 3), 255, np.float32)
-        panel = np.concatenate([image.astype(np.float32), gap, shown], axis=1)
-        panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
-        with atomic_path(folder / f"{i:05d}.png") as staging:
-            Image.fromarray(panel.astype(np.uint8)).save(staging, format="PNG")
+    folder = Path(folder).absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        tint = np.array([0, 255, 0], np.float32)
+        scale = max(1, -(-min_side // max(images.shape[1:3])))
+        for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            shown = image.astype(np.float32)
+            on = mask.astype(bool)
+            shown[~on] *= 0.25
+            shown[on] = 0.6 * shown[on] + 0.4 * tint
+            gap = np.full((image.shape[0], 2, 3), 255, np.float32)
+            panel = np.concatenate([image.astype(np.float32), gap, shown], axis=1)
+            panel = panel.repeat(scale, axis=0).repeat(scale, axis=1)
+            Image.fromarray(panel.astype(np.uint8)).save(staging / f"{i:05d}.png",
+                                                         format="PNG")
+        _replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    """Move ``staging`` to ``folder``, the old ``folder`` (if any) removed after the move."""
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    retired = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    folder.rename(retired)
+    try:
+        staging.rename(folder)
+    except BaseException:
+        retired.rename(folder)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -298,19 +366,61 @@ def _brief(report: dict) -> dict:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``error:`` line (exit 2), without the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def _int_at_least(low: int, high: int = 2**32 - 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be >= {low} and <= {high}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_finite(text: str) -> float:
+    """``--beta``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+STEPS, SEED, COUNT = _int_at_least(1, 10**7), _int_at_least(0), _int_at_least(1, 10**6)
+
+
+def _add_net_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--net", required=True)
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="load a net without a content hash (written by an older "
+                             "nettransplant); prints a warning")
+
+
 def _add_growth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="back-distill")
     parser.add_argument("--samples", help="labelled samples .npz (default: 0 samples)")
-    parser.add_argument("--steps", type=int, default=35, help="Adam steps")
+    parser.add_argument("--steps", type=STEPS, default=35, help="Adam steps (>= 1)")
     parser.add_argument("--cold", action="store_true",
                         help="start back-distill from random init, not the closed form")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="folder of the grown net")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--out", required=True, help="folder of the grown net (new, or "
+                                                     "replaced with --overwrite)")
     parser.add_argument("--overwrite", action="store_true")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m launch.net",
         description="Build, grow, inspect and use a transplant net.",
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,64 +434,87 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_build)
 
+    p = sub.add_parser("export", help="write a net (or one module) again with a fresh "
+                                      "content hash")
+    _add_net_arg(p)
+    p.add_argument("--category", help="export only this category module")
+    p.add_argument("--task-module", help="export only this task module")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_export)
+
     p = sub.add_parser("samples", help="labelled samples of the embedded benchmark → .npz")
     p.add_argument("--category", required=True)
     p.add_argument("--task", choices=sorted(tasks.TASKS), required=True)
     p.add_argument("--split", choices=("train", "test"), default="train")
-    p.add_argument("--num", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=COUNT, default=10, help="how many samples (>= 1)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_samples)
 
     p = sub.add_parser("transplant", help="transplant a teacher's category module onto a task "
                                           "module of the net")
-    p.add_argument("--net", required=True)
+    _add_net_arg(p)
     p.add_argument("--teacher", required=True, help="the teacher checkpoint")
     p.add_argument("--name", help="the new category module's id (default: the teacher's)")
     p.add_argument("--onto", required=True, help="the task module g_S")
-    p.add_argument("--beta", type=float, help="the re-scaling β (default: estimated)")
+    p.add_argument("--beta", type=positive_finite,
+                   help="the re-scaling β, finite and > 0 (default: estimated)")
     p.add_argument("--beta-images", nargs=2, metavar=("OLD", "NEW"),
                    help="images of a category the task module serves, and of the new one")
     _add_growth_args(p)
     p.set_defaults(run=cmd_transplant)
 
     p = sub.add_parser("connect", help="connect a category module to a task module")
-    p.add_argument("--net", required=True)
+    _add_net_arg(p)
     p.add_argument("--category", required=True)
     p.add_argument("--task-module", required=True)
     p.add_argument("--reference", help="the category's own task module used as g_T")
-    p.add_argument("--beta", type=float)
+    p.add_argument("--beta", type=positive_finite, help="the re-scaling β, finite and > 0")
     _add_growth_args(p)
     p.set_defaults(run=cmd_connect)
 
     p = sub.add_parser("add-task", help="learn a new task module on category features")
-    p.add_argument("--net", required=True)
+    _add_net_arg(p)
     p.add_argument("--name", required=True, help="the new task module's id")
     p.add_argument("--task", choices=sorted(tasks.TASKS), required=True)
     p.add_argument("--data", action="append", required=True, metavar="CATEGORY=FILE.npz")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=STEPS, default=300)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_add_task)
 
     p = sub.add_parser("info", help="routes, module sizes, provenance")
-    p.add_argument("--net", required=True)
+    _add_net_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("predict", help="labels / masks of uint8 RGB images")
-    p.add_argument("--net", required=True)
+    p = sub.add_parser("predict", help="labels / masks of images")
+    _add_net_arg(p)
     p.add_argument("--category", required=True)
     p.add_argument("--task", required=True, help="a task module id connected to the category")
-    p.add_argument("--images", required=True, help=".npz with 'images', or a PNG/JPEG folder")
-    p.add_argument("--out", required=True, help=".npz of labels or masks")
-    p.add_argument("--overlays", help="folder for PNG mask overlays (segmentation)")
+    p.add_argument("--images", required=True,
+                   help=".npz with 'images', a PNG/JPEG file or a folder of them (8/16-bit, "
+                        f"gray/RGB/RGBA/palette; at most {MAX_IMAGE_PIXELS:,} pixels each)")
+    p.add_argument("--out", required=True, help=".npz of labels or masks (replaced if it exists)")
+    p.add_argument("--overlays", help="folder for PNG mask overlays (segmentation); replaced "
+                                      "whole if it holds overlays of an earlier run")
     p.set_defaults(run=cmd_predict)
     return parser
+
+
+def _run(args) -> None:
+    """The command, with operating-system errors (full disk, permissions) as one line."""
+    try:
+        args.run(args)
+    except OSError as err:
+        if isinstance(err, USER_ERRORS):
+            raise
+        raise UsageError(outputs.describe_os_error(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit code (2: bad input, one line)."""
     args = make_parser().parse_args(argv)
-    return run_main(lambda: args.run(args), interrupted="interrupted; the input net is unchanged")
+    return run_main(lambda: _run(args), interrupted="interrupted; the input net is unchanged")
