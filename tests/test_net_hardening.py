@@ -290,6 +290,28 @@ def test_a_crafted_spec_is_one_line_on_the_command_line(net_copy, capsys):
     assert_one_line_error(code, err, "num_convs", str(net_copy))
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["config"]["model"].update(width="abc"), "'width'"),
+    (lambda m: m["config"]["model"].update(image_size=-1), "'image_size'"),
+    (lambda m: m["config"]["model"].update(width=0.125), "do not fit"),
+    (lambda m: m.update(modules=[1, 2]), "'modules'"),
+])
+def test_a_teacher_checkpoints_fields_and_sizes_are_checked_before_its_params_are_read(
+        small, tmp_path, capsys, monkeypatch, edit, needle):
+    shutil.copytree(small["teacher"], tmp_path / "horse")
+    _edit(tmp_path / "horse", edit, rehash=False)
+
+    def never(*_, **__):
+        raise AssertionError("parameters read before the metadata was checked")
+    monkeypatch.setattr(checkpoint, "load_checkpoint", never)
+    with pytest.raises(NetSpecError, match=needle):
+        net_io.load_teacher(tmp_path / "horse")
+    code, _, err = cli(capsys, "build", "--teacher", tmp_path / "horse", "--out",
+                       tmp_path / "net")
+    assert_one_line_error(code, err, str(tmp_path / "horse"))
+    assert not (tmp_path / "net").exists()
+
+
 # ----------------------------------------------------------------------------- 3. one writer
 
 
@@ -345,6 +367,16 @@ def test_a_killed_writers_lock_and_staging_folders_are_cleaned_on_the_next_write
     assert load_net(target).routes() == small["net"].routes()
     assert not lock.exists() and not any(p.exists() for p in stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+
+
+def test_a_net_a_crash_left_aside_mid_replace_is_moved_back_not_cleaned(small, tmp_path):
+    export_net(small["net"], tmp_path / "net")
+    (tmp_path / "net").rename(tmp_path / ".net.old-12345678")  # killed between two renames
+    (tmp_path / ".net.tmp-87654321").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_net(small["net"], tmp_path / "net")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net"]
+    assert load_net(tmp_path / "net").routes() == small["net"].routes()
 
 
 def test_transplant_checks_out_before_any_training(small, tmp_path, capsys, monkeypatch):

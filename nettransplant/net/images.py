@@ -28,7 +28,7 @@ from nettransplant.cli import UsageError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_IMAGE_PIXELS = 1 << 24  # 16,777,216 pixels per image (4096 × 4096)
-MAX_INPUT_BYTES = 4 << 30  # one input's arrays (or decoded images), all together
+MAX_INPUT_BYTES = 1 << 30  # one input's arrays (or decoded images), all together (4× as float)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 

@@ -197,8 +197,12 @@ def export_net(net: TransplantNet, directory: str | os.PathLike, *,
 
     Holds ``directory``'s lock while writing (a second writer is refused with an
     :class:`~nettransplant.net.outputs.OutputBusyError`) and first removes the
-    staging folders a killed write left behind.
+    staging folders a killed write left behind. In a multi-process run every
+    process calls it (orbax writes collectively) and no lock is taken: the
+    run's own workdir lock keeps other writers out.
     """
+    if jax.process_count() > 1:
+        return write_net(net, directory, overwrite=overwrite)
     with outputs.exclusive_output(directory) as target:
         checkpoint.clean_stale(target)
         return write_net(net, target, overwrite=overwrite)
@@ -393,16 +397,14 @@ def load_teacher(directory: str | os.PathLike, name: str | None = None) -> Teach
     if metadata.get("kind") == NET_KIND:
         raise NetSpecError(f"{path} is a transplant net, not a teacher checkpoint")
     roles = _teacher_modules(metadata, path)
+    input_size = _teacher_input_size(metadata, path)
+    _check_teacher_shapes(path, roles, input_size)
     params, metadata = checkpoint.load_checkpoint(path)
     missing = sorted(set(roles) - set(params))
     if missing:
         raise NetSpecError(f"{path}: the checkpoint lacks {missing}; it holds {sorted(params)}")
     name = name or metadata.get("category") or metadata.get("name") or path.name
     category = roles.pop("category_module")
-    input_size = metadata.get("input_size") or metadata.get("config", {}).get(
-        "model", {}).get("image_size")
-    if input_size is None:
-        raise NetSpecError(f"{path}: the metadata records no input size")
     provenance = {"checkpoint": str(path), "params_sha256": checkpoint.stored_digest(path),
                   **{k: metadata[k] for k in ("kind", "category", "categories", "metrics",
                                                "fingerprint", "architecture", "source_sha256")
@@ -420,20 +422,69 @@ def load_teacher(directory: str | os.PathLike, name: str | None = None) -> Teach
                         InputSpec(int(input_size)), provenance)
 
 
+def _teacher_input_size(metadata: Mapping[str, Any], path: Path) -> int:
+    """The teacher's training input side, checked (1 .. ``verify.MAX_INPUT_SIDE``)."""
+    config = metadata.get("config") if isinstance(metadata.get("config"), Mapping) else {}
+    model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
+    input_size = metadata.get("input_size") or model.get("image_size")
+    if input_size is None:
+        raise NetSpecError(f"{path}: the metadata records no input size")
+    try:
+        verify.check_field("input_size", "int", input_size, f"{path}: metadata")
+    except ValueError as e:
+        raise NetSpecError(str(e)) from None
+    return int(input_size)
+
+
+def _check_teacher_shapes(path: Path, roles: Mapping[str, Any], input_size: int) -> None:
+    """The stored tensors of each role have its module's shapes (read from metadata first)."""
+    stored = checkpoint.stored_shapes(path)
+    for role, module in roles.items():
+        if not any(key.startswith(f"{role}/") for key in stored):
+            continue  # reported as missing once the checkpoint is read
+        shape = ((1, input_size, input_size, module.input_channels())
+                 if isinstance(module, CategoryModule) else _task_input(module))
+        want = checkpoint.flat_shapes(_abstract_params(module, shape))
+        have = {key.removeprefix(f"{role}/"): value for key, value in stored.items()
+                if key.startswith(f"{role}/")}
+        problems = checkpoint.shape_mismatches(have, want)
+        if problems:
+            raise NetSpecError(f"{path}: {role}: the stored tensors do not fit the metadata: "
+                               + "; ".join(problems[:5]))
+
+
 def _teacher_modules(metadata: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """``{role: module}`` of a teacher checkpoint, from its metadata."""
+    """``{role: module}`` of a teacher checkpoint, from its metadata (fields checked)."""
     if "modules" in metadata:
-        return {role: module_from_spec(spec, f"{path}: {role}")
-                for role, spec in metadata["modules"].items()}
+        record = metadata["modules"]
+        if not isinstance(record, Mapping) or not record:
+            raise NetSpecError(f"{path}: 'modules' must map roles to module specs")
+        try:
+            for role, spec in record.items():
+                verify.check_module_spec(spec, f"{path}: {role}", MODULE_KINDS)
+        except ValueError as e:
+            raise NetSpecError(str(e)) from None
+        return {role: module_from_spec(spec, f"{path}: {role}") for role, spec in record.items()}
     if metadata.get("architecture") == "vgg16":  # launch.convert_torchvision
         from nettransplant import convert
+        try:
+            verify.check_field("num_outputs", "int", metadata.get("num_outputs"),
+                               f"{path}: metadata")
+        except ValueError as e:
+            raise NetSpecError(str(e)) from None
         model = convert.make_vgg16_classifier(int(metadata["num_outputs"]))
         return {"category_module": model.category_module,
                 "classification_module": model.classification_module}
-    model = metadata.get("config", {}).get("model")
+    config = metadata.get("config")
+    model = config.get("model") if isinstance(config, Mapping) else None
     if model is None:
         raise NetSpecError(f"{path}: not a teacher checkpoint (no 'modules', 'architecture' "
                            "or 'config.model' in its metadata)")
+    try:
+        model = verify.check_teacher_model(model, metadata.get("num_outputs", 1),
+                                           f"{path}: config.model")
+    except ValueError as e:
+        raise NetSpecError(str(e)) from None
     from nettransplant import modules
     teacher = modules.make_teacher(width=model["width"], input_size=model["image_size"],
                                    num_outputs=metadata.get("num_outputs", 1),

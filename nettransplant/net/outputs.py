@@ -117,12 +117,18 @@ def release(lock: Path) -> None:
 
 
 def clean_staging(target: str | os.PathLike) -> list[Path]:
-    """Remove the staging leftovers of ``target`` (``.NAME.tmp-*``, ``.NAME.old-*``, and for a
-    file ``.STEM.tmp-*SUFFIX``); call it only while holding the lock. The paths removed."""
+    """Remove the staging leftovers of ``target``; call it only while holding the lock.
+
+    Removes ``.NAME.tmp-*`` (and for a file ``.STEM.tmp-*SUFFIX``), and
+    ``.NAME.old-*`` only while ``target`` exists: without it, an ``.old-*`` may be
+    the one copy a crash mid-replace left (:func:`nettransplant.checkpoint.recover`
+    moves it back). Returns the paths removed.
+    """
     target = Path(target).expanduser().absolute()
     if not target.parent.is_dir():
         return []
-    prefixes = [f".{target.name}{marker}" for marker in STAGING_MARKERS]
+    markers = STAGING_MARKERS if target.exists() else STAGING_MARKERS[:1]
+    prefixes = [f".{target.name}{marker}" for marker in markers]
     if target.suffix:
         prefixes.append(f".{target.stem}.tmp-")
     removed = []

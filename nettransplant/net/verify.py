@@ -195,6 +195,24 @@ def check_input(entry: Any, where: str) -> None:
                              f"{_brief(value)}")
 
 
+def check_teacher_model(model: Any, num_outputs: Any, where: str) -> Mapping[str, Any]:
+    """A teacher checkpoint's ``config.model`` (width, image_size, num_classes, dropout_rate)
+    and ``num_outputs``, each of its type and range; the model mapping."""
+    model = _mapping(model, where, "config.model")
+    for name, annotation, field in (("width", "float", "width"),
+                                    ("image_size", "int", "input_size"),
+                                    ("num_classes", "int", "num_classes"),
+                                    ("dropout_rate", "float", "dropout_rate")):
+        if name not in model:
+            raise ValueError(f"{where}: needs field {name!r}")
+        try:
+            check_field(field, annotation, model[name], where)
+        except ValueError as e:
+            raise ValueError(str(e).replace(f"'{field}'", f"'{name}'")) from None
+    check_field("num_outputs", "int", num_outputs, where)
+    return model
+
+
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 
