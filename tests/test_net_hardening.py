@@ -610,10 +610,10 @@ def test_bad_numbers_are_one_line_before_anything_runs(tmp_path, capsys, args, n
 
 
 @pytest.mark.parametrize("task_module, field, bad", [
-    ("dog.classification", "labels", np.array([0, 1, 2, 1])),
-    ("dog.classification", "labels", np.array([0, -1, 0, 1])),
-    ("dog.classification", "labels", np.array([0.0, 1.0, 0.5, 1.0])),
-    ("dog.segmentation", "masks", np.full((4, SIDE, SIDE), 7)),
+    ("cat.classification", "labels", np.array([0, 1, 2, 1])),
+    ("cat.classification", "labels", np.array([0, -1, 0, 1])),
+    ("cat.classification", "labels", np.array([0.0, 1.0, 0.5, 1.0])),
+    ("cat.segmentation", "masks", np.full((4, SIDE, SIDE), 7)),
 ])
 def test_labels_outside_the_task_modules_classes_are_refused_before_training(
         small, tmp_path, capsys, monkeypatch, task_module, field, bad):
@@ -621,8 +621,31 @@ def test_labels_outside_the_task_modules_classes_are_refused_before_training(
         raise AssertionError("training started")
     monkeypatch.setattr(TransplantNet, "connect", never)
     np.savez(tmp_path / "s.npz", images=small["images"], **{field: bad})
-    code, _, err = cli(capsys, "connect", "--net", small["dir"], "--category", "cat",
+    code, _, err = cli(capsys, "connect", "--net", small["dir"], "--category", "dog",
                        "--task-module", task_module, "--samples", tmp_path / "s.npz",
                        "--beta", "1", "--out", tmp_path / "out")
     assert_one_line_error(code, err, "s.npz", f"'{field}'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["add-task", "--name", "dog.classification", "--task", "classification",
+      "--data", "cat={npz}"], "already has"),
+    (["add-task", "--name", "../bad", "--task", "classification", "--data", "cat={npz}"],
+     "not valid"),
+    (["add-task", "--name", "new", "--task", "classification", "--data", "cat"],
+     "CATEGORY=FILE.npz"),
+    (["connect", "--category", "cat", "--task-module", "dog.segmentation", "--beta", "1"],
+     "already connected"),
+    (["transplant", "--teacher", "{teacher}", "--onto", "dog.classification"], "--beta"),
+])
+def test_names_and_routes_are_checked_before_training(small, tmp_path, capsys, monkeypatch,
+                                                      args, needle):
+    def never(*_, **__):
+        raise AssertionError("training started")
+    for operation in ("add_task", "connect", "transplant"):
+        monkeypatch.setattr(TransplantNet, operation, never)
+    args = [a.format(npz=small["npz"], teacher=small["teacher"]) for a in args]
+    code, _, err = cli(capsys, *args, "--net", small["dir"], "--out", tmp_path / "out")
+    assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()

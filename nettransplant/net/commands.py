@@ -44,6 +44,7 @@ from nettransplant.net import (
     outputs,
 )
 from nettransplant.net import io as net_io
+from nettransplant.net.graph import check_id
 from nettransplant.net.images import (  # noqa: F401 - part of this module's interface
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
@@ -177,6 +178,10 @@ def cmd_connect(args) -> None:
     with _net_output(args.out, args.overwrite) as out:
         net = _load(args)
         net.category(args.category)
+        net.task_module(args.task_module)
+        if (args.category, args.task_module) in net.edges:
+            raise UsageError(f"--category {args.category!r} is already connected to "
+                             f"--task-module {args.task_module!r}")
         samples = _samples_for(net, args.samples, args.task_module)
         grown, report = net.connect(args.category, args.task_module, reference=args.reference,
                                     method=args.method, samples=samples,
@@ -195,6 +200,9 @@ def cmd_add_task(args) -> None:
         pairs.append((category, path))
     with _net_output(args.out, args.overwrite) as out:
         net = _load(args)
+        check_id(args.name, "--name: task module")
+        if args.name in net.task_modules:
+            raise UsageError(f"--name {args.name!r}: the net already has this task module")
         task = tasks.TASKS[args.task]
         # The new module has the architecture of a task module of the same task
         # already in the net that takes the categories' features.
