@@ -330,6 +330,21 @@ def test_a_second_writer_of_the_same_net_is_refused_in_one_line(small, tmp_path,
     assert not outputs.lock_path(tmp_path / "out").exists()
 
 
+def test_a_lock_held_by_another_running_process_is_respected(small, tmp_path, capsys):
+    import socket
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = outputs.lock_path(tmp_path / "out")
+        lock.mkdir()
+        (lock / "owner").write_text(f"{socket.gethostname()} {holder.pid}\n")
+        code, _, err = cli(capsys, "export", "--net", small["dir"], "--out", tmp_path / "out")
+        assert_one_line_error(code, err, f"process {holder.pid}", str(lock))
+        assert lock.exists() and not (tmp_path / "out").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_only_one_of_many_simultaneous_writers_gets_the_lock(tmp_path):
     barrier, results = threading.Barrier(8), []
 
