@@ -123,6 +123,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rows and hurts others (jacobian, cat, 100 samples: 90.2 at 3e-2, 89.7 at 1e-1).
     config.transplant.learning_rate_segmentation = 3e-2
     config.transplant.num_steps = 150
+    # Every this many steps a run with labelled samples checks whether it fits them
+    # (the restarts' criterion, below) and ends when it does; 0: every run trains
+    # num_steps. One device read per check, none per step.
+    config.transplant.early_end_every = 10
+    # How a problem's runs of one method train: "one_at_a_time", "batched" (one vmapped
+    # computation on a runs axis, spread over the devices), or "auto": batched on a GPU
+    # or TPU, one at a time on a CPU (`python -m launch.benchmark` times both).
+    config.transplant.runs_axis = "auto"
     # Restarts of a run that did not fit its samples (classification: over 10 % train
     # error; segmentation: over 2 points of pixel accuracy below its teacher's on the
     # same samples): up to this many further attempts, keeping the best train fit

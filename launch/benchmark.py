@@ -17,7 +17,12 @@ in PyTorch (:mod:`nettransplant.experiments.torch_reference`), with the Exp. 1
 1-conv adapter (or the first of ``--adapters``); ``--no_torch`` skips that
 section, and without PyTorch it is skipped with a one-line note. The threads
 section times whole trainings one after another and in ``--concurrent_cells``
-threads (the main job's ``config.concurrent_cells``; 0 skips it).
+threads (the main job's ``config.concurrent_cells``; 0 skips it). The runs
+section times one problem's runs (``--runs_per_count`` seeds at every sample
+count) one at a time and batched on a runs axis (the main job's
+``config.transplant.runs_axis``; 0 skips it); its headline keys are
+``transplant_problem_batched_s``, ``transplant_problem_one_at_a_time_s``,
+``transplant_runs`` and the two ways' compile seconds.
 """
 
 from __future__ import annotations
@@ -56,10 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
                              "per core)")
     parser.add_argument("--concurrent_cells", "--concurrent-cells", type=int, default=2,
                         help="threads of the threads section (default 2; 0 skips it)")
+    parser.add_argument("--runs_per_count", "--runs-per-count", type=int, default=2,
+                        help="seeds per sample count in the runs section (default 2; 0 "
+                             "skips it)")
     parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
     if args.concurrent_cells < 0:
         parser.error(f"--concurrent_cells must be >= 0, got {args.concurrent_cells}")
+    if args.runs_per_count < 0:
+        parser.error(f"--runs_per_count must be >= 0, got {args.runs_per_count}")
     if args.cpu_devices:
         import jax
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
@@ -85,6 +95,17 @@ def main(argv: list[str] | None = None) -> dict:
             workers=args.concurrent_cells, fits=4, num_steps=20 if args.quick else 50,
             rounds=3, num_draws=64 if args.quick else config.transplant.num_draws)
         print(step_benchmark.format_threads_table(results["threads"]))
+    if args.runs_per_count:
+        section = step_benchmark.runs_section(
+            config, "exp2",
+            runs_per_count=args.runs_per_count, num_steps=20 if args.quick else 50,
+            rounds=3, num_draws=64 if args.quick else config.transplant.num_draws)
+        results["runs"] = section
+        for key in ("transplant_problem_batched_s", "transplant_problem_one_at_a_time_s",
+                    "transplant_runs", "transplant_compile_batched_s",
+                    "transplant_compile_one_at_a_time_s"):
+            results[key] = section[key]
+        print(step_benchmark.format_runs_table(section))
     counts = (None if args.device_counts is None else
               [int(n) for n in args.device_counts.split(",") if int(n) > 0])
     if counts != []:

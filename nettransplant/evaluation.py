@@ -25,17 +25,24 @@ def predict_classes(y: Array) -> Array:
 
 
 def batched_apply(fn: Callable[[Array], Array], inputs: np.ndarray | Array,
-                  batch_size: int = 256) -> np.ndarray:
-    """``fn`` over ``inputs`` in fixed-size batches (the last one padded), as numpy."""
+                  batch_size: int = 256, *, one_shape: bool = False) -> np.ndarray:
+    """``fn`` over ``inputs`` in batches of ``batch_size``, as numpy.
+
+    The last batch is padded to ``batch_size`` when there are several, so ``fn``
+    sees one shape; with ``one_shape`` also a single batch is, so inputs of every
+    size share one compiled ``fn`` (at most ``batch_size - 1`` padding rows).
+    """
     n = inputs.shape[0]
     outputs = []
     for start in range(0, n, batch_size):
         part = jnp.asarray(inputs[start: start + batch_size])
         pad = batch_size - part.shape[0]
-        if pad and n > batch_size:
+        if pad and (n > batch_size or one_shape):
             part = jnp.concatenate([part, jnp.zeros((pad, *part.shape[1:]), part.dtype)])
-        out = np.asarray(fn(part))
-        outputs.append(out[: out.shape[0] - pad] if pad and n > batch_size else out)
+            out = np.asarray(fn(part))
+            outputs.append(out[: out.shape[0] - pad])
+        else:
+            outputs.append(np.asarray(fn(part)))
     return np.concatenate(outputs)
 
 

@@ -258,7 +258,7 @@ def _teacher_targets(transplant: Transplant, frozen, x, projection):
 
 def make_transfer_data(transplant: Transplant, frozen: Mapping, features: Array,
                        labels: Array, *, label_valid: Array | None = None,
-                       key: Array, pad_to: int | None = None, chunk: int = 64) -> TransferData:
+                       key: Array, pad_to: int | None = None, chunk: int = 16) -> TransferData:
     """Cache the frozen quantities of a fixed image set (teacher outputs and Jacobians).
 
     Args:
@@ -278,18 +278,34 @@ def make_transfer_data(transplant: Transplant, frozen: Mapping, features: Array,
     def padded(a):
         return jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a
 
-    features, labels, label_valid = padded(features), padded(labels), padded(label_valid)
     projection = jax.random.uniform(key, (pad_to, *out_shape[1:]), jnp.float32, -1.0, 1.0)
+    # The teacher runs on the real rows, in chunks of one shape (the last one padded by
+    # at most chunk - 1 rows); the padding rows' targets are zeros (masked out of every
+    # loss).
+    features, labels, label_valid = padded(features), padded(labels), padded(label_valid)
+    rows = -(-n // chunk) * chunk
+    extra = max(rows - pad_to, 0)
+    x_all = jnp.concatenate([features, jnp.zeros((extra, *features.shape[1:]))]) \
+        if extra else features
+    p_all = jnp.concatenate([projection, jnp.zeros((extra, *projection.shape[1:]))]) \
+        if extra else projection
     outputs, jacobians = [], []
-    for start in range(0, pad_to, chunk):
-        stop = min(start + chunk, pad_to)
-        y_t, j_t = _teacher_targets(transplant, frozen, features[start:stop],
-                                    projection[start:stop])
+    for start in range(0, rows, chunk):
+        y_t, j_t = _teacher_targets(transplant, frozen, x_all[start:start + chunk],
+                                    p_all[start:start + chunk])
         outputs.append(y_t)
         jacobians.append(j_t)
+    if not outputs:  # no real rows: targets of the right shapes, all padding
+        y_t, j_t = jax.eval_shape(partial(_teacher_targets, transplant), frozen,
+                                  features[:1], projection[:1])
+        outputs.append(jnp.zeros((0, *y_t.shape[1:]), y_t.dtype))
+        jacobians.append(jnp.zeros((0, *j_t.shape[1:]), j_t.dtype))
+    outputs = [jnp.concatenate(outputs)[:n]]
+    jacobians = [jnp.concatenate(jacobians)[:n]]
     valid = padded(jnp.ones((n,), jnp.float32))
     return TransferData(features, labels, label_valid.astype(jnp.float32), valid,
-                        jnp.concatenate(outputs), projection, jnp.concatenate(jacobians))
+                        padded(jnp.concatenate(outputs)), projection,
+                        padded(jnp.concatenate(jacobians)))
 
 
 # --------------------------------------------------------------------------- loss terms

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from nettransplant import closed_form, evaluation, objectives, parallel, tasks
+from nettransplant import runs as runs_lib
 from nettransplant import train as train_lib
 from nettransplant.layers import DummySpec
 from nettransplant.modules import CategoryModule
@@ -63,8 +64,17 @@ def methods_for(task: tasks.Task) -> tuple[str, ...]:
 def random_adapter(transplant: Transplant, key: Array) -> Params:
     """The adapter's seeded random initialisation (its convs' initialisers, zero biases);
     independent of the feature maps' spatial size."""
-    x0 = jnp.zeros((1, 1, 1, transplant.adapter.channels))
-    return transplant.adapter.init(key, x0)["params"]
+    return _init_adapter(transplant.adapter, key)
+
+
+@partial(jax.jit, static_argnums=0)
+def _init_adapter(adapter, key):  # one compiled initialiser per adapter, not one per op
+    return adapter.init(key, jnp.zeros((1, 1, 1, adapter.channels)))["params"]
+
+
+# Rows per call of the problem's forward passes (features, predictions, teacher targets):
+# every set of images, sample sets and test sets alike, runs through one compiled shape.
+CHUNK = 16
 
 
 def identity_adapter(transplant: Transplant) -> Params:
@@ -132,9 +142,10 @@ class TransplantProblem:
 
 def features(category_module: CategoryModule, category_params: Params,
              images: np.ndarray) -> Array:
-    """``f(I)`` of normalised images, in chunks."""
+    """``f(I)`` of normalised images, in chunks of :data:`CHUNK`."""
     return evaluation.batched_apply(
-        lambda im: _features(category_module, category_params, im), images)
+        lambda im: _features(category_module, category_params, im), images, CHUNK,
+        one_shape=True)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -194,14 +205,33 @@ def transfer_data(problem: TransplantProblem, images: np.ndarray, targets: np.nd
     x = features(problem.transplant.category_module, problem.frozen["category_module"],
                  images)
     return objectives.make_transfer_data(problem.transplant, problem.frozen, x,
-                                         jnp.asarray(targets), key=key, pad_to=pad_to)
+                                         jnp.asarray(targets), key=key, pad_to=pad_to,
+                                         chunk=CHUNK)
+
+
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """Adam whose rate lives in its state (``optax.inject_hyperparams``): states made
+    with :func:`with_learning_rate` at other rates run through the same compiled step."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+
+
+def with_learning_rate(state: train_lib.AdapterTrainState, learning_rate: float
+                       ) -> train_lib.AdapterTrainState:
+    """``state`` with its optimiser's injected rate set to ``learning_rate`` (a state of
+    :func:`adam`; the rate is data, so the step does not recompile)."""
+    hyper = getattr(state.opt_state, "hyperparams", None)
+    if hyper is None or "learning_rate" not in hyper:
+        raise ValueError("the optimiser's rate is not injected: make it with problem.adam()")
+    hyper = {**hyper, "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
 
 
 class StepCache:
     """One jitted train step per (transplant, method): problems of one shape share it.
 
     ``mesh``: the devices the steps run on, data parallel (default: every device).
-    Threads may share one cache.
+    With an optimiser of :func:`adam`, runs at other rates share the step too
+    (:func:`with_learning_rate`). Threads may share one cache.
     """
 
     def __init__(self, optimizer: optax.GradientTransformation,
@@ -219,6 +249,15 @@ class StepCache:
             if key not in self._steps:
                 self._steps[key] = train_lib.make_train_step(
                     transplant, method, self.optimizer, weights=self.weights, mesh=self.mesh)
+            return self._steps[key]
+
+    def runs(self, transplant: Transplant, method: str):
+        """The step of many runs at once (:func:`nettransplant.runs.make_runs_step`)."""
+        key = (transplant, method, "runs")
+        with self._lock:
+            if key not in self._steps:
+                self._steps[key] = runs_lib.make_runs_step(
+                    transplant, method, self.optimizer, weights=self.weights)
             return self._steps[key]
 
 
@@ -253,7 +292,8 @@ def _predict(problem: TransplantProblem, adapter_params: Params, features: Array
              ) -> np.ndarray:
     return evaluation.batched_apply(
         lambda x: _student_predictions(problem.transplant, adapter_params, problem.frozen,
-                                       problem.scalars.beta, x), features)
+                                       problem.scalars.beta, x), features, CHUNK,
+        one_shape=True)
 
 
 # A classification run fits its labelled samples at most this train error (%), a
@@ -308,12 +348,9 @@ def evaluate(problem: TransplantProblem, adapter_params: Params) -> float:
 
 def training_fit(problem: TransplantProblem, adapter_params: Params,
                  data: objectives.TransferData, num_samples: int) -> float:
-    """The same metric on the run's own ``num_samples`` labelled samples (padding dropped):
-    how well the adapter fits what it was trained on.
-
-    Predicts the whole padded set, whose size is fixed for a run, so every sample
-    count shares one compiled shape; the padding rows are dropped afterwards.
-    """
+    """The same metric on the run's own ``num_samples`` labelled samples: how well the
+    adapter fits what it was trained on. Only the real rows are computed (one compiled
+    shape per sample count)."""
     return _metric_on_samples(problem, lambda x: _student_predictions(
         problem.transplant, adapter_params, problem.frozen, problem.scalars.beta, x),
         data, num_samples)
@@ -324,7 +361,8 @@ def _metric_on_samples(problem: TransplantProblem, predict, data: objectives.Tra
     """The task's metric of ``predict`` on the first ``num_samples`` rows of ``data``."""
     if not 0 < num_samples <= data.size:
         raise ValueError(f"num_samples must be in [1, {data.size}], got {num_samples}")
-    predictions = evaluation.batched_apply(predict, data.features)[:num_samples]
+    predictions = evaluation.batched_apply(predict, data.features[:num_samples], CHUNK,
+                                           one_shape=True)
     return problem.task.metric(predictions, np.asarray(data.labels)[:num_samples])
 
 
@@ -341,4 +379,5 @@ def hidden_features(problem: TransplantProblem, adapter_params: Params,
     """The student's top hidden features (default ``relu7``) on the test images, ``(N, D)``."""
     return np.asarray(evaluation.batched_apply(
         lambda x: _hidden(problem.transplant, adapter_params, problem.frozen,
-                          problem.scalars.beta, x, layer), problem.test_features))
+                          problem.scalars.beta, x, layer), problem.test_features, CHUNK,
+        one_shape=True))

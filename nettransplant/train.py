@@ -77,6 +77,21 @@ def raw_draws(key: Array, num_draws: int, output_shape: tuple[int, ...], *,
 StepFn = Callable[..., tuple[AdapterTrainState, dict[str, Array]]]
 
 
+def objective_loss(transplant: Transplant, method: Method, weights: ObjectiveWeights | None,
+             recompute_chains: bool = False):
+    """``loss(adapter_params, frozen, scalars, batch, draw_batch) -> (loss, terms)``."""
+
+    def loss_fn(adapter_params, frozen, scalars, batch, draw_batch):
+        if recompute_chains and draw_batch is not None:
+            g, keys = draw_batch.output_gradients, draw_batch.mask_keys
+            draw_batch = ChainCache(transplant.student_task_gradient(frozen, g, keys),
+                                    transplant.teacher_gradient(frozen, g, keys), keys)
+        terms = objective_terms(method, transplant, adapter_params, frozen, scalars, batch,
+                                draw_batch, weights)
+        return sum(terms.values()), terms
+    return loss_fn
+
+
 def make_train_step(transplant: Transplant, method: Method,
                     optimizer: optax.GradientTransformation, *,
                     weights: ObjectiveWeights | None = None,
@@ -103,15 +118,7 @@ def make_train_step(transplant: Transplant, method: Method,
       state unchanged (the update is not applied).
     """
 
-    def loss_fn(adapter_params, frozen, scalars, batch, draw_batch):
-        if recompute_chains and draw_batch is not None:
-            g, keys = draw_batch.output_gradients, draw_batch.mask_keys
-            draw_batch = ChainCache(transplant.student_task_gradient(frozen, g, keys),
-                                    transplant.teacher_gradient(frozen, g, keys), keys)
-        terms = objective_terms(method, transplant, adapter_params, frozen, scalars, batch,
-                                draw_batch, weights)
-        return sum(terms.values()), terms
-
+    loss_fn = objective_loss(transplant, method, weights, recompute_chains)
     mesh = mesh or parallel.data_mesh()
 
     @partial(jax.jit, donate_argnums=0, out_shardings=parallel.replicated(mesh))
@@ -132,6 +139,20 @@ def make_train_step(transplant: Transplant, method: Method,
         return new_state, metrics
 
     return parallel.state_enters_replicated(sharded_step, mesh)
+
+
+def batch_rows(num_samples: int, batch_size: int, mesh: jax.sharding.Mesh | None = None) -> int:
+    """The rows a step of :func:`train_adapter` computes for ``num_samples`` samples.
+
+    ``batch_size``, or with fewer samples the real rows only, rounded up to a multiple
+    of the mesh's ``data`` axis: every batch is then the whole sample set, and padding
+    rows would add nothing to any loss (masked means) while costing as much as a real
+    one.
+    """
+    if num_samples >= batch_size:
+        return batch_size
+    shards = parallel.data_size(mesh or parallel.data_mesh())
+    return -(-num_samples // shards) * shards
 
 
 def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
@@ -176,11 +197,7 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
         parallel.check_divisible(f"{what}: draws_per_step",
                                  min(draws_per_step, draws.num_draws), mesh)
     if data is not None and 0 < num_samples < batch_size:
-        # Every batch is then the whole sample set plus masked padding rows, which
-        # add nothing to any loss (masked means): run on the real rows only,
-        # rounded up to a multiple of the devices (the step's cost is per row).
-        shards = parallel.data_size(mesh)
-        batch_size = -(-num_samples // shards) * shards
+        batch_size = batch_rows(num_samples, batch_size, mesh)
         data = jax.tree.map(lambda a: a[:batch_size], data)
     batches = IndexStream(num_samples, batch_size, seed)
     draw_stream = (IndexStream(draws.num_draws, min(draws_per_step, draws.num_draws), seed + 1)

@@ -10,7 +10,8 @@ TRIMMED = {"pretrain.num_steps": 0, "experiments": ("exp3",), "categories": ("ca
            "teacher.num_steps": 10, "teacher.checkpoint_every": 5, "teacher.renderings": 1,
            "teacher.batch_size": 16, "teacher.seg_batch_size": 8,
            "transplant.num_steps": 4, "transplant.batch_size": 16,
-           "transplant.num_draws": 8, "transplant.closed_form_draws": 8}
+           "transplant.num_draws": 8, "transplant.closed_form_draws": 8,
+           "transplant.early_end_every": 2}
 
 
 def trimmed_quick_config():

@@ -285,3 +285,20 @@ def test_the_threads_section_times_both_ways_and_checks_the_parameters_are_equal
         assert r["same_parameters"] is True  # each fit owns its state and batch order
     table = step_benchmark.format_threads_table(section).splitlines()
     assert "speedup" in table[1] and len(table) == 5
+
+
+def test_the_runs_section_times_a_problem_both_ways_with_the_headline_keys(tmp_path):
+    config = _tiny_benchmark_config()
+    config.sample_counts = (0, 2, 6)  # fewer samples than a batch of 4, and more
+    section = step_benchmark.runs_section(config, "exp3", runs_per_count=1, num_steps=2,
+                                          rounds=1, num_draws=2)
+    path = tmp_path / "bench.json"
+    step_benchmark.write_json({"runs": section}, str(path))
+    stored = json.loads(path.read_text())["runs"]
+    assert stored["transplant_runs"] == 2 and stored["counts"] == [2, 6]
+    for key in ("transplant_problem_batched_s", "transplant_problem_one_at_a_time_s",
+                "transplant_compile_batched_s", "transplant_compile_one_at_a_time_s"):
+        assert stored[key] > 0, key
+    assert list(stored["methods"]) == ["direct-learn", "back-distill"]
+    table = step_benchmark.format_runs_table(section).splitlines()
+    assert "batched" in table[1] and len(table) == 5

@@ -52,6 +52,19 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     assert stages["transplant_threads"] == config.concurrent_cells == 2
     assert 0 < stages["transplants_compile"] < 2 * stages["transplants"]
     assert stages["transplant_cells_run"] == paper.num_runs(config)
+    # Where the transplant stage's time went, per experiment and method; every cell once.
+    breakdown = stages["transplant_breakdown"]
+    assert set(breakdown) == {"exp1_1conv", "exp1_3conv", "exp2", "exp3",
+                              "table4_classification", "table4_segmentation"}
+    assert sum(row.get("runs", 0) for rows in breakdown.values()
+               for row in rows.values()) == stages["transplant_cells_run"]
+    for rows in breakdown.values():
+        assert rows["problem"]["setup_s"] > 0
+        for method, row in rows.items():
+            if method == "problem":
+                continue
+            assert 0 <= row["images"] <= row["steps"] * config.transplant.batch_size
+            assert row["train_s"] >= 0 and row["eval_s"] > 0 and row["compile_s"] >= 0
     assert sum(stages[k] for k in ("data", "teachers", "transplants", "outputs")) <= \
         results["runtime_s"]
     assert json.loads((workdir / "results.json").read_text())["stage_seconds"] == stages

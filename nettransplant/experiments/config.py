@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import flags
 
-from nettransplant import cli, convert
+from nettransplant import cli, convert, runs
 from nettransplant.data import benchmarks
 from nettransplant.transplant import check_draws
 
@@ -65,6 +65,7 @@ OPTIONAL_NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
     ("transplant.restarts", int, 0, 100),
     ("transplant.restart_noise", float, 0, 100),
     ("transplant.last_restart_budget", int, 1, 100),
+    ("transplant.early_end_every", int, 0, _STEPS),
     ("concurrent_cells", int, 1, 64),
     ("transplant.learning_rate_segmentation", float, 1e-12, math.inf),
     ("jacobian_baseline.task", float, 0, 1e12),
@@ -128,8 +129,14 @@ def _check_numbers(config) -> None:
 
 # (field, check): the config's choice fields and what checks them (one-line ValueError
 # naming the field).
+def _check_runs_axis(value, where: str) -> None:
+    if value not in runs.MODES:
+        raise ValueError(f"{where}: expected one of {', '.join(runs.MODES)}, got {value!r}")
+
+
 CHOICE_FIELDS: tuple[tuple[str, Callable[[object, str], None]], ...] = (
     ("transplant.exp1_draws", check_draws),
+    ("transplant.runs_axis", _check_runs_axis),
 )
 
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from nettransplant import data, metric_writers, modules, parallel, problem, report
+from nettransplant import runs as runs_lib
 from nettransplant import train as adapter_training
 from nettransplant.adapter import Adapter
 from nettransplant.data import benchmarks
@@ -46,6 +46,7 @@ from nettransplant.experiments.workdir import (
     WorkdirLock,
     atomic_path,
     check_writable,
+    use_compilation_cache,
     write_atomically,
 )
 from nettransplant.experiments.zoo import TeacherZoo, generic_name, stable_hash
@@ -61,11 +62,13 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _compile_seconds = [0.0]  # tracing + lowering + XLA compilation, this process
+_thread_compile = threading.local()  # the same, per thread (a cell's own compiles)
 
 
 def _count_compilation(event: str, duration: float, **_) -> None:
     if event in _COMPILE_EVENTS:
         _compile_seconds[0] += duration
+        _thread_compile.seconds = getattr(_thread_compile, "seconds", 0.0) + duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compilation)
@@ -74,6 +77,39 @@ jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 def compile_seconds() -> float:
     """Seconds this process has spent tracing, lowering and compiling with XLA so far."""
     return _compile_seconds[0]
+
+
+def thread_compile_seconds() -> float:
+    """Seconds the calling thread has spent tracing, lowering and compiling so far."""
+    return getattr(_thread_compile, "seconds", 0.0)
+
+
+class CellClock:
+    """Where one cell's time goes: compile, train (steps run and images computed, every
+    attempt included) and evaluation, each in seconds of its own thread.
+
+    ``with clock.phase("train"):`` charges the block's wall time to ``train`` less the
+    compiles inside it, which go to ``compile``.
+    """
+
+    def __init__(self):
+        self.seconds = {"compile": 0.0, "train": 0.0, "eval": 0.0}
+        self.steps = self.images = self.attempts = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start, compiled = time.perf_counter(), thread_compile_seconds()
+        try:
+            yield
+        finally:
+            compile_s = thread_compile_seconds() - compiled
+            self.seconds["compile"] += compile_s
+            self.seconds[name] = (self.seconds.get(name, 0.0)
+                                  + time.perf_counter() - start - compile_s)
+
+    def as_dict(self) -> dict:
+        return {**{f"{k}_s": v for k, v in self.seconds.items()}, "steps": self.steps,
+                "images": self.images, "attempts": self.attempts}
 
 
 def problem_key(config, experiment: str, target: str):
@@ -108,6 +144,25 @@ def restart_noise(config) -> float | None:
     restarts then start from exact draws and the exact warm start)."""
     noise = config.transplant.get("restart_noise")
     return None if noise is None else float(noise)
+
+
+def batched_runs(config) -> bool:
+    """Whether a problem's runs of one method train at once on a runs axis
+    (``config.transplant.runs_axis``): ``"batched"``, ``"one_at_a_time"``, or
+    ``"auto"`` (default), batched on a GPU or TPU and one at a time on a CPU, where
+    one small run already keeps the cores busy (``python -m launch.benchmark``
+    measures both side by side)."""
+    mode = config.transplant.get("runs_axis", "auto")
+    if mode == "auto":
+        return jax.default_backend() != "cpu"
+    return mode == "batched"
+
+
+def early_end_every(config) -> int:
+    """``config.transplant.early_end_every``: every this many steps a run with labelled
+    samples checks whether it fits them (:func:`problem.fits_samples`) and ends when
+    it does; 0 (or a config without the field): every run trains its full budget."""
+    return int(config.transplant.get("early_end_every", 0))
 
 
 def last_restart_budget(config) -> int | None:
@@ -210,6 +265,23 @@ def num_runs(config) -> int:
     return total
 
 
+def _once(result: Callable[[], Any]) -> Callable[[], Any]:
+    """``result`` called at most once; later calls return (or raise) what it gave."""
+    memo: list = []
+
+    def once():
+        if not memo:
+            try:
+                memo.append((True, result()))
+            except BaseException as e:  # noqa: B036 - re-raised to every caller
+                memo.append((False, e))
+        ok, value = memo[0]
+        if not ok:
+            raise value
+        return value
+    return once
+
+
 def _best_fit(task, fits) -> float:
     """The best of a run's attempts' train fits (None: an attempt that diverged)."""
     done = [f for f in fits if f is not None]
@@ -227,6 +299,41 @@ def with_avg(per_category: dict) -> dict:
         for row in cells.values():
             row["avg"] = float(np.mean(list(row.values())))
     return out
+
+
+@dataclasses.dataclass
+class _CellRun:
+    """One cell's run while it trains: its samples, its kept attempt and its clock."""
+
+    n: int
+    fig5: bool
+    what: str
+    transfer: Any  # its labelled samples (TransferData), None with 0 samples
+    reference: float | None  # the teacher's fit of its samples
+    clock: CellClock
+    params: Any = None
+    history: list = dataclasses.field(default_factory=list)
+    fits: list = dataclasses.field(default_factory=list)  # train fit of each attempt
+    failed: dict | None = None
+    best: tuple | None = None  # (train fit, params, history) of the kept attempt
+
+
+@dataclasses.dataclass
+class _Attempt:
+    """One training of a run: where it starts and how it trains (None: the config's)."""
+
+    run: _CellRun
+    init: Any
+    prob: Any = None  # the problem with this attempt's scalars (None: the run's)
+    what: str | None = None
+    writer: Any = None
+    learning_rate: float | None = None
+    num_steps: int | None = None
+    stop_when: Callable[[Any], bool] | None = None
+    check_every: int = 0
+
+    def __post_init__(self):
+        self.what = self.what or self.run.what
 
 
 class Runner:
@@ -255,9 +362,9 @@ class Runner:
         # The cells in flight, in threads where that helps (concurrent_cells).
         self.trainings = Trainings(concurrent_cells(config, self.mesh))
         self._steps_lock = threading.Lock()  # cells in threads share the step caches
-        # One step cache per (task, attempt): attempt 0 trains at the task's rate, the
-        # warm start's restart k at that rate / RETRY_RATE_DIVISOR**k.
-        self._steps: dict[tuple[str, int], problem.StepCache] = {}
+        # One step cache per task: the rate is in the optimiser's state (problem.adam),
+        # so restarts at other rates reuse its compiled steps.
+        self._steps: dict[str, problem.StepCache] = {}
         self.channels = modules.category_channels(config.model.width)
         self.pad_to = max(tc.batch_size, max(config.sample_counts))
         self.curves: dict = {}
@@ -282,6 +389,9 @@ class Runner:
         # Cells whose training diverged: {experiment, category, method, samples, step, message}.
         self.failed: list[dict] = []
         self.cells_run = self.cells_reused = 0
+        # {experiment: {method or "problem": {compile_s, train_s, eval_s, io_s, setup_s,
+        # steps, images, attempts, runs}}}: where the stage's time went (cells run now).
+        self.breakdown: dict = {}
 
     @staticmethod
     def view_name(experiment: str) -> str:
@@ -354,6 +464,9 @@ class Runner:
         # experiments' cells valid, and the default's fingerprints are those of before it.
         transplant = c.transplant.to_dict()
         transplant.pop("exp1_draws", None)
+        # How the runs are scheduled, not the field: "auto" means one thing per platform,
+        # and one-at-a-time cells keep the fingerprints of before the field.
+        transplant.pop("runs_axis", None)
         if not transplant.get("restarts"):  # 0 restarts: the fingerprints of before the field
             transplant.pop("restarts", None)
             transplant.pop("restart_noise", None)  # what restarts start from: none run
@@ -368,7 +481,8 @@ class Runner:
                                      else dataclasses.asdict(w)),
                 "teachers": {t: self.net.category(t).provenance.get("params_sha256")
                              for t in teachers},
-                **({} if draws == "randomised" else {"draws": draws})}
+                **({} if draws == "randomised" else {"draws": draws}),
+                **({"runs_axis": "batched"} if batched_runs(c) else {})}
 
     def run(self, experiment: str, adapter_spec, protocol: str, target: str, student: str,
             reference: str, beta: float, counts, curve_key: str):
@@ -420,20 +534,32 @@ class Runner:
         to_run = [cell for cell in cells if cell[-1] is None]
         built: dict = {}  # the problem, its warm start, residual and labelled samples
         if to_run or not cells:  # with nothing to run, the problem's residual is still reported
-            prob, warm_start, exact, residual = self.problem(
-                experiment, adapter_spec, protocol, target, self.net.task_ref(student),
-                self.net.task_ref(reference), beta)
-            built.update(problem=prob, warm_start=warm_start, exact=exact, residual=residual)
-            # The labelled samples of each count and the teacher's fit of them, made here
-            # once for the cells' threads (every method of a count shares them).
-            built["transfer"] = {n: self.labelled(prob, experiment, target, n)
-                                 for n in sorted({cell[0] for cell in to_run if cell[0]})}
-            built["teacher_fit"] = {n: float(problem.teacher_fit(prob, transfer, n))
-                                    for n, transfer in built["transfer"].items()}
-        for cell in to_run:
-            n, method, fig5 = cell[:3]
-            cell[-1] = self.trainings.submit(functools.partial(
-                self._run_cell, built, experiment, target, method, n, fig5, beta))
+            setup = CellClock()
+            with setup.phase("setup"):
+                prob, warm_start, exact, residual = self.problem(
+                    experiment, adapter_spec, protocol, target, self.net.task_ref(student),
+                    self.net.task_ref(reference), beta)
+                built.update(problem=prob, warm_start=warm_start, exact=exact, residual=residual)
+                # The labelled samples of each count and the teacher's fit of them, made here
+                # once for the cells' threads (every method of a count shares them).
+                built["transfer"] = {n: self.labelled(prob, experiment, target, n)
+                                     for n in sorted({cell[0] for cell in to_run if cell[0]})}
+                built["teacher_fit"] = {n: float(problem.teacher_fit(prob, transfer, n))
+                                        for n, transfer in built["transfer"].items()}
+            self._charge(experiment, "problem", setup.seconds)
+        if batched_runs(c):  # a job per method: its cells train together on a runs axis
+            for method in dict.fromkeys(cell[1] for cell in to_run):
+                group = [cell for cell in to_run if cell[1] == method]
+                result = _once(self.trainings.submit(functools.partial(
+                    self._run_cells, built, experiment, target, method,
+                    [(cell[0], cell[2]) for cell in group], beta)))
+                for i, cell in enumerate(group):
+                    cell[-1] = functools.partial(lambda r, i: r()[i], result, i)
+        else:
+            for cell in to_run:
+                n, method, fig5 = cell[:3]
+                cell[-1] = self.trainings.submit(functools.partial(
+                    self._run_cell, built, experiment, target, method, n, fig5, beta))
         return {"experiment": experiment, "target": target, "adapter_spec": adapter_spec,
                 "beta": beta, "counts": counts, "curve_key": curve_key, "cells": cells,
                 "built": built}
@@ -447,7 +573,13 @@ class Runner:
             self.bar.set_postfix_str(f"{experiment} {target} {method} n={n}")
             if callable(stored):  # run now: its result, waited for
                 stored = stored()
+                saving = time.perf_counter()
                 self.store.save(experiment, target, name, key, *stored)
+                timing = stored[0].get("timing", {})
+                self._charge(experiment, method, {
+                    **{k.removesuffix("_s"): v for k, v in timing.items() if k.endswith("_s")},
+                    "io": time.perf_counter() - saving},
+                    {k: v for k, v in timing.items() if not k.endswith("_s")})
                 self.cells_run += 1
             else:
                 self.cells_reused += 1
@@ -467,6 +599,17 @@ class Runner:
         """Cancel the cells not started and wait for the running ones (after an error)."""
         self.trainings.close()
 
+    def _charge(self, experiment: str, what: str, seconds: dict, counts: dict | None = None
+                ) -> None:
+        """Add a cell's (or a problem's set-up) seconds and counts to :attr:`breakdown`."""
+        row = self.breakdown.setdefault(experiment, {}).setdefault(what, {})
+        for k, v in seconds.items():
+            row[f"{k}_s"] = row.get(f"{k}_s", 0.0) + float(v)
+        for k, v in (counts or {}).items():
+            row[k] = row.get(k, 0) + int(v)
+        if counts is not None:
+            row["runs"] = row.get("runs", 0) + 1
+
     def cell_spec(self, problem_spec: dict, method: str, n: int, fig5: bool,
                   task_name: str) -> dict:
         """What one cell depends on: its problem, method, sample count, whether it
@@ -484,58 +627,144 @@ class Runner:
 
     def _run_cell(self, built: dict, experiment: str, target: str, method: str, n: int,
                   fig5: bool, beta: float) -> tuple[dict, dict]:
-        """Train and evaluate one cell; returns its ``(record, arrays)`` for the store.
+        """Train and evaluate one cell; returns its ``(record, arrays)`` for the store
+        (:meth:`_run_cells` with one cell)."""
+        return self._run_cells(built, experiment, target, method, [(n, fig5)], beta)[0]
 
+    def _run_cells(self, built: dict, experiment: str, target: str, method: str,
+                   cells: list[tuple[int, bool]], beta: float) -> list[tuple[dict, dict]]:
+        """Train and evaluate one method's cells ``[(n, fig5), …]`` of a problem; returns
+        each cell's ``(record, arrays)`` for the store, in order.
+
+        Each round of trainings (the first attempts, then each restart of the runs
+        still unfit) goes through :meth:`train_runs`: one after another, or as one
+        batched computation (``config.transplant.runs_axis``).
         A run that diverges (:class:`~nettransplant.training.NonFiniteError`) is a
         *failed* cell: it keeps the last finite parameters, is evaluated with them
         and is named in ``record["failed"]``; the job goes on.
         """
         prob, warm_start, exact = built["problem"], built["warm_start"], built["exact"]
         task = prob.task
-        transfer = built["transfer"][n] if n else None
-        failed = None
-        if method == "back-distill" and n == 0 and exact:
-            params, history = warm_start, []
-        else:
+        runs: list[_CellRun] = []
+        for n, fig5 in cells:
+            what = f"{experiment} {target} {method} n={n}"
+            # The teacher on the same samples: a segmentation run's reference
+            # (fits_samples), and for classification what the report shows beside a
+            # run that did not fit.
+            runs.append(_CellRun(n, fig5, what, built["transfer"][n] if n else None,
+                                 built["teacher_fit"][n] if n else None, CellClock()))
+        to_train = []
+        for run in runs:
+            if method == "back-distill" and run.n == 0 and exact:
+                run.params, run.history = warm_start, []
+            else:
+                to_train.append(run)
+        writers = [metric_writers.open_writer(
+            self.logdir, f"transplants/{experiment}_{target}_{method}_n{run.n}")
+            if self.logdir is not None else None for run in to_train]
+        try:
             # back-distill starts at the closed-form optimum (the library's warm start);
             # every other row, RANDOM_INIT included, at the same random initialisation.
             init = warm_start if method == "back-distill" else prob.adapter_init
-            what = f"{experiment} {target} {method} n={n}"
-            writer = (metric_writers.open_writer(
-                self.logdir, f"transplants/{experiment}_{target}_{method}_n{n}")
-                if self.logdir is not None else None)
-            try:
-                params, history = self.fit(prob, method, transfer, n, init, what, writer)
-            except NonFiniteError as e:
-                params, history = e.state.params, []
-                failed = {"step": int(e.step), "message": str(e)}
-                message(f"failed cell {what}: diverged at step {e.step}; kept its last "
-                        "finite state and going on")
-            finally:
+            trained = self.train_runs(prob, method, [_Attempt(
+                run, init, writer=writer, stop_when=self.fitted(
+                    prob, run.transfer, run.n, run.reference),
+                check_every=early_end_every(self.config)) for run, writer in zip(
+                    to_train, writers, strict=True)])
+        finally:
+            for writer in writers:
                 if writer is not None:
                     writer.close()
-        train_fit = float(problem.training_fit(prob, params, transfer, n)) if n else None
-        # The teacher on the same samples: a segmentation run's reference (fits_samples),
-        # and for classification what the report shows beside a run that did not fit.
-        reference = built["teacher_fit"][n] if n else None
-        restarts = None
-        if failed is None and n and restart_count(self.config):
-            params, history, restarts = self._restart_unfit(
-                prob, method, transfer, n, params, history, train_fit,
+        for run, (params, history, error) in zip(to_train, trained, strict=True):
+            run.params, run.history = params, history
+            if error is not None:
+                run.failed = {"step": int(error.step), "message": str(error)}
+                message(f"failed cell {run.what}: diverged at step {error.step}; kept its "
+                        "last finite state and going on")
+        for run in runs:
+            if run.n:
+                with run.clock.phase("eval"):
+                    run.fits = [float(problem.training_fit(prob, run.params, run.transfer,
+                                                           run.n))]
+        if restart_count(self.config):
+            self._restart_rounds(
+                prob, method, [run for run in runs if run.n and run.failed is None],
                 jax.random.fold_in(problem_key(self.config, experiment, target), RESTART_SALT),
-                warm_start, f"{experiment} {target} {method} n={n}", reference)
-            train_fit = _best_fit(task, restarts)  # the kept attempt's
-        record = {"experiment": experiment, "category": target, "method": method,
-                  "samples": n, "metric": float(problem.evaluate(prob, params)),
-                  "metric_name": task.metric_name, "train_fit": train_fit,
-                  "teacher_fit": reference, "restarts": restarts,
-                  "losses": [h["loss"] for h in history], "beta": beta,
-                  "scalars": prob.scalars.as_dict(), "warm_start_residual": built["residual"],
-                  "live_draw_fraction": prob.live_draw_fraction, "failed": failed}
-        arrays = {f"params/{k}": v for k, v in cells_lib.flatten(params).items()}
-        if fig5:
-            arrays["fig5"] = np.asarray(problem.hidden_features(prob, params))
-        return record, arrays
+                warm_start)
+        out = []
+        for run in runs:
+            with run.clock.phase("eval"):
+                metric = float(problem.evaluate(prob, run.params))
+            record = {"experiment": experiment, "category": target, "method": method,
+                      "samples": run.n, "metric": metric, "metric_name": task.metric_name,
+                      "train_fit": _best_fit(task, run.fits) if run.fits else None,
+                      "teacher_fit": run.reference,
+                      "restarts": run.fits if run.n and run.failed is None
+                      and restart_count(self.config) else None,
+                      "losses": [h["loss"] for h in run.history], "beta": beta,
+                      "scalars": prob.scalars.as_dict(),
+                      "warm_start_residual": built["residual"],
+                      "live_draw_fraction": prob.live_draw_fraction, "failed": run.failed}
+            arrays = {f"params/{k}": v for k, v in cells_lib.flatten(run.params).items()}
+            if run.fig5:
+                with run.clock.phase("eval"):
+                    arrays["fig5"] = np.asarray(problem.hidden_features(prob, run.params))
+            record["timing"] = run.clock.as_dict()
+            out.append((record, arrays))
+        return out
+
+    def train_runs(self, prob, method: str, attempts: list[_Attempt]
+                   ) -> list[tuple[Any, list, NonFiniteError | None]]:
+        """Train ``attempts`` of ``method`` on ``prob``; ``(params, history, error)`` each.
+
+        One after another (:meth:`fit`), or all at once on a runs axis
+        (:func:`nettransplant.runs.train_runs`) when :func:`batched_runs` says so; the
+        numbers agree within float tolerance. Each attempt's clock gets its time
+        (batched: an equal share of the round's), steps and images.
+        """
+        if not attempts:
+            return []
+        if not batched_runs(self.config):
+            out = []
+            for a in attempts:
+                try:
+                    params, history = self.fit(
+                        a.prob or prob, method, a.run.transfer, a.run.n, a.init, a.what,
+                        a.writer, learning_rate=a.learning_rate, num_steps=a.num_steps,
+                        stop_when=a.stop_when, check_every=a.check_every, clock=a.run.clock)
+                    out.append((params, history, None))
+                except NonFiniteError as e:
+                    out.append((e.state.params, [], e))
+            return out
+        tc = self.config.transplant
+        objective = objective_of(method)
+        steps = self.steps(prob.task.name)
+        shared = CellClock()
+        with shared.phase("train"):
+            jobs = []
+            for a in attempts:
+                state = adapter_training.create_train_state(a.init, steps.optimizer)
+                if a.learning_rate is not None:
+                    state = problem.with_learning_rate(state, a.learning_rate)
+                jobs.append(runs_lib.Run(
+                    state, (a.prob or prob).scalars, a.run.transfer if a.run.n else None,
+                    a.run.n, self.config.seed + a.run.n, a.num_steps or tc.num_steps,
+                    a.stop_when if a.check_every else None, a.writer, a.what))
+            results = runs_lib.train_runs(
+                steps.runs(prob.transplant, objective), jobs, prob.frozen,
+                batch_size=tc.batch_size,
+                draws=prob.cache if objective == "back-distill" else None,
+                draws_per_step=tc.draws_per_step, log_every=tc.log_every,
+                check_every=attempts[0].check_every, mesh=runs_lib.runs_mesh())
+        loop_steps = max(r.steps for r in results)
+        for a, r in zip(attempts, results, strict=True):
+            for k, v in shared.seconds.items():
+                a.run.clock.seconds[k] = a.run.clock.seconds.get(k, 0.0) + v / len(attempts)
+            a.run.clock.attempts += 1
+            a.run.clock.steps += r.steps
+            a.run.clock.images += loop_steps * tc.batch_size if a.run.n else 0
+        return [(r.state.params, r.history if r.error is None else [], r.error)
+                for r in results]
 
     def _restart_unfit(self, prob, method: str, transfer, n: int, params, history,
                        train_fit: float, key, warm_start, what: str,
@@ -567,18 +796,27 @@ class Runner:
         moves). Returns ``(params, history, [train_fit of each attempt, None
         where one diverged])``.
         """
+        run = _CellRun(n, False, what, transfer, reference, CellClock(), params=params,
+                       history=history, fits=[train_fit])
+        self._restart_rounds(prob, method, [run], key, warm_start)
+        return run.params, run.history, run.fits
+
+    def _restart_rounds(self, prob, method: str, runs: list[_CellRun], key, warm_start
+                        ) -> None:
+        """:meth:`_restart_unfit` for several runs of one method, a round per attempt
+        (the round's runs trained together by :meth:`train_runs`); updates each run's
+        kept ``params``, ``history`` and ``fits``."""
         task = prob.task
-        fits = [train_fit]
-        best = (train_fit, params, history)
+        for run in runs:
+            run.best = (run.fits[0], run.params, run.history)
         warm = method == "back-distill"
         distills = objective_of(method) == "back-distill"
         budget = last_restart_budget(self.config)
-
-        def fitted(params) -> bool:  # the last restart ends at the first check it passes
-            return problem.fits_samples(
-                task.name, float(problem.training_fit(prob, params, transfer, n)), reference)
+        every = early_end_every(self.config)
         for attempt in range(1, restart_count(self.config) + 1):
-            if problem.fits_samples(task.name, best[0], reference):
+            unfit = [run for run in runs
+                     if not problem.fits_samples(task.name, run.best[0], run.reference)]
+            if not unfit:
                 break
             retry = prob  # λ is a jit argument: a weaker one does not recompile
             if distills:
@@ -586,32 +824,56 @@ class Runner:
                     lam=prob.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
             init = restart_init(self.config, prob.transplant, method, attempt, key, warm_start)
             longer = attempt == restart_count(self.config) and budget is not None
-            steps = self.steps(prob.task.name, attempt if warm and not longer else 0)
-            try:
-                params, history = self.fit(
-                    retry, method, transfer, n, init, f"{what} restart {attempt}", None,
-                    steps=steps,
-                    num_steps=self.config.transplant.num_steps * budget if longer else None,
-                    stop_when=fitted if longer else None)
-            except NonFiniteError as e:
-                message(f"{what}: restart {attempt} diverged at step {e.step}; not kept")
-                fits.append(None)
-                continue
-            fits.append(float(problem.training_fit(prob, params, transfer, n)))
-            if (fits[-1] > best[0]) if task.higher_is_better else (fits[-1] < best[0]):
-                best = (fits[-1], params, history)
-        return best[1], best[2], fits
+            rate = learning_rate(self.config, task.name)
+            if warm and not longer:
+                rate /= RETRY_RATE_DIVISOR ** attempt
+            trained = self.train_runs(prob, method, [_Attempt(
+                run, init, prob=retry, what=f"{run.what} restart {attempt}",
+                learning_rate=rate,
+                num_steps=self.config.transplant.num_steps * budget if longer else None,
+                stop_when=self.fitted(prob, run.transfer, run.n, run.reference)
+                if longer or every else None,
+                check_every=every or self.config.transplant.num_steps) for run in unfit])
+            for run, (params, history, error) in zip(unfit, trained, strict=True):
+                if error is not None:
+                    message(f"{run.what}: restart {attempt} diverged at step {error.step}; "
+                            "not kept")
+                    run.fits.append(None)
+                    continue
+                with run.clock.phase("eval"):
+                    run.fits.append(float(problem.training_fit(prob, params, run.transfer,
+                                                               run.n)))
+                better = (run.fits[-1] > run.best[0]) if task.higher_is_better \
+                    else (run.fits[-1] < run.best[0])
+                if better:
+                    run.best = (run.fits[-1], params, history)
+        for run in runs:
+            _, run.params, run.history = run.best
 
-    def steps(self, task_name: str, attempt: int = 0) -> problem.StepCache:
-        """The steps of ``task_name``'s runs: Adam at :func:`learning_rate`, divided by
-        ``RETRY_RATE_DIVISOR ** attempt`` for the warm start's restart ``attempt``."""
-        key = (task_name, attempt)
+    def steps(self, task_name: str) -> problem.StepCache:
+        """The steps of ``task_name``'s runs: Adam at :func:`learning_rate`, its rate in
+        the optimiser's state (:func:`problem.adam`), so a run at another rate
+        (:meth:`fit`'s ``learning_rate``) uses the same compiled steps."""
         with self._steps_lock:
-            if key not in self._steps:
-                rate = learning_rate(self.config, task_name) / RETRY_RATE_DIVISOR ** attempt
-                self._steps[key] = problem.StepCache(
-                    optax.adam(rate), mesh=self.mesh, weights=jacobian_weights(self.config))
-            return self._steps[key]
+            if task_name not in self._steps:
+                self._steps[task_name] = problem.StepCache(
+                    problem.adam(learning_rate(self.config, task_name)), mesh=self.mesh,
+                    weights=jacobian_weights(self.config))
+            return self._steps[task_name]
+
+    def fitted(self, prob, transfer, n: int, reference: float | None
+               ) -> Callable[[Any], bool] | None:
+        """``params → whether they fit the run's n labelled samples``
+        (:func:`problem.fits_samples`; a segmentation run against ``reference``), the
+        check that ends a run early; None for a zero-sample run (nothing to fit)."""
+        if not n:
+            return None
+        task = prob.task
+
+        def fits(params) -> bool:
+            return problem.fits_samples(
+                task.name, float(problem.training_fit(prob, params, transfer, n)), reference)
+        return fits
 
     def labelled(self, prob, experiment: str, target: str, n: int):
         """The ``n`` labelled samples of a run (:func:`nettransplant.data.few_shot` of the
@@ -625,26 +887,41 @@ class Runner:
             key=jax.random.fold_in(problem_key(c, experiment, target), n), pad_to=self.pad_to)
 
     def fit(self, prob, method: str, transfer, n: int, init, what: str, writer, *,
-             steps: problem.StepCache | None = None, num_steps: int | None = None,
-             stop_when=None):
+            steps: problem.StepCache | None = None, learning_rate: float | None = None,
+            num_steps: int | None = None, stop_when=None, check_every: int | None = None,
+            clock: CellClock | None = None):
         """:func:`nettransplant.problem.fit`, with the cell's name in errors and a metric log.
 
         ``steps`` / ``num_steps``: another optimiser or budget than the config's
-        (:mod:`nettransplant.experiments.fit_probe`); ``stop_when(params)``: checked
-        every ``config.transplant.num_steps`` steps, True ends the training there."""
+        (:mod:`nettransplant.experiments.fit_probe`); ``learning_rate``: another rate for
+        :meth:`steps`' optimiser (same compiled steps); ``stop_when(params)``: checked
+        every ``check_every`` steps (default ``config.transplant.num_steps``; 0: never),
+        True ends the training there; ``clock``: charged with the training's time,
+        steps and images."""
         tc = self.config.transplant
         if n == 0 and method != "back-distill":
             raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
         objective = objective_of(method)
         steps = steps or self.steps(prob.task.name)
-        state = adapter_training.create_train_state(init, steps.optimizer)
-        state, history = adapter_training.train_adapter(
-            steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
-            num_steps=num_steps or tc.num_steps, data=transfer if n else None, num_samples=n,
-            batch_size=tc.batch_size, draws=prob.cache if objective == "back-distill" else None,
-            draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
-            log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh,
-            stop_when=stop_when, check_every=tc.num_steps)
+        check_every = tc.num_steps if check_every is None else check_every
+        with clock.phase("train") if clock else contextlib.nullcontext():
+            state = adapter_training.create_train_state(init, steps.optimizer)
+            if learning_rate is not None:
+                state = problem.with_learning_rate(state, learning_rate)
+            state, history = adapter_training.train_adapter(
+                steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
+                num_steps=num_steps or tc.num_steps, data=transfer if n else None,
+                num_samples=n, batch_size=tc.batch_size,
+                draws=prob.cache if objective == "back-distill" else None,
+                draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
+                log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh,
+                stop_when=stop_when if check_every else None, check_every=check_every)
+            steps_run = int(state.step)
+        if clock is not None:
+            clock.attempts += 1
+            clock.steps += steps_run
+            clock.images += steps_run * (adapter_training.batch_rows(
+                n, tc.batch_size, self.mesh) if n else 0)
         return state.params, history
 
     def _absorb(self, record: dict, arrays: dict, experiment: str, target: str, method: str,
@@ -790,6 +1067,8 @@ def run(config, workdir: Path, progress: bool = True) -> dict:
     # holds the lock for them all.
     with WorkdirLock(workdir) if parallel.is_primary() else contextlib.nullcontext():
         check_writable(*(workdir / d for d in ("teachers", cells_lib.CELLS_DIR, "logs", "net")))
+        if config.get("compilation_cache", True):
+            use_compilation_cache(workdir)
         return _run_locked(config, workdir, start, progress)
 
 
@@ -895,7 +1174,8 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
         "transplants": transplants_done - teachers_done,
         "transplants_compile": compile_seconds() - teachers_compiled,
         "transplant_cells_run": runner.cells_run, "transplant_cells_reused": runner.cells_reused,
-        "transplant_threads": runner.trainings.workers}
+        "transplant_threads": runner.trainings.workers,
+        "transplant_breakdown": runner.breakdown}
     net = product_net(config, zoo_net, runner)
     results["runtime_s"] = time.perf_counter() - start
     write_outputs(config, workdir, results, zoo, runner, net)

@@ -12,6 +12,11 @@ them; without PyTorch it returns a one-line note instead.
 
 :func:`threads_section` times whole adapter trainings one after another and in
 threads (the main job's ``config.concurrent_cells``), rounds alternating.
+
+:func:`runs_section` times one problem's runs (every labelled sample count of the
+config) trained one at a time and as one batched computation on a runs axis
+(:mod:`nettransplant.runs`, the main job's ``config.transplant.runs_axis``), with
+the compile time of each way.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from nettransplant import closed_form, objectives, parallel, train, training
+from nettransplant import closed_form, objectives, parallel, problem, runs, train, training
 from nettransplant.adapter import Adapter
 from nettransplant.files import write_atomically
 from nettransplant.modules import CategoryModule, ClassificationTaskModule, category_channels
@@ -328,6 +333,101 @@ def threads_section(config, adapter: str, *, workers: int, fits: int, num_steps:
             "workers": workers, "fits": fits, "num_steps": num_steps,
             "timing": f"median over {rounds} rounds, one after another and in threads "
                       "alternating", "methods": methods}
+
+
+def _compile_seconds() -> float:
+    from nettransplant.experiments.paper import compile_seconds
+    return compile_seconds()
+
+
+def runs_section(config, adapter: str, *, runs_per_count: int, num_steps: int, rounds: int,
+                 num_draws: int, methods=("direct-learn", "back-distill")) -> dict:
+    """One problem's runs, one at a time and batched on a runs axis, rounds alternating.
+
+    The runs: ``runs_per_count`` seeds at each labelled sample count of the config
+    (random images, labels alternating), ``num_steps`` steps each, no early end, on
+    :func:`build_problem`'s problem for ``adapter``; per method in ``methods``.
+    Returns the headline keys (seconds of the problem: the methods' runs together,
+    and the compile of each way) and per method the same.
+    """
+    t, m = config.transplant, config.model
+    spec = tuple(config.adapters[adapter])
+    p = build_problem(config, spec, num_draws)
+    counts = [int(n) for n in config.sample_counts if n > 0] * runs_per_count
+    pad = max(max(counts), t.batch_size)
+    key = jax.random.key(config.seed + 2)
+    images = jax.random.uniform(key, (pad, m.image_size, m.image_size, 3))
+    features = p.transplant.features(p.params, images)
+    labels = jnp.arange(pad) % 2
+    data = {n: objectives.make_transfer_data(p.transplant, p.frozen, features[:n], labels[:n],
+                                             key=key, pad_to=pad) for n in set(counts)}
+    optimizer, mesh = problem.adam(t.learning_rate), one_device()
+    out: dict[str, Any] = {"adapter": {"name": adapter, "description": ADAPTERS[adapter]},
+                           "counts": counts, "num_steps": num_steps,
+                           "timing": f"median over {rounds} rounds, both ways alternating",
+                           "methods": {}}
+    for method in methods:
+        steps = problem.StepCache(optimizer, mesh=mesh)
+        draws = p.cache if method == "back-distill" else None
+
+        def alone(method=method, steps=steps, draws=draws):
+            for i, n in enumerate(counts):
+                state = train.create_train_state(p.adapter_params, optimizer)
+                state, _ = train.train_adapter(
+                    steps(p.transplant, method), state, p.frozen, p.scalars,
+                    num_steps=num_steps, data=data[n], num_samples=n,
+                    batch_size=t.batch_size, draws=draws, draws_per_step=t.draws_per_step,
+                    seed=i, progress=False, log_every=num_steps, mesh=mesh)
+                jax.block_until_ready(state.params)
+
+        def batched(method=method, steps=steps, draws=draws):
+            jobs = [runs.Run(train.create_train_state(p.adapter_params, optimizer), p.scalars,
+                             data[n], n, i, num_steps) for i, n in enumerate(counts)]
+            results = runs.train_runs(steps.runs(p.transplant, method), jobs, p.frozen,
+                                      batch_size=t.batch_size, draws=draws,
+                                      draws_per_step=t.draws_per_step, log_every=num_steps)
+            jax.block_until_ready([r.state.params for r in results])
+
+        compile_s = {}
+        for name, fn in (("one_at_a_time", alone), ("batched", batched)):
+            before = _compile_seconds()
+            fn()  # compiled (and warmed up) before timing
+            compile_s[name] = _compile_seconds() - before
+        times: dict[str, list[float]] = {"one_at_a_time": [], "batched": []}
+        for _ in tqdm(range(rounds), desc=f"{method}: {len(counts)} runs, one at a time "
+                      "and batched", leave=False):
+            for name, fn in (("one_at_a_time", alone), ("batched", batched)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        one, batch = (statistics.median(times[k]) for k in ("one_at_a_time", "batched"))
+        out["methods"][method] = {"one_at_a_time_s": one, "batched_s": batch,
+                                  "speedup": one / batch,
+                                  "compile_one_at_a_time_s": compile_s["one_at_a_time"],
+                                  "compile_batched_s": compile_s["batched"]}
+    rows = out["methods"].values()
+    out.update({"transplant_problem_batched_s": sum(r["batched_s"] for r in rows),
+                "transplant_problem_one_at_a_time_s": sum(r["one_at_a_time_s"] for r in rows),
+                "transplant_runs": len(counts),
+                "transplant_compile_batched_s": sum(r["compile_batched_s"] for r in rows),
+                "transplant_compile_one_at_a_time_s": sum(r["compile_one_at_a_time_s"]
+                                                          for r in rows)})
+    return out
+
+
+def format_runs_table(section: dict) -> str:
+    """Per method: a problem's runs one at a time and batched (seconds, compile) and the
+    ratio."""
+    header = (f"{section['transplant_runs']} runs (samples {section['counts']}) of "
+              f"{section['num_steps']} steps, adapter {section['adapter']['name']}: one at a "
+              f"time vs batched on a runs axis; {section['timing']}")
+    rows = [("method", "one at a time", "batched", "speedup", "compile 1-at-a-time",
+             "compile batched")]
+    for name, r in section["methods"].items():
+        rows.append((name, f"{r['one_at_a_time_s']:.2f}s", f"{r['batched_s']:.2f}s",
+                     f"{r['speedup']:.2f}", f"{r['compile_one_at_a_time_s']:.1f}s",
+                     f"{r['compile_batched_s']:.1f}s"))
+    return "\n".join([header, *_aligned(rows)])
 
 
 def format_threads_table(section: dict) -> str:

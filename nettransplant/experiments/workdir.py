@@ -85,3 +85,37 @@ def check_writable(*folders: str | os.PathLike) -> None:
         except OSError as e:
             raise PermissionError(f"cannot write in {folder}: {e.strerror or e}; the run "
                                   "needs a writable workdir (see --workdir)") from None
+
+
+COMPILATION_CACHE = "jax_cache"
+
+
+def use_compilation_cache(workdir: str | os.PathLike) -> Path | None:
+    """Keep XLA's compiled programs in ``workdir/jax_cache`` (JAX's persistent compilation
+    cache), so a resumed or repeated run loads them instead of compiling again.
+
+    Every program is kept, however quickly it compiled: the job's are many and small.
+    A cache the user set (``JAX_COMPILATION_CACHE_DIR``) is left as it is.
+    Returns the cache folder in use (None: none could be made).
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    current = jax.config.jax_compilation_cache_dir
+    if current and current != _cache_set_here[0]:
+        return Path(current)
+    directory = Path(workdir) / COMPILATION_CACHE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a cache is an optimisation: without one the job only compiles more
+    if str(directory) != current:
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        compilation_cache.reset_cache()  # a process that compiled before decided without one
+        _cache_set_here[0] = str(directory)
+    return directory
+
+
+_cache_set_here: list[str | None] = [None]  # the folder use_compilation_cache chose last
