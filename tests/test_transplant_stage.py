@@ -207,7 +207,7 @@ def test_a_fit_check_computes_only_the_runs_own_samples(cell, labelled, monkeypa
 def test_runs_axis_is_validated_by_name():
     config = trimmed_quick_config()
     config.transplant.runs_axis = "sideways"
-    with pytest.raises(ValueError, match=r"config\.transplant\.runs_axis: expected one of "
+    with pytest.raises(ValueError, match=r"config\.transplant\.runs_axis must be one of "
                                          r"auto, batched, one_at_a_time, got 'sideways'"):
         validate_config(config)
     config.transplant.runs_axis = "auto"

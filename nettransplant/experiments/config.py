@@ -131,7 +131,7 @@ def _check_numbers(config) -> None:
 # naming the field).
 def _check_runs_axis(value, where: str) -> None:
     if value not in runs.MODES:
-        raise ValueError(f"{where}: expected one of {', '.join(runs.MODES)}, got {value!r}")
+        raise ValueError(f"{where} must be one of {', '.join(runs.MODES)}, got {value!r}")
 
 
 CHOICE_FIELDS: tuple[tuple[str, Callable[[object, str], None]], ...] = (
