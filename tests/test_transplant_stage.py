@@ -83,6 +83,21 @@ def _stop_after(calls: int):
     return stop
 
 
+def _count_traces(monkeypatch, module, *, n: int) -> list:
+    """Every loss ``module`` makes from here on, wrapped in ``chex.assert_max_traces(n)``;
+    returns the list they are added to."""
+    made = []
+    loss = train.objective_loss
+    chex.clear_trace_counter()
+
+    def counted(*args, **kwargs):
+        made.append(chex.assert_max_traces(loss(*args, **kwargs), n=n))
+        return made[-1]
+
+    monkeypatch.setattr(module, "objective_loss", counted)
+    return made
+
+
 @pytest.mark.parametrize("method", problem.SEGMENTATION_METHODS)
 def test_batched_runs_equal_the_same_runs_one_at_a_time(cell, labelled, method):
     """Every objective; runs of 10 (fewer than a batch: padded, masked rows), 20 and 50
@@ -143,15 +158,7 @@ def test_one_compiled_step_per_method_for_every_count_rate_and_restart(cell, lab
 
     (chex counts the traces of every loss made at one place together: two methods, two
     shapes each.)"""
-    made = []
-    loss = train.objective_loss
-    chex.clear_trace_counter()
-
-    def counted(*args, **kwargs):
-        made.append(chex.assert_max_traces(loss(*args, **kwargs), n=4))
-        return made[-1]
-
-    monkeypatch.setattr(train, "objective_loss", counted)
+    made = _count_traces(monkeypatch, train, n=4)
     runner = cell.runner
     runner._steps.clear()  # steps made from here on are counted
     prob = cell.problem
@@ -167,15 +174,7 @@ def test_one_compiled_step_per_method_for_every_count_rate_and_restart(cell, lab
 
 
 def test_the_batched_path_traces_one_step_per_method(cell, labelled, monkeypatch):
-    made = []
-    loss = train.objective_loss
-    chex.clear_trace_counter()
-
-    def counted(*args, **kwargs):
-        made.append(chex.assert_max_traces(loss(*args, **kwargs), n=1))
-        return made[-1]
-
-    monkeypatch.setattr(runs, "objective_loss", counted)
+    made = _count_traces(monkeypatch, runs, n=1)
     cell.runner._steps.clear()
     prob, tc = cell.problem, cell.config.transplant
     step = cell.runner.steps("segmentation").runs(prob.transplant, "direct-learn")
