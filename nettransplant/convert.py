@@ -26,9 +26,10 @@ Inputs are NHWC float32 images normalised as torchvision expects (RGB in
 
 State dicts come from a ``.pth``/``.pt``/``.bin`` file (needs PyTorch; read
 with ``torch.load(weights_only=True)``, so a file cannot run code), a
-``.safetensors`` file (parsed with numpy alone, header checked before any data
-is read), or memory (a mapping of torch tensors or numpy arrays), in float32,
-float16 or bfloat16; parameters come out float32. A checkpoint dict wrapping the
+``.safetensors`` file (read with the safetensors library, no PyTorch needed;
+its header checked before any data is loaded), or memory (a mapping of torch
+tensors or numpy arrays), in float32, float16 or bfloat16; parameters come out
+float32. A checkpoint dict wrapping the
 weights (``{"state_dict": ..., "epoch": ...}``) is unwrapped when exactly one
 state dict sits under a :data:`WRAPPER_KEYS` entry, or under the entry named
 by ``key``. A ``module.`` prefix on *every* key (what
@@ -54,7 +55,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  # gives numpy the bfloat16 that safetensors reads BF16 as
 import numpy as np
+import safetensors
 
 from nettransplant import modules
 
@@ -165,19 +168,18 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 # one readable line even for a state dict of another architecture.
 MAX_LISTED_KEYS = 10
 
-# safetensors dtype codes read here → little-endian numpy dtypes. BF16 has no
-# numpy dtype: it is read as its uint16 bit pattern and widened to float32,
-# which holds every bfloat16 value exactly.
+# safetensors dtype codes read here, with their bytes per element. BF16 tensors
+# arrive as ml_dtypes' bfloat16 and are widened to float32, which holds every
+# bfloat16 value exactly.
 SAFETENSORS_DTYPES = {
-    "BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "F16": "<f2",
-    "BF16": "<u2", "U32": "<u4", "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8",
-    "F64": "<f8",
+    "BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4,
+    "F32": 4, "U64": 8, "I64": 8, "F64": 8,
 }
-# Codes the format defines that have no exact numpy reading here.
-UNSUPPORTED_SAFETENSORS_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4",
-                                  "C64")
-# The reference implementation refuses larger headers; so does this reader,
-# which also keeps a corrupt length field from allocating gigabytes.
+# Codes the format defines that have no exact numpy reading here; refused from
+# the header, before any data is loaded.
+UNSUPPORTED_SAFETENSORS_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+                                  "F6_E2M3", "F6_E3M2", "F4", "C64")
+# The largest header safetensors reads; a longer length field is named as such.
 SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
 
 
@@ -250,87 +252,28 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _safetensors_entries(header: Mapping[str, Any], data_bytes: int,
-                         fail: Callable[[str], ValueError],
-                         ) -> list[tuple[str, str, tuple[int, ...], int, int]]:
-    """Check a parsed safetensors header against the data section's length.
-
-    Args:
-      header: the header's JSON object.
-      data_bytes: bytes after the header.
-      fail: ``reason → ValueError`` naming the file.
-    Returns:
-      ``(name, dtype code, shape, begin, end)`` per tensor, ordered by offset.
-    """
-    entries = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
-                raise fail("its __metadata__ is not a mapping of strings to strings")
-            continue
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise fail(f"header entry {name!r} is not an object with dtype, shape and "
-                       "data_offsets")
-        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if code not in SAFETENSORS_DTYPES:
-            if code in UNSUPPORTED_SAFETENSORS_DTYPES:
-                raise fail(f"tensor {name!r} has dtype {code}, which cannot be read exactly "
-                           f"(readable: {', '.join(SAFETENSORS_DTYPES)}); re-save it as F32, "
-                           "F16 or BF16")
-            raise fail(f"tensor {name!r} has dtype {code!r}, which is not a safetensors dtype "
-                       f"(readable: {', '.join(SAFETENSORS_DTYPES)})")
-        if not _is_int_list(shape) or any(d < 0 for d in shape):
-            raise fail(f"tensor {name!r} has shape {shape!r}, not a list of non-negative "
-                       "integers")
-        if not _is_int_list(offsets) or len(offsets) != 2:
-            raise fail(f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
-        begin, end = offsets
-        if not 0 <= begin <= end:
-            raise fail(f"tensor {name!r} has data_offsets [{begin}, {end}], not "
-                       "0 <= begin <= end")
-        if end > data_bytes:
-            raise fail(f"tensor {name!r} has data_offsets [{begin}, {end}] past the end of the "
-                       f"{data_bytes}-byte data section (truncated file?)")
-        expected = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[code]).itemsize
-        if end - begin != expected:
-            raise fail(f"tensor {name!r} ({code}, shape {tuple(shape)}) needs {expected} bytes "
-                       f"but its data_offsets [{begin}, {end}] span {end - begin}")
-        entries.append((name, code, tuple(shape), begin, end))
-    # The format packs the tensors back to back: a gap, an overlap or bytes left
-    # over mean the offsets (or the header length) do not describe this file,
-    # and reading on would return shifted, wrong weights.
-    entries.sort(key=lambda e: (e[3], e[4]))
-    position, previous = 0, None
-    for name, _, _, begin, end in entries:
-        if begin < position:
-            raise fail(f"tensors {previous!r} and {name!r} overlap (byte {begin} is in both)")
-        if begin > position:
-            where = f"after {previous!r}" if previous is not None else "before the first tensor"
-            raise fail(f"{begin - position} unused bytes {where} (at data byte {position}); "
-                       "the offsets do not describe the data")
-        position, previous = end, name
-    if position != data_bytes:
-        raise fail(f"the tensors span {position} bytes but the data section holds {data_bytes} "
-                   "(a wrong header length, or bytes appended to the file)")
-    return entries
+def _unreadable_dtype(name: str, code: object) -> str:
+    """Why tensor ``name`` of safetensors dtype ``code`` is not read."""
+    readable = ", ".join(SAFETENSORS_DTYPES)
+    if code in UNSUPPORTED_SAFETENSORS_DTYPES:
+        return (f"tensor {name!r} has dtype {code}, which cannot be read exactly (readable: "
+                f"{readable}); re-save it as F32, F16 or BF16")
+    return (f"tensor {name!r} has dtype {code!r}, which is not a safetensors dtype (readable: "
+            f"{readable})")
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read a ``.safetensors`` file with numpy alone, checking the whole header first.
+def _safetensors_header(path: Path, fail: Callable[[str], ValueError],
+                        ) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the number of data bytes after it.
 
-    The layout is an 8-byte little-endian header length N, N bytes of JSON
-    (``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, offsets into
-    the data that follows), then the data. Parsing it here rather than with
-    ``safetensors.numpy`` reads BF16 without PyTorch and names what is wrong.
+    Used to refuse a header that names a tensor twice (safetensors keeps the
+    last; the format forbids it) and to say what is wrong with a file that
+    safetensors refused. No tensor data is read.
 
-    Returns:
-      ``{name: array}``; BF16 tensors as float32.
     Raises:
-      ValueError: ``cannot read <path> as a safetensors file: <reason>``.
+      ValueError (from ``fail``): the length field, the encoding or the JSON is
+        wrong, a name is given twice, or the header is not a JSON object.
     """
-    def fail(reason: str) -> ValueError:
-        return ValueError(f"cannot read {path} as a safetensors file: {reason}")
-
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -345,31 +288,100 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise fail(f"its header length field says {header_bytes} bytes, more than the "
                        f"format's {SAFETENSORS_MAX_HEADER_BYTES} (not a safetensors file?)")
         raw_header = f.read(header_bytes)
-        try:
-            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-        except UnicodeDecodeError as e:
-            raise fail(f"its header is not UTF-8 text (byte {e.start})") from e
-        except _DuplicateKey as e:
-            raise fail(f"its header names {e.args[0]!r} twice") from e
-        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-            reason = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else e
-            raise fail(f"its header is not JSON ({_one_line(reason)})") from e
-        if not isinstance(header, dict):
-            raise fail(f"its header is a JSON {type(header).__name__}, not an object")
-        data_start = 8 + header_bytes
-        entries = _safetensors_entries(header, size - data_start, fail)
-        tensors: dict[str, np.ndarray] = {}
-        for name, code, shape, begin, end in entries:
-            f.seek(data_start + begin)
-            buffer = f.read(end - begin)
-            if len(buffer) != end - begin:  # the file shrank while being read
-                raise fail(f"tensor {name!r} ends past the end of the file")
-            array = np.frombuffer(buffer, SAFETENSORS_DTYPES[code])
-            array = array.astype(array.dtype.newbyteorder("="), copy=False)
-            if code == "BF16":  # bfloat16 is the upper half of a float32
-                array = (array.astype(np.uint32) << 16).view(np.float32)
-            tensors[name] = array.reshape(shape)
-    return tensors
+    try:
+        header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise fail(f"its header is not UTF-8 text (byte {e.start})") from e
+    except _DuplicateKey as e:
+        raise fail(f"its header names {e.args[0]!r} twice") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        reason = f"{e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError) else e
+        raise fail(f"its header is not JSON ({_one_line(reason)})") from e
+    if not isinstance(header, dict):
+        raise fail(f"its header is a JSON {type(header).__name__}, not an object")
+    return header, size - 8 - header_bytes
+
+
+def _safetensors_fault(header: Mapping[str, Any], data_bytes: int) -> str | None:
+    """The first entry of a safetensors header that does not describe the data, named.
+
+    Says why safetensors refused a file, which its own error does not always
+    tell (e.g. which tensor's shape, dtype and offsets disagree); None when
+    every entry is consistent.
+    """
+    entries = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                return "its __metadata__ is not a mapping of strings to strings"
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            return f"header entry {name!r} is not an object with dtype, shape and data_offsets"
+        code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if code not in SAFETENSORS_DTYPES:
+            return _unreadable_dtype(name, code)
+        if not _is_int_list(shape) or any(d < 0 for d in shape):
+            return f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers"
+        if not _is_int_list(offsets) or len(offsets) != 2:
+            return f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]"
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            return f"tensor {name!r} has data_offsets [{begin}, {end}], not 0 <= begin <= end"
+        if end > data_bytes:
+            return (f"tensor {name!r} has data_offsets [{begin}, {end}] past the end of the "
+                    f"{data_bytes}-byte data section (truncated file?)")
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[code]
+        if end - begin != expected:
+            return (f"tensor {name!r} ({code}, shape {tuple(shape)}) needs {expected} bytes but "
+                    f"its data_offsets [{begin}, {end}] span {end - begin}")
+        entries.append((name, begin, end))
+    # The format packs the tensors back to back: a gap, an overlap or bytes left
+    # over mean the offsets (or the header length) do not describe this file.
+    entries.sort(key=lambda e: (e[1], e[2]))
+    position, previous = 0, None
+    for name, begin, end in entries:
+        if begin < position:
+            return f"tensors {previous!r} and {name!r} overlap (byte {begin} is in both)"
+        if begin > position:
+            where = f"after {previous!r}" if previous is not None else "before the first tensor"
+            return (f"{begin - position} unused bytes {where} (at data byte {position}); the "
+                    "offsets do not describe the data")
+        position, previous = end, name
+    if position != data_bytes:
+        return (f"the tensors span {position} bytes but the data section holds {data_bytes} "
+                "(a wrong header length, or bytes appended to the file)")
+    return None
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read a ``.safetensors`` file with the safetensors library (no PyTorch needed).
+
+    safetensors checks the header when it opens the file (length, JSON, dtype
+    codes, shapes, and offsets that tile the data section exactly); the header
+    is then checked for a name given twice and every tensor's dtype for an
+    exact numpy reading, all before any tensor data is loaded. A file
+    safetensors refuses is refused with the entry at fault named where one is.
+
+    Returns:
+      ``{name: array}``; BF16 tensors as float32.
+    Raises:
+      ValueError: ``cannot read <path> as a safetensors file: <reason>``.
+    """
+    def fail(reason: str) -> ValueError:
+        return ValueError(f"cannot read {path} as a safetensors file: {reason}")
+
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            _safetensors_header(path, fail)  # a name given twice: safetensors keeps the last
+            dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+            for name, code in dtypes.items():
+                if code not in SAFETENSORS_DTYPES:
+                    raise fail(_unreadable_dtype(name, code))
+            # ml_dtypes gives numpy a bfloat16 for BF16 tensors; _to_numpy widens it.
+            return {name: f.get_tensor(name) for name in dtypes}
+    except safetensors.SafetensorError as e:
+        header, data_bytes = _safetensors_header(path, fail)
+        raise fail(_safetensors_fault(header, data_bytes) or _one_line(e)) from e
 
 
 def _torch_load_error(path: Path, error: Exception) -> ValueError:
@@ -391,7 +403,7 @@ def _torch_load_error(path: Path, error: Exception) -> ValueError:
 
 
 def _load_file(path: Path) -> Any:
-    """Read a ``.safetensors`` (numpy only) or PyTorch (``torch.load``) state dict file."""
+    """Read a ``.safetensors`` (safetensors) or PyTorch (``torch.load``) state dict file."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a weights file")
     if not path.is_file():
@@ -460,7 +472,7 @@ def read_state_dict(source: StateDictSource, key: str | None = None,
     """Read a state dict as numpy arrays, keys with a common ``module.`` prefix stripped.
 
     Args:
-      source: a ``.safetensors`` path (read with numpy alone; F16/BF16/F32/...),
+      source: a ``.safetensors`` path (read with safetensors; F16/BF16/F32/...),
         any other path (read with ``torch.load(weights_only=True)``, which runs no
         code from the file), or a mapping of tensors/arrays.
       key: the entry of a checkpoint dict holding the weights (``"state_dict"``,

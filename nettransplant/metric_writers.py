@@ -10,7 +10,7 @@ logged step, so a long run can be watched live:
 * :class:`TensorBoardWriter` writes event files with ``tensorboardX`` (no
   TensorFlow needed): ``tensorboard --logdir W/logs``;
 * :func:`open_writer` gives both (TensorBoard only when ``tensorboardX`` is
-  installed: ``pip install tensorboardX``).
+  installed: ``pip install "nettransplant[tensorboard]"``).
 
 Only process 0 of a multi-process run writes.
 """
@@ -64,7 +64,11 @@ class TensorBoardWriter:
     """TensorBoard event files in ``logdir`` via ``tensorboardX``."""
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise ImportError("TensorBoard event files need tensorboardX: "
+                              'pip install "nettransplant[tensorboard]"') from e
         self._writer = SummaryWriter(str(logdir))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
