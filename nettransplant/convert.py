@@ -64,6 +64,8 @@ from nettransplant import modules
 Array = jax.Array
 Params = dict[str, Any]
 StateDictSource = str | os.PathLike | Mapping[str, Any]
+# check(layout, origin) of read_state_dict: raises to refuse a file before its data is loaded.
+LayoutCheck = Callable[[Mapping[str, np.ndarray], str], Any]
 
 ARCHITECTURE = "vgg16"
 IMAGENET_CLASSES = 1000
@@ -174,6 +176,12 @@ MAX_LISTED_KEYS = 10
 SAFETENSORS_DTYPES = {
     "BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2, "U32": 4, "I32": 4,
     "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+# The numpy dtype each of those codes is returned as.
+SAFETENSORS_READ_AS = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "F16": "float16", "BF16": "float32", "U32": "uint32", "I32": "int32", "F32": "float32",
+    "U64": "uint64", "I64": "int64", "F64": "float64",
 }
 # Codes the format defines that have no exact numpy reading here; refused from
 # the header, before any data is loaded.
@@ -353,13 +361,21 @@ def _safetensors_fault(header: Mapping[str, Any], data_bytes: int) -> str | None
     return None
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _strip_data_parallel_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the ``module.`` prefix, when every key has it."""
+    if state and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state):
+        return {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def _read_safetensors(path: Path, check: LayoutCheck | None = None) -> dict[str, np.ndarray]:
     """Read a ``.safetensors`` file with the safetensors library (no PyTorch needed).
 
     safetensors checks the header when it opens the file (length, JSON, dtype
     codes, shapes, and offsets that tile the data section exactly); the header
-    is then checked for a name given twice and every tensor's dtype for an
-    exact numpy reading, all before any tensor data is loaded. A file
+    is then checked for a name given twice, every tensor's dtype for an exact
+    numpy reading, and the names and shapes by ``check`` (see
+    :func:`read_state_dict`), all before any tensor data is loaded. A file
     safetensors refuses is refused with the entry at fault named where one is.
 
     Returns:
@@ -373,12 +389,19 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         with safetensors.safe_open(str(path), framework="numpy") as f:
             _safetensors_header(path, fail)  # a name given twice: safetensors keeps the last
-            dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
-            for name, code in dtypes.items():
+            layout = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                code = piece.get_dtype()
                 if code not in SAFETENSORS_DTYPES:
                     raise fail(_unreadable_dtype(name, code))
+                # Zero-memory stand-ins: the shape, and the dtype the tensor is read as.
+                layout[name] = np.broadcast_to(np.zeros((), SAFETENSORS_READ_AS[code]),
+                                               tuple(piece.get_shape()))
+            if check is not None:
+                check(_strip_data_parallel_prefix(layout), str(path))
             # ml_dtypes gives numpy a bfloat16 for BF16 tensors; _to_numpy widens it.
-            return {name: f.get_tensor(name) for name in dtypes}
+            return {name: f.get_tensor(name) for name in layout}
     except safetensors.SafetensorError as e:
         header, data_bytes = _safetensors_header(path, fail)
         raise fail(_safetensors_fault(header, data_bytes) or _one_line(e)) from e
@@ -402,15 +425,16 @@ def _torch_load_error(path: Path, error: Exception) -> ValueError:
         f"cannot read {path} as a PyTorch state dict: {type(error).__name__}: {_one_line(text)}")
 
 
-def _load_file(path: Path) -> Any:
-    """Read a ``.safetensors`` (safetensors) or PyTorch (``torch.load``) state dict file."""
+def _load_file(path: Path, check: LayoutCheck | None = None) -> Any:
+    """Read a ``.safetensors`` (safetensors; ``check`` its layout first) or PyTorch
+    (``torch.load``) state dict file."""
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a weights file")
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix.lower() == ".safetensors":
         try:
-            return _read_safetensors(path)
+            return _read_safetensors(path, check)
         except OSError as e:
             raise ValueError(f"cannot read {path} as a safetensors file: {_one_line(e)}") from e
     try:
@@ -467,7 +491,8 @@ def _find_wrapped(raw: Any, origin: str) -> tuple[Any, str]:
     return value, origin + "".join(f"[{part!r}]" for part in path)
 
 
-def read_state_dict(source: StateDictSource, key: str | None = None,
+def read_state_dict(source: StateDictSource, key: str | None = None, *,
+                    check: LayoutCheck | None = None,
                     ) -> tuple[dict[str, np.ndarray], str]:
     """Read a state dict as numpy arrays, keys with a common ``module.`` prefix stripped.
 
@@ -479,6 +504,12 @@ def read_state_dict(source: StateDictSource, key: str | None = None,
         ``"model"``, ...; ``"a/b"`` for entry b of entry a). None: the source
         itself if it is a flat state dict, else the single state dict found
         under one of :data:`WRAPPER_KEYS`, one or two levels deep.
+      check: called as ``check(layout, origin)`` before a ``.safetensors``
+        file's data is loaded (with ``key`` None): ``layout`` maps every name (a
+        common ``module.`` prefix stripped) to a zero-memory array of the
+        tensor's shape and of the dtype it is read as, and whatever ``check``
+        raises refuses the file unread (e.g. :func:`validate_vgg16_state_dict`).
+        Other sources are read whole; check them afterwards.
     Returns:
       ``(state_dict, origin)``: float tensors keep their precision, except
       bfloat16 which becomes float32; ``origin`` names the file and entry (or
@@ -493,7 +524,7 @@ def read_state_dict(source: StateDictSource, key: str | None = None,
         raw, origin = source, "the state dict"
     elif isinstance(source, str | os.PathLike):
         path = Path(source).expanduser()
-        raw, origin = _load_file(path), str(path)
+        raw, origin = _load_file(path, check if key is None else None), str(path)
     else:
         raise TypeError(
             "expected a path to a .pth/.safetensors file or a state dict mapping, got "
@@ -522,9 +553,7 @@ def read_state_dict(source: StateDictSource, key: str | None = None,
                 "key=NAME (--key NAME on the command line)" if nested else "")
         raise ValueError(f"{origin} is not a flat state dict of tensors: non-tensor entries "
                          f"{_summarise(not_arrays)}{hint}")
-    if state and all(k.startswith(DATA_PARALLEL_PREFIX) for k in state):
-        state = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state.items()}
-    return state, origin
+    return _strip_data_parallel_prefix(state), origin
 
 
 def validate_vgg16_state_dict(state: Mapping[str, np.ndarray], origin: str = "the state dict",
@@ -721,7 +750,7 @@ def load_torchvision_vgg16(source: StateDictSource, *, num_outputs: int | None =
         :func:`validate_vgg16_state_dict`), or an unreadable file (see
         :func:`read_state_dict`).
     """
-    state, origin = read_state_dict(source, key=state_dict_key)
+    state, origin = read_state_dict(source, key=state_dict_key, check=validate_vgg16_state_dict)
     return vgg16_from_state_dict(state, origin, num_outputs=num_outputs, key=key)
 
 

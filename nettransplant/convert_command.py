@@ -89,7 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _convert(args: argparse.Namespace) -> int:
     """Read, convert, optionally verify, then write: nothing is written before the end."""
-    state, origin = convert.read_state_dict(args.weights, key=args.key)
+    # A .safetensors file's names and shapes are checked before its data is loaded.
+    state, origin = convert.read_state_dict(args.weights, key=args.key,
+                                            check=convert.validate_vgg16_state_dict)
     model, params = convert.vgg16_from_state_dict(
         state, origin, num_outputs=args.num_outputs, key=args.seed)
     num_outputs = model.classification_module.num_outputs

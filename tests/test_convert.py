@@ -7,12 +7,15 @@ itself is not needed) and random weights with non-zero biases.
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 from safetensors.numpy import save_file
 
 from launch import convert_torchvision
@@ -330,6 +333,114 @@ def test_bad_files_are_clear_errors(tmp_path, state_dict):
         convert.load_torchvision_vgg16(bad)
     with pytest.raises(TypeError, match="got int"):
         convert.load_torchvision_vgg16(3)  # type: ignore[arg-type]
+
+
+class _RecordingSafeOpen:
+    """``safetensors.safe_open`` that records which tensors' data were loaded."""
+
+    loaded: list[str] = []
+    safe_open = safetensors.safe_open  # the library's, before the fixture replaces it
+
+    def __init__(self, *args, **kwargs):
+        self._file = type(self).safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self._handle = self._file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+    def keys(self):
+        return self._handle.keys()
+
+    def get_slice(self, name):
+        return self._handle.get_slice(name)
+
+    def get_tensor(self, name):
+        type(self).loaded.append(name)
+        return self._handle.get_tensor(name)
+
+
+@pytest.fixture
+def recording_safe_open(monkeypatch):
+    monkeypatch.setattr(_RecordingSafeOpen, "loaded", [])
+    monkeypatch.setattr(convert.safetensors, "safe_open", _RecordingSafeOpen)
+    return _RecordingSafeOpen
+
+
+def _write_safetensors_header(path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_a_safetensors_layout_is_refused_before_its_data_is_loaded(tmp_path,
+                                                                    recording_safe_open):
+    path = tmp_path / "partial.safetensors"
+    save_file({"module.features.0.weight": np.zeros((64, 3, 3, 3), np.float32),
+               "module.features.0.bias": np.zeros(64, np.float32)}, str(path))
+    with pytest.raises(ValueError, match=r"partial\.safetensors is not a torchvision vgg16 "
+                                         r"state dict: missing keys \(30\)"):
+        convert.load_torchvision_vgg16(path)
+    assert recording_safe_open.loaded == []
+    # The check sees the names (prefix stripped), shapes and read dtypes; the data follow.
+    seen = {}
+    state, _ = convert.read_state_dict(path, check=lambda layout, origin: seen.update(
+        {k: (v.shape, v.dtype) for k, v in layout.items()}))
+    assert seen == {"features.0.weight": ((64, 3, 3, 3), np.float32),
+                    "features.0.bias": ((64,), np.float32)}
+    assert sorted(recording_safe_open.loaded) == sorted(f"module.{k}" for k in seen)
+    assert sorted(state) == sorted(seen)
+
+
+def test_an_unreadable_safetensors_dtype_is_refused_before_any_data_is_loaded(
+        tmp_path, recording_safe_open):
+    path = tmp_path / "fp8.safetensors"
+    _write_safetensors_header(path, {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [8, 12]}}, bytes(12))
+    with pytest.raises(ValueError, match=r"^cannot read .*fp8\.safetensors as a safetensors "
+                                         r"file: tensor 'b' has dtype F8_E4M3, which cannot "
+                                         r"be read exactly"):
+        convert.read_state_dict(path)
+    assert recording_safe_open.loaded == []
+
+
+def test_a_tensor_named_twice_is_refused(tmp_path):
+    # safetensors itself keeps the last entry of a repeated name; the format forbids it.
+    path = tmp_path / "twice.safetensors"
+    raw = (b'{"a": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]}, '
+           b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}')
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + np.float32(1.5).tobytes())
+    with pytest.raises(ValueError, match=r"^cannot read .*twice\.safetensors as a safetensors "
+                                         r"file: its header names 'a' twice$"):
+        convert.read_state_dict(path)
+
+
+def test_a_safetensors_refusal_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": np.zeros(2, np.float32)}, str(path))
+
+    def refuse(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while deserializing header:\nsome new rule")
+
+    monkeypatch.setattr(convert.safetensors, "safe_open", refuse)
+    # Nothing in the header is at fault, so safetensors' own reason is given, on one line.
+    with pytest.raises(ValueError, match=r"^cannot read .*w\.safetensors as a safetensors file: "
+                                         r"Error while deserializing header: some new rule$"):
+        convert.read_state_dict(path)
+
+
+def test_bfloat16_safetensors_from_pytorch_are_read_as_float32(tmp_path):
+    import safetensors.torch
+
+    weights = {"w": torch.randn(4, 3, 3, 3).bfloat16(), "b": torch.randn(4).bfloat16()}
+    path = tmp_path / "bf16.safetensors"
+    safetensors.torch.save_file(weights, str(path))
+    state, _ = convert.read_state_dict(path)
+    for name, tensor in weights.items():
+        assert state[name].dtype == np.float32
+        np.testing.assert_array_equal(state[name], tensor.float().numpy())
 
 
 # --------------------------------------------------------------------------- heads
