@@ -27,12 +27,11 @@ count) one at a time and batched on a runs axis (the main job's
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 
 from configs import silhouettes, voc_vgg16
-from nettransplant import parallel
-from nettransplant.cli import run_main
+from nettransplant import cli, parallel
 from nettransplant.experiments import scaling_benchmark, step_benchmark
 
 # --quick: the embedded default's main adapter and the single-conv Exp. 3 adapter.
@@ -40,7 +39,7 @@ QUICK_ADAPTERS = ("exp1_1conv", "exp3")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="CPU run at the embedded default's sizes (< 2 min)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -70,13 +69,29 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--concurrent_cells must be >= 0, got {args.concurrent_cells}")
     if args.runs_per_count < 0:
         parser.error(f"--runs_per_count must be >= 0, got {args.runs_per_count}")
+    if args.cpu_devices < 0:
+        parser.error(f"--cpu_devices must be >= 0, got {args.cpu_devices}")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error(f"--torch_threads must be >= 1, got {args.torch_threads}")
+    try:
+        counts = (None if args.device_counts is None else
+                  [int(n) for n in args.device_counts.split(",") if int(n) > 0])
+    except ValueError:
+        parser.error(f"--device_counts must be comma-separated integers, got "
+                     f"{args.device_counts!r}")
+    default = QUICK_ADAPTERS if args.quick else tuple(step_benchmark.ADAPTERS)
+    names = [a for a in (args.adapters or ",".join(default)).split(",") if a]
+    unknown = [a for a in names if a not in step_benchmark.ADAPTERS]
+    if unknown or not names:
+        parser.error(f"--adapters: unknown {unknown or names}; choose from "
+                     f"{list(step_benchmark.ADAPTERS)}")
+    if args.json:
+        cli.check_output_folder(Path(args.json).parent, "--json")
     if args.cpu_devices:
         import jax
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
     parallel.initialize_from_args(args)
     config = silhouettes.get_config() if args.quick else voc_vgg16.get_config()
-    default = QUICK_ADAPTERS if args.quick else tuple(step_benchmark.ADAPTERS)
-    names = [a for a in (args.adapters or ",".join(default)).split(",") if a]
     steps, rounds = (10, 5) if args.quick else (20, 5)
     results = step_benchmark.run(
         config, mode="quick" if args.quick else "full", adapters=names, steps=steps,
@@ -106,8 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
                     "transplant_compile_one_at_a_time_s"):
             results[key] = section[key]
         print(step_benchmark.format_runs_table(section))
-    counts = (None if args.device_counts is None else
-              [int(n) for n in args.device_counts.split(",") if int(n) > 0])
     if counts != []:
         results["scaling"] = scaling_benchmark.run(
             config, device_counts=counts, steps=5 if args.quick else 10, rounds=3,
@@ -121,4 +134,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run_main(main))

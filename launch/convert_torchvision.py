@@ -22,11 +22,13 @@ holding the same weights on random images (224², and 288² fully convolutionall
 prints the max abs/rel differences and writes nothing if they exceed
 ``--tolerance``. Full-width VGG-16 on a CPU XLA path takes ~10 s per verified size.
 
-Every error is one line on stderr, ``error: <message>``: exit status 2 for bad
-arguments (a missing weights file, an ``--out`` that may not be replaced, a
-missing PyTorch), 1 when the weights are refused or verification fails. The
-checkpoint is written last and atomically, so a failed run leaves whatever was
-at ``--out`` as it was.
+Every expected error is one line on stderr, ``error: <message>``: exit status 2
+for bad arguments (a missing weights file, an ``--out`` that may not be replaced
+or whose folder is not writable, a missing PyTorch) and for a full disk, 1 when
+the weights are refused or verification fails. An unexpected error (a bug)
+prints its traceback and one line asking for a report. The checkpoint is
+written last and atomically, so a failed run leaves whatever was at ``--out``
+as it was.
 """
 
 import sys

@@ -62,6 +62,10 @@ def main(argv) -> int:
             raise ValueError(f"--steps {','.join(_STEPS.value)}: expected integers") from None
         if not steps or min(steps) < 1:
             raise ValueError(f"--steps {','.join(_STEPS.value)}: every count must be ≥ 1")
+        if _SAMPLES.value < 1:
+            raise ValueError(f"--samples must be >= 1, got {_SAMPLES.value}")
+        if _JSON.value:
+            cli.check_output_folder(Path(_JSON.value).parent, "--json")
         cell = fit_probe.build_cell(config, _WORKDIR.value, _EXPERIMENT.value, _TARGET.value,
                                     _SAMPLES.value)
         optimizers = optimizers or [fit_probe.job_optimizer(cell)]
@@ -78,4 +82,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))
+    app.run(main, flags_parser=cli.config_flags_parser(_DEFAULT_CONFIG))

@@ -45,4 +45,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))
+    app.run(main, flags_parser=cli.config_flags_parser(_DEFAULT_CONFIG))

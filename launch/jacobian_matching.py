@@ -8,18 +8,19 @@ The full run takes 3.5-5 minutes on a 2-core CPU and writes
 ``W/results.json``, ``W/results.md`` (our tables beside the paper's, each claim
 marked holds / does not hold) and ``W/accuracy_vs_samples.png``,
 ``W/accuracy_vs_noise.png``. Everything happens in
-:func:`nettransplant.jacobian.experiments.run`.
+:func:`nettransplant.jacobian.experiments.run`. A bad flag or config field (checked
+before any data is loaded), an unwritable ``--workdir`` or a training that
+diverges prints one ``error:`` line and exits with 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
 import configs
-from nettransplant.cli import run_main
+from nettransplant import cli
 from nettransplant.experiments import config as config_checks
 from nettransplant.jacobian import experiments
 
@@ -29,9 +30,9 @@ _CONFIG = config_checks.define_config_flag(
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/jacobian_matching", "where results go")
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def main(argv) -> int:
+    if not cli.start(argv):
+        return cli.EXIT_USAGE
     workdir = Path(_WORKDIR.value)
 
     def work() -> None:
@@ -41,8 +42,9 @@ def main(argv) -> None:
                   f"({claim['evidence']})")
         print(f"runtime {results['runtime_s']:.0f} s; results in {workdir}/results.md")
 
-    sys.exit(run_main(work))
+    return cli.run_main(work, interrupted=f"interrupted; nothing was written to {workdir}: run "
+                                          "the same command again to start over")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))
+    app.run(main, flags_parser=cli.config_flags_parser(_DEFAULT_CONFIG))

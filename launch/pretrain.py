@@ -37,6 +37,8 @@ def main(argv) -> int:
     def work() -> None:
         config = _CONFIG.value
         config_checks.validate_config(config)
+        cli.check_output_folder(_OUTPUT.value, "--output_dir")
+        cli.check_output_folder(_WORKDIR.value, "--workdir")
         record = pretrain.run(config, workdir=_WORKDIR.value, output_dir=_OUTPUT.value)
         print(f"backbone {record['metrics']}: {record['num_params']:,} parameters in "
               f"{_OUTPUT.value}")
@@ -45,4 +47,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))
+    app.run(main, flags_parser=cli.config_flags_parser(_DEFAULT_CONFIG))

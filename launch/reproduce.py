@@ -60,4 +60,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=config_checks.flags_parser(_DEFAULT_CONFIG))
+    app.run(main, flags_parser=cli.config_flags_parser(_DEFAULT_CONFIG))

@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -75,6 +76,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not checkpoint.is_checkpoint(args.out):
             parser.error(f"--out {args.out} exists and is not a nettransplant checkpoint; "
                          "refusing to replace it (choose another --out)")
+    try:  # the checkpoint is written last: refuse an unwritable --out before the work
+        cli.check_output_folder(args.out.parent, "--out", create=False)
+    except cli.UsageError as e:
+        parser.error(str(e))
     if args.verify and not has_torch:
         parser.error("--verify needs PyTorch to build the reference VGG-16 (pip install torch); "
                      "run without --verify to convert only")
@@ -127,9 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Convert, optionally verify, write the checkpoint.
 
     Returns 0 on success and 1 when the weights are refused, verification fails
-    or the checkpoint cannot be written, after printing one ``error:`` line;
+    or the checkpoint cannot be written, after printing one ``error:`` line; 2 after
+    one line when the disk is full or ``--out`` is read-only or not writable;
     invalid arguments exit with status 2 (``SystemExit``), Ctrl-C with
-    :data:`nettransplant.cli.EXIT_INTERRUPTED` after one line.
+    :data:`nettransplant.cli.EXIT_INTERRUPTED` after one line. Any other error is a
+    bug: its traceback, then one line asking for a report (status 1).
     """
     args = parse_args(argv)
     try:
@@ -138,10 +145,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The checkpoint is written last and atomically: nothing at --out has changed.
         print(f"interrupted; {args.out} is as it was", file=sys.stderr)
         return cli.EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in cli.DISK_ERRORS:
+            print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+            return 1
+        # A full disk or a read-only, unwritable --out: one line naming the path.
+        print(f"error: {cli.error_message(e)}", file=sys.stderr)
+        return cli.EXIT_USAGE
     except CONVERSION_ERRORS as e:
-        message = _one_line(e) or type(e).__name__
-    except Exception as e:  # a bug or an unforeseen input: still one line, not a traceback
-        message = f"unexpected {type(e).__name__}: {_one_line(e)}"
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+        print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
+        return 1
+    except Exception:  # a bug: its traceback, then how to report it
+        traceback.print_exc()
+        print(cli.BUG_REPORT, file=sys.stderr)
+        return cli.EXIT_BUG
 

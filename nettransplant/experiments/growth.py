@@ -16,6 +16,10 @@ what fine-tuning a shared task module costs the other routes.
   module is fine-tuned on a few categories and every route is scored before and
   after. Transplanting alone changes no existing route (bit-identical); the
   routes of the categories left out of the fine-tuning measure its forgetting.
+
+:func:`run` first checks the config (:func:`validate_config`: the main job's
+fields and the ``growth`` section) and refuses a bad field with one line naming
+it before any teacher is trained or any data loaded.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from nettransplant import config_checks as check
 from nettransplant import data, tasks
 from nettransplant.data import benchmarks
-from nettransplant.experiments.config import validate_config
+from nettransplant.experiments import config as job_config
 from nettransplant.experiments.workdir import WorkdirLock, check_writable
 from nettransplant.experiments.zoo import TeacherZoo
 from nettransplant.files import write_atomically
@@ -241,8 +246,43 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def validate_config(config) -> None:
+    """Check a growth config (``configs/net_growth.py``): the main job's fields
+    (:func:`nettransplant.experiments.config.validate_config`) and the ``growth`` section.
+
+    ``growth.tasks`` among the tasks, sample counts, steps and the batch size >= 1, the
+    fine-tuning rate finite and > 0, the fine-tuned categories among the net's (the
+    generic category and the targets; a target only through a grown classification
+    module).
+
+    Raises:
+      ValueError: one line naming the first bad field and what it must be.
+    """
+    job_config.validate_config(config)
+    grown = check.choices(config, "growth.tasks", tasks.TASKS)
+    check.count(config, "growth.samples", 1, check.MAX_SAMPLES)
+    check.count(config, "growth.fine_tune_samples", 1, check.MAX_SAMPLES)
+    check.count(config, "growth.fine_tune_steps", 1, check.MAX_STEPS)
+    check.positive(config, "growth.fine_tune_learning_rate")
+    check.count(config, "growth.fine_tune_batch_size", 1, check.MAX_BATCH)
+    if len(config.categories) < 2:
+        raise ValueError(f"config.categories must hold at least 2 categories (a target is "
+                         f"transplanted onto the others' task modules), got "
+                         f"{list(config.categories)}")
+    routed = [config.generic_category]
+    if "classification" in grown:
+        routed += list(config.target_categories)
+    tuned = check.sequence(config, "growth.fine_tune_categories", unique=True)
+    bad = [c for c in tuned if c not in routed]
+    if bad:
+        raise ValueError(f"config.growth.fine_tune_categories: {bad} have no route through "
+                         f"{config.generic_category}.classification; choose from {routed}")
+
+
 def run(config, workdir: str | Path, progress: bool = True) -> dict:
-    """Both studies; writes ``W/growth/results.json`` and ``results.md`` and returns the dict."""
+    """Both studies; writes ``W/growth/results.json`` and ``results.md`` and returns the dict.
+
+    The config is checked first (:func:`validate_config`)."""
     validate_config(config)
     start = time.perf_counter()
     workdir = Path(workdir)

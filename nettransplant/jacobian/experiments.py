@@ -17,6 +17,10 @@ the config (``configs/jacobian_matching.py``):
 Every method gets the same steps, batch size and optimizer; hyper-parameters
 are fixed in the config (the test split is only read for the final
 accuracies). Seeds are fixed, so one config gives the same numbers on CPU.
+
+:func:`run` first checks every field of the config (:func:`validate_config`):
+a number out of range, a name outside its choices or an empty list is refused
+with one line naming the field before any data is loaded or any model trained.
 """
 
 from __future__ import annotations
@@ -33,8 +37,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nettransplant import config_checks as check
+from nettransplant.experiments.workdir import check_writable
 from nettransplant.jacobian import losses, report
-from nettransplant.jacobian.data import LabelledImages, per_class_subset, silhouette_splits
+from nettransplant.jacobian.data import (
+    CATEGORIES,
+    SOURCE_SIZE,
+    LabelledImages,
+    per_class_subset,
+    silhouette_splits,
+)
 from nettransplant.jacobian.models import ConvClassifier, make_classifier
 from nettransplant.jacobian.train import batched_apply, fit, make_train_step
 from nettransplant.progress import message, progress_bar
@@ -386,15 +398,103 @@ def num_trainings(config) -> int:
             * len(config.transfer.samples_per_class) * seeds)
 
 
+# --------------------------------------------------------------------------- the config
+
+
+def _check_model(config, name: str) -> int:
+    """The ``teacher``/``student`` architecture; returns its number of blocks."""
+    blocks = check.numbers(config, f"{name}.block_channels", int, low=1, high=4096)
+    check.count(config, f"{name}.convs_per_block", 1, 64)
+    check.count(config, f"{name}.hidden", 1, 65536)
+    return len(blocks)
+
+
+def _check_training(config, section: str) -> None:
+    """The optimiser settings every training of ``section`` shares."""
+    check.positive(config, f"{section}.learning_rate")
+    check.count(config, f"{section}.batch_size", 1, check.MAX_BATCH)
+    check.count(config, f"{section}.num_steps", 1, check.MAX_STEPS)
+    check.count(config, f"{section}.log_every", 1, check.MAX_STEPS)
+
+
+def _check_samples_per_class(config, name: str) -> None:
+    for i, n in enumerate(check.sequence(config, name)):
+        if n == ALL:
+            continue
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= check.MAX_SAMPLES:
+            raise ValueError(f"config.{name}[{i}] must be an integer in [1, "
+                             f"{check.MAX_SAMPLES}] or {ALL!r}, got {n!r}")
+
+
+def validate_config(config) -> None:
+    """Check every field of a Jacobian-matching config (``configs/jacobian_matching.py``).
+
+    Rates and temperatures finite and > 0, weights and noise levels finite and
+    >= 0, steps, batch sizes and sample counts >= 1, seeds >= 0, methods,
+    categories, ``selection`` and attention layers among their choices.
+
+    Raises:
+      ValueError: one line naming the first bad field and what it must be.
+    """
+    check.count(config, "seed", 0, check.MAX_SEED)
+    check.numbers(config, "student_seeds", int, low=0, high=check.MAX_SEED)
+    check.choices(config, "categories", CATEGORIES, min_len=2)
+    check.count(config, "eval_batch_size", 1, check.MAX_BATCH)
+    depth = {name: _check_model(config, name) for name in ("teacher", "student")}
+    size = check.count(config, "image_size", 1, SOURCE_SIZE)
+    if SOURCE_SIZE % size:
+        raise ValueError(f"config.image_size must divide {SOURCE_SIZE}, got {size}")
+    deepest = max(depth.values())
+    if size < 2 ** deepest:
+        raise ValueError(f"config.image_size must be >= {2 ** deepest} (each of the "
+                         f"{deepest} blocks halves it), got {size}")
+    _check_training(config, "teacher_training")
+
+    check.choices(config, "distillation.methods", DISTILLATION_METHODS)
+    _check_samples_per_class(config, "distillation.samples_per_class")
+    _check_training(config, "distillation")
+    check.positive(config, "distillation.temperature")
+    check.field(config, "distillation.jacobian_weight", low=0)
+    check.choice(config, "distillation.selection", losses.SELECTIONS)
+    check.numbers(config, "distillation.noise_sigma_grid", low=0)
+    check.field(config, "distillation.noise_min_agreement", low=0, high=1)
+    check.count(config, "distillation.noise_selection_images", 1, check.MAX_SAMPLES)
+
+    check.numbers(config, "robustness.sigmas", low=0)
+    check.count(config, "robustness.noise_seed", 0, check.MAX_SEED)
+
+    check.choices(config, "transfer.old_categories", CATEGORIES)
+    check.choices(config, "transfer.new_categories", CATEGORIES)
+    methods = check.choices(config, "transfer.methods", TRANSFER_METHODS)
+    _check_samples_per_class(config, "transfer.samples_per_class")
+    _check_training(config, "transfer")
+    check.positive(config, "transfer.temperature")
+    for weight in ("lwf_weight", "jacobian_weight", "attention_weight"):
+        check.field(config, f"transfer.{weight}", low=0)
+    check.choice(config, "transfer.selection", losses.SELECTIONS)
+    # Attention maps are matched at pooling layers both the teacher and the student have.
+    pools = [f"pool{b + 1}" for b in range(min(depth.values()))]
+    check.choices(config, "transfer.attention_layers", pools,
+                  min_len=int(any("attention" in m for m in methods)))
+
+
+# --------------------------------------------------------------------------- the runs
+
+
 def run(config, workdir: str | Path) -> dict:
     """Every run of the config; writes ``results.json``, ``results.md`` and the plots.
+
+    The config is checked first (:func:`validate_config`), then that ``workdir`` takes
+    new files.
 
     Returns:
       The ``results.json`` dict.
     """
+    validate_config(config)
     start = time.monotonic()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_writable(workdir)  # before the runs, not after them
     bar = progress_bar(num_trainings(config), "jacobian matching")
     try:
         splits = silhouette_splits(config.image_size, config.categories)
