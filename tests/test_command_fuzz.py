@@ -221,3 +221,66 @@ def test_an_unwritable_folder_is_refused_before_any_work(paths):
         cli.check_output_folder(paths["ro"], "--out")
     with pytest.raises(cli.UsageError, match="--out .*cannot write there"):
         cli.check_output_folder(Path(paths["ro"]) / "deeper", "--out", create=False)
+
+
+# ---------------------------------------------------------------- the config checks
+
+
+@pytest.mark.parametrize("variant", [None, "quick"])
+def test_the_shipped_configs_pass_their_checks(variant):
+    from configs import jacobian_matching, net_growth
+    from nettransplant.experiments import growth
+    from nettransplant.jacobian import experiments
+
+    experiments.validate_config(jacobian_matching.get_config(variant))
+    growth.validate_config(net_growth.get_config(variant))
+
+
+def _set(config, field: str, value) -> None:
+    *parents, leaf = field.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+@pytest.mark.parametrize("command, field, value, message", [
+    ("jacobian", "student_seeds", (-1,), "config.student_seeds[0] must be in [0,"),
+    ("jacobian", "image_size", 5, "config.image_size must divide 28, got 5"),
+    ("jacobian", "categories", ("cat",), "config.categories must hold at least 2 items"),
+    ("jacobian", "teacher.hidden", 0, "config.teacher.hidden must be in [1,"),
+    ("jacobian", "teacher_training.learning_rate", float("inf"),
+     "config.teacher_training.learning_rate must be finite, got inf"),
+    ("jacobian", "distillation.methods", ("outputs", "bogus"),
+     "config.distillation.methods: unknown ['bogus']"),
+    ("jacobian", "distillation.noise_min_agreement", 1.5,
+     "config.distillation.noise_min_agreement must be in [0, 1], got 1.5"),
+    ("jacobian", "distillation.jacobian_weight", -1.0,
+     "config.distillation.jacobian_weight must be >= 0, got -1"),
+    ("jacobian", "transfer.samples_per_class", (25, "most"),
+     "config.transfer.samples_per_class[1] must be an integer"),
+    ("jacobian", "transfer.attention_layers", ("pool9",),
+     "config.transfer.attention_layers: unknown ['pool9']; choose from ['pool1', 'pool2']"),
+    ("jacobian", "transfer.temperature", 0.0, "config.transfer.temperature must be > 0, got 0"),
+    ("growth", "growth.tasks", ("bogus",), "config.growth.tasks: unknown ['bogus']"),
+    ("growth", "growth.fine_tune_steps", 0, "config.growth.fine_tune_steps must be in [1,"),
+    ("growth", "growth.fine_tune_batch_size", -1,
+     "config.growth.fine_tune_batch_size must be in [1,"),
+    ("growth", "growth.fine_tune_categories", ("horse",),
+     "config.growth.fine_tune_categories: ['horse'] have no route through "
+     "dog.classification"),
+    ("growth", "teacher.learning_rate", float("nan"),
+     "config.teacher.learning_rate must be finite"),
+])
+def test_each_config_field_is_checked_and_named(command, field, value, message):
+    from configs import jacobian_matching, net_growth
+    from nettransplant.experiments import growth
+    from nettransplant.jacobian import experiments
+
+    module, config = ((experiments, jacobian_matching.get_config()) if command == "jacobian"
+                      else (growth, net_growth.get_config("quick")))
+    _set(config, field, value)
+    with pytest.raises(ValueError) as refused:
+        module.validate_config(config)
+    assert str(refused.value).startswith(message), str(refused.value)
+    assert "\n" not in str(refused.value)
