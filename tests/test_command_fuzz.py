@@ -142,6 +142,23 @@ def test_a_command_refuses_in_one_line_and_writes_nothing(case, paths, tmp_path)
     assert _files(tmp_path) == before  # nothing created, nothing half-written
 
 
+def test_a_run_that_diverges_ends_in_one_line_naming_what_diverged(tmp_path):
+    """A rate that passes the checks (finite, > 0) but makes the teacher diverge: one line
+    naming the training and the step, exit 2, nothing but the empty workdir left."""
+    workdir = tmp_path / "w"
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.jacobian_matching", "--workdir", str(workdir),
+         "--config", "configs/jacobian_matching.py:quick",
+         "--config.teacher_training.learning_rate=1e30",
+         "--config.teacher_training.log_every=5"], cwd=REPO, capture_output=True, text=True,
+        timeout=240, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("error: training diverged: teacher: non-finite"), lines[-1]
+    assert "at step" in lines[-1]
+    assert list(workdir.iterdir()) == []
+
+
 # ---------------------------------------------------------------- launch.net subcommands
 
 NET_CASES = {
