@@ -24,7 +24,18 @@ from nettransplant.data import MAMMALS, SAMPLE_COUNTS
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    config.seed = 0  # the backbone's and teachers' (shared by every transplant seed)
+    # Transplant seeds: each re-draws the labelled samples, initialisations, draws and
+    # batch order of every cell; tables show means with 95 % intervals over them.
+    config.seeds = (0,)
+    # How every claim is decided (nettransplant.evidence; docs/protocol.md): paired
+    # differences over (category, seed), a `confidence` interval; holds above `margin`
+    # points, does not hold below it, else inconclusive. A zero-sample back-distill row
+    # is held to its teacher within `teacher_margin` points.
+    config.evidence = ml_collections.ConfigDict()
+    config.evidence.confidence = 0.95
+    config.evidence.margin = 0.0
+    config.evidence.teacher_margin = 2.0
     config.data = "silhouettes"  # the embedded benchmark (nettransplant.data)
     # Devices: {axis: size}, -1 = every remaining device. Batches and draws are split
     # over "data", parameters replicated (nettransplant.parallel; docs/scaling.md).
@@ -106,74 +117,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.batch_size = 16  # labelled images per step (padded, masked)
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
-    # One budget for every method (fair protocol): Adam at 1e-2, 150 steps of 16 images
-    # (and the same restarts, below).
-    # Chosen on training samples only (train_fit, Exp. 2 cells): at 1e-3 or 3e-3 direct-
-    # learn from random init stays at one class on 10 samples (train_fit 50 %) where 1e-2
-    # fits them; the step count is what the 15-minute budget affords. results.json
-    # train_fit shows which runs fitted; the :converged variant trains 4× as long.
+    # The training protocol (nettransplant.protocol; docs/protocol.md: the rule and
+    # the numbers behind each setting). One rule for every method: Adam at the task's
+    # rate, at most num_steps steps, ending at the first check (every early_end_every
+    # steps) where the run fits its samples; a run that has not fit is retrained up to
+    # `restarts` times from a re-drawn start with the same objective, λ, rate and budget.
     config.transplant.learning_rate = 1e-2
-    # Segmentation's rate (every method, restarts included). Chosen on
-    # training samples only (train_fit of Exp. 3 cells, `python -m launch.fit_probe
-    # --experiment exp3 --optimizers adam@1e-2,adam@3e-2,adam@1e-1`): at 1e-2 the rows
-    # from random init end 2-5 points of own-pixel accuracy below the warm start after
-    # 150 steps, slow fits rather than plateaus (600 steps close most of the gap); 3e-2
-    # closes most of it in 150 (cat, 10 samples: direct-learn 88.1 → 91.4, back-distill
-    # from random init 90.9 → 91.9; the warm start 91.8 → 91.9), while 1e-1 helps some
-    # rows and hurts others (jacobian, cat, 100 samples: 90.2 at 3e-2, 89.7 at 1e-1).
     config.transplant.learning_rate_segmentation = 3e-2
     config.transplant.num_steps = 150
-    # Every this many steps a run with labelled samples checks whether it fits them
-    # (the restarts' criterion, below) and ends when it does; 0: every run trains
-    # num_steps. One device read per check, none per step.
     config.transplant.early_end_every = 10
+    config.transplant.restarts = 1
+    config.transplant.restart_noise = 0.3  # back-distill's re-drawn start: warm start + this · draw
     # How a problem's runs of one method train: "one_at_a_time", "batched" (one vmapped
     # computation on a runs axis, spread over the devices), or "auto": batched on a GPU
     # or TPU, one at a time on a CPU (`python -m launch.benchmark` times both).
     config.transplant.runs_axis = "auto"
-    # Restarts of a run that did not fit its samples (classification: over 10 % train
-    # error; segmentation: over 2 points of pixel accuracy below its teacher's on the
-    # same samples): up to this many further attempts, keeping the best train fit
-    # (training samples only). A row from random init (direct-learn, jacobian, distill,
-    # back-distill from random init) restarts from a fresh seeded initialisation, the
-    # same for every method; back-distill's warm start retrains from itself (perturbed,
-    # below) at 1/3, 1/9, … of the rate (Adam's first steps, ~lr per parameter, can
-    # throw it off the optimum it starts at). Most unfit classification runs predict one
-    # class for every sample, a local optimum more steps do not leave (README "The main
-    # job"). Only unfit runs restart, so a restart costs little: a third took the unfit
-    # runs from 40 to 34 of 408, a fourth with the starts below to 21, chosen on
-    # train_fit; the job stayed under 15 minutes.
-    # Both back-distill rows' restart k also weighs the back-distillation term by λ·0.1^k:
-    # where the student's task module is not the teacher's (Exp. 2, Table 4) the term at
-    # λ0 drowns the task loss, which stays at chance (train_fit of Table 4 cells: horse,
-    # 20 samples, from random init: 35 % at λ0, 15 % at λ0/10, 5 % at λ0/100).
-    config.transplant.restarts = 4
-    # What the restarts start from (nettransplant.experiments.paper.restart_init): the
-    # warm start's from itself plus this times a seeded He-normal draw, and the last of a
-    # random-init row's from the identity plus this times one. From the exact warm start
-    # Exp. 2's dog head answers "no" to both classes at every rate and λ tried, its own
-    # samples included (train_fit 50 %, horse at 10 and sheep at 50 samples, rate 1e-2 and
-    # 3e-2, λ0 to λ0/1000 and 0); perturbed by 0.3 it fits both (0 %; 0.1 fits horse, not
-    # sheep). From the identity plus 0.1 or 0.3 of a draw Exp. 2's cow, whose random-init
-    # rows predicted one class at every draw, fits (direct-learn at 10 samples 50 → 0 %,
-    # jacobian at 100 50 → 5-18 %); the identity does not help everywhere (Table 4 cow,
-    # jacobian, 50 samples: 6-14 % from draws, 16-50 % near the identity; Exp. 1 reorders
-    # the channels first, where the identity means nothing), so it is the last restart.
-    # Chosen on train_fit alone.
-    config.transplant.restart_noise = 0.3
-    # The last restart trains up to this many times num_steps, at the task's full rate
-    # for every row (the warm start's included), its train fit checked every num_steps
-    # and the restart ended at the first check it passes. The runs still unfit then
-    # were mostly fitting when the budget ended: Exp. 2, cow, 100 samples, from near
-    # the identity, train error 15 / 3 / 0 % after 150 / 300 / 600 steps (direct-learn),
-    # 19 / 3 / 3 % (jacobian); and the warm start at 1/81 of the rate hardly moves
-    # (Exp. 2, cow, 50 samples: 46 % after 150 steps, 4 % at the full rate; Table 4,
-    # cow, 100 samples: 8 % after 600 at the full rate). Eight, not four: Table 4's
-    # jacobian on cow at 100 samples is at 17 / 12 / 8 % after 300 / 600 / 1,200 steps
-    # (its output-matching term pulls toward a teacher that misclassifies 15 % of those
-    # samples). Chosen on train_fit alone; only runs unfit after three restarts pay for
-    # it, and each only until it fits.
-    config.transplant.last_restart_budget = 8
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,
     # h·w equations per draw, so a few dozen draws pin the solution down.
@@ -211,6 +169,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.transplant.num_steps = 10
         config.transplant.beta_images = 32
         config.transplant.log_every = 2
+    elif arg == "seeds5":
+        config.seeds = (0, 1, 2, 3, 4)
+    elif arg == "no_restarts":
+        config.transplant.restarts = 0
     elif arg == "converged":
         # Four times the default's training (300 steps of 32 images): a check that the
         # default budget has converged — where the two agree, the budget did not decide
@@ -220,5 +182,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.transplant.log_every = 20
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/silhouettes.py "
-                         "(try 'quick' or 'converged')")
+                         "(try 'quick', 'seeds5', 'no_restarts' or 'converged')")
     return config

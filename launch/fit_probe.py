@@ -12,7 +12,7 @@ initialisation (the main job's restarts, ``config.transplant.restarts``, are not
 redone). Every experiment of the main job has cells: ``exp1_1conv``,
 ``exp1_3conv``, ``exp2``, ``exp3``, ``table4_classification`` and
 ``table4_segmentation``. It prints a
-table (train and test metric, loss, the adapter's active outputs, the logits on
+table (train and validation metric, loss, the adapter's active outputs, the logits on
 positive and negative samples) and writes every record to ``--json``. See
 :mod:`nettransplant.experiments.fit_probe`.
 A bad flag or config field prints one ``error:`` line and exits with 2.

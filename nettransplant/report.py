@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nettransplant import paper_results, problem
+from nettransplant import evidence, paper_results
 
 METHOD_ORDER = ("direct-learn", "distill", "jacobian", "back-distill-random-init",
                 "back-distill")
@@ -28,9 +28,11 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def table(ours: Mapping, paper: Mapping | None, metric: str) -> str:
-    """One paper-style table: rows (samples ↓, method), columns categories + avg."""
-    paper = paper or {}
+def table(ours: Mapping, paper: Mapping | None, metric: str, ci: Mapping | None = None
+          ) -> str:
+    """One paper-style table: rows (samples ↓, method), columns categories + avg; each
+    cell ``ours ± half-width of its 95 % interval (paper)`` where ``ci`` has one."""
+    paper, ci = paper or {}, ci or {}
     columns: list[str] = []
     counts: set[int] = set()
     for cells in ours.values():
@@ -47,11 +49,14 @@ def table(ours: Mapping, paper: Mapping | None, metric: str) -> str:
             if row is None:
                 continue
             ref = paper.get(method, {}).get(str(n), {})
-            cells = [_fmt(row.get(c)) + (f" ({ref[c]:.1f})" if c in ref else "")
-                     for c in columns]
+            half = ci.get(method, {}).get(str(n), {})
+            cells = [_fmt(row.get(c))
+                     + (f" ± {half[c]:.1f}" if half.get(c) is not None else "")
+                     + (f" ({ref[c]:.1f})" if c in ref else "") for c in columns]
             name = METHOD_LABELS.get(method, method)
             lines.append(f"| {n} | {name} | {' | '.join(cells)} |")
-    return f"{metric}; cells: ours (paper).\n\n" + "\n".join(lines)
+    legend = "ours ± 95 % interval (paper)" if ci else "ours (paper)"
+    return f"{metric}; cells: {legend}.\n\n" + "\n".join(lines)
 
 
 def _cells(results: Mapping, *path) -> Mapping | None:
@@ -69,56 +74,100 @@ def _avg(results: Mapping, *path) -> float | None:
     return None if node is None else node.get("avg")
 
 
-def _beats(kind: str, back_distill: float, direct: float, margin: float) -> bool:
-    """Back-distill wins by ``margin``: lower error, or higher pixel accuracy."""
-    if kind == "error":
-        return back_distill <= direct - margin
-    return back_distill >= direct + margin
-
-
 def claims(results: Mapping) -> list[dict[str, Any]]:
-    """The paper's claims the embedded run checks; each with our numbers and a verdict."""
-    out = []
-    teachers = results.get("teachers", {})
-    exp1_cats = [c for c in (results.get("config", {}).get("categories") or teachers)
-                 if c in teachers]
-    if "exp1" in results and exp1_cats:
-        teacher_avg = float(np.mean([teachers[c]["cls_error"] for c in exp1_cats]))
-        bd0 = _avg(results, "exp1", "1conv", "back-distill", "0")
-        if bd0 is not None:
-            out.append({"claim": "Exp. 1, 1-conv, 0 samples: back-distill error ≤ teachers' "
-                                 "average + 2 points",
-                        "ours": f"{bd0:.1f} vs teachers {teacher_avg:.1f}",
-                        "holds": bd0 <= teacher_avg + 2})
-    checks = [("exp1", ("1conv",), ("10", "20"), "Exp. 1, 1-conv", 5, "error"),
-              ("exp1", ("3conv",), ("10", "20"), "Exp. 1, 3-conv", 5, "error"),
-              ("exp2", (), ("20", "50"), "Exp. 2", 5, "error"),
-              ("exp3", (), ("10", "20"), "Exp. 3", 3, "accuracy"),
-              ("table4", ("classification",), ("20", "50"), "Table 4 classification", 5,
-               "error"),
-              ("table4", ("segmentation",), ("10", "20"), "Table 4 segmentation", 3,
-               "accuracy")]
-    for key, sub, counts, label, margin, kind in checks:
-        for n in counts:
-            bd = _avg(results, key, *sub, "back-distill", n)
-            dl = _avg(results, key, *sub, "direct-learn", n)
-            if bd is None or dl is None:
-                continue
-            if kind == "error":
-                text = f"{label}, {n} samples: back-distill error ≤ direct-learn − {margin}"
-            else:
-                text = (f"{label}, {n} samples: back-distill pixel accuracy ≥ "
-                        f"direct-learn + {margin}")
-            b_cells = _cells(results, key, *sub, "back-distill", n)
-            d_cells = _cells(results, key, *sub, "direct-learn", n)
-            cats = [c for c in b_cells if c != "avg" and c in d_cells]
-            per = sum(_beats(kind, b_cells[c], d_cells[c], margin) for c in cats)
-            ours = f"{bd:.1f} vs {dl:.1f} (per category: {per} of {len(cats)})"
-            scratch = _avg(results, key, *sub, "back-distill-random-init", n)
-            if scratch is not None:  # what the objective does without the warm start
-                ours += f"; back-distill from random init: {scratch:.1f}"
-            out.append({"claim": text, "holds": _beats(kind, bd, dl, margin), "ours": ours})
-    return out
+    """Every claim with its verdict (:func:`nettransplant.evidence.verdicts`): the job's
+    own, or decided now for results written before it kept them (one seed: every
+    category-level pair, same rule)."""
+    if "verdicts" in results:
+        return list(results["verdicts"])
+    return evidence.verdicts(results, {"0": results}, evidence.Rule())
+
+
+def _interval_text(claim: Mapping) -> str:
+    if claim["ci"] is None:
+        return f"{claim['difference']:+.1f} (no interval)"
+    lo, hi = claim["ci"]
+    return f"{claim['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def claims_markdown(results: Mapping) -> list[str]:
+    """The claims section: the rule, then one row per claim with its verdict."""
+    checked = claims(results)
+    if not checked:
+        return []
+    rule = results.get("config", {}).get("evidence", {})
+    confidence = rule.get("confidence", 0.95)
+    seeds = results.get("seeds", [0])
+    lines = ["## The paper's claims on this benchmark", "",
+             f"Each claim is decided on paired differences over (category, seed) pairs "
+             f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}): **holds** when the "
+             f"{confidence:.0%} interval of back-distill's advantage lies above "
+             f"{rule.get('margin', 0.0):g} points, **does not hold** when it lies below, "
+             "**inconclusive** otherwise (docs/protocol.md). An advantage is the "
+             "baseline's error minus back-distill's, or back-distill's pixel accuracy "
+             "minus the baseline's; against a teacher, the points back-distill gives up.",
+             "", "| claim | advantage, mean [95 % interval] | pairs | verdict |",
+             "|---|---|---|---|"]
+    for c in checked:
+        verdict = c["verdict"] if c["verdict"] != evidence.DOES_NOT_HOLD \
+            else f"**{c['verdict']}**"
+        lines.append(f"| {c['claim']} | {_interval_text(c)} | {c['pairs']} | {verdict} |")
+    counts = {v: sum(c["verdict"] == v for c in checked)
+              for v in (evidence.HOLDS, evidence.DOES_NOT_HOLD, evidence.INCONCLUSIVE)}
+    lines += ["", "Verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+    return lines
+
+
+def fit_rates_markdown(results: Mapping) -> list[str]:
+    """Per experiment and method, the share of runs that fit their labelled samples at
+    their first attempt and with the attempt kept, and the no-restart ablation."""
+    rates = results.get("fit_rates")
+    if not rates:
+        return []
+    restarts = results.get("config", {}).get("transplant", {}).get("restarts", 0)
+    methods = [m for m in METHOD_ORDER if any(m in r for r in rates.values())]
+    lines = ["## Fit to the labelled samples", "",
+             f"Share of runs (every category, sample count and seed) that fit their own "
+             f"labelled samples (docs/protocol.md): at the first attempt → with the attempt "
+             f"kept after up to {restarts} restart{'s' if restarts != 1 else ''}; runs in "
+             "brackets.", "",
+             "| experiment | " + " | ".join(METHOD_LABELS.get(m, m) for m in methods) + " |",
+             "|---|" + "---|" * len(methods)]
+    for experiment, by_method in rates.items():
+        cells = []
+        for m in methods:
+            r = by_method.get(m)
+            cells.append("–" if r is None else f"{r['fit_first'] / r['runs']:.0%} → "
+                         f"{r['fit_kept'] / r['runs']:.0%} ({r['runs']})")
+        lines.append(f"| {experiment} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += _ablation_markdown(results)
+    return lines
+
+
+def _ablation_markdown(results: Mapping) -> list[str]:
+    """The no-restart ablation: each table's averages with and without restarts, where
+    they differ (the same job with restarts = 0 trains exactly the first attempts)."""
+    first = results.get("no_restarts")
+    if not first:
+        return []
+    rows = []
+    for path, label, _ in evidence.TABLES:
+        kept, alone = evidence._get(results, path), evidence._get(first, path)
+        if not kept or not alone:
+            continue
+        for method in [m for m in METHOD_ORDER if m in kept]:
+            for n, row in kept[method].items():
+                a = alone.get(method, {}).get(n, {}).get("avg")
+                if a is not None and abs(a - row["avg"]) >= 0.05:
+                    rows.append(f"| {label} | {METHOD_LABELS.get(method, method)} | {n} | "
+                                f"{row['avg']:.1f} | {a:.1f} |")
+    if not rows:
+        return ["No-restart ablation: every table average is the same without restarts.", ""]
+    return ["No-restart ablation (table averages that restarts changed; the others are "
+            "the same without them):", "",
+            "| table | method | samples | with restarts | first attempts only |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 _BENCHMARK_TITLES = {"silhouettes": "the embedded benchmark",
@@ -146,6 +195,7 @@ def results_markdown(results: Mapping) -> str:
         parts += [f"Shared backbone (10-way + segmentation, every teacher's initialisation): "
                   f"{b['accuracy_10way']:.1f} % 10-way test accuracy, "
                   f"{b['seg_pixel_acc']:.1f} % pixel accuracy.", ""]
+    ci = results.get("intervals", {})
     for key, label in (("exp1", "Table 2 — Exp. 1: adapters inside each teacher"),):
         if key in results:
             for name, adapter in (("1conv", "one conv layer (3×3)"),
@@ -153,13 +203,15 @@ def results_markdown(results: Mapping) -> str:
                 if name in results[key]:
                     parts += [f"## {label}, {adapter}", "",
                               table(results[key][name], paper_results.EXP1.get(name),
-                                    "Classification error %"), ""]
+                                    "Classification error %", ci.get(key, {}).get(name)), ""]
     if "exp2" in results:
         parts += ["## Table 3 (top) — Exp. 2: to the generic classification module", "",
-                  table(results["exp2"], paper_results.EXP2, "Classification error %"), ""]
+                  table(results["exp2"], paper_results.EXP2, "Classification error %",
+                        ci.get("exp2")), ""]
     if "exp3" in results:
         parts += ["## Table 3 (bottom) — Exp. 3: to the generic segmentation module", "",
-                  table(results["exp3"], paper_results.EXP3, "Pixel accuracy %"), ""]
+                  table(results["exp3"], paper_results.EXP3, "Pixel accuracy %",
+                        ci.get("exp3")), ""]
     if "table4" in results:
         g = results.get("generic_modules", {})
         parts += ["## Table 4 — to leave-one-out modules (other mammals + dissimilar)", ""]
@@ -176,16 +228,12 @@ def results_markdown(results: Mapping) -> str:
         for task, metric in (("classification", "Classification error %"),
                              ("segmentation", "Pixel accuracy %")):
             if task in results["table4"]:
-                parts += [f"### {task}", "", table(results["table4"][task],
-                                                   paper_results.TABLE4[task], metric), ""]
-    checked = claims(results)
-    if checked:
-        parts += ["## The paper's claims on this benchmark", "",
-                  "| claim | ours | holds |", "|---|---|---|"]
-        parts += [f"| {c['claim']} | {c['ours']} | {'yes' if c['holds'] else '**no**'} |"
-                  for c in checked]
-        parts.append("")
-        parts += findings(results) + [""]
+                parts += [f"### {task}", "", table(
+                    results["table4"][task], paper_results.TABLE4[task], metric,
+                    ci.get("table4", {}).get(task)), ""]
+    claim_lines = claims_markdown(results)
+    if claim_lines:
+        parts += claim_lines + fit_rates_markdown(results) + findings(results) + [""]
     stages = results.get("stage_seconds")
     if "runtime_s" in results:
         # results.md is itself an output: written before the outputs stage ends.
@@ -271,7 +319,6 @@ def findings(results: Mapping) -> list[str]:
             f"Exp. 3, {n} samples, back-distill's pixel-accuracy gain over direct-learn per "
             "category (with the share its warm start leaves unexplained): " + ", ".join(
                 f"{c} {gain:+.1f} ({exp3_residual[c]:.2f})" for gain, c in gains) + ".")
-    lines += _fit_findings(results)
     bd3, dl3 = (_avg(results, "exp1", "3conv", m, "20") for m in ("back-distill", "direct-learn"))
     zero3 = _avg(results, "exp1", "3conv", "back-distill", "0")
     if zero3 is not None:
@@ -289,125 +336,6 @@ def findings(results: Mapping) -> list[str]:
     return ["## Findings", "", *(f"- {line}" for line in lines)]
 
 
-_SEGMENTATION_RUNS = ("exp3", "table4_segmentation")
-
-
-def _fit_findings(results: Mapping) -> list[str]:
-    """Which runs did not fit their own labelled samples in the budget.
-
-    Every method trains the same number of steps; a run that still misclassifies
-    over 10 % of its own samples (classification), or segments them over 2
-    points worse than its teacher does (segmentation, ``teacher_fit``; results
-    without it: than the best method of its cell), has not fit them
-    (:func:`nettransplant.problem.fits_samples`), and its test number says as much
-    about optimisation as about the method. Listed per experiment and method, with
-    the sample counts.
-    """
-    fit = results.get("train_fit", {})
-    teacher = results.get("teacher_fit", {})
-    transplant = results.get("config", {}).get("transplant", {})
-    steps = transplant.get("num_steps")
-    unfit: dict[tuple[str, str], list[str]] = {}
-    hard: set[tuple[str, str, str, float]] = set()  # unfit where the teacher errs > 10 % too
-    checked = 0
-    for run, by_method in fit.items():
-        segmentation = run in _SEGMENTATION_RUNS
-        for method, by_n in by_method.items():
-            for n, row in by_n.items():
-                for category, value in row.items():
-                    if category == "avg":
-                        continue
-                    checked += 1
-                    best = (max(by_method[m][n][category] for m in by_method
-                                if n in by_method[m] and category in by_method[m][n])
-                            if segmentation else None)
-                    bad = not _run_fits(run, category, n, value, teacher, best)
-                    own = teacher.get(run, {}).get(n, {}).get(category)
-                    if (bad and not segmentation and own is not None
-                            and own > problem.FIT_ERROR):
-                        hard.add((run, category, n, own))
-                    if bad:
-                        unfit.setdefault((run, method), []).append(f"{category}@{n}")
-    if not checked:
-        return []
-    restarts = transplant.get("restarts") or 0
-    lines = _restart_findings(results.get("restarts", {}), restarts,
-                              transplant.get("restart_noise"), teacher,
-                              transplant.get("last_restart_budget"))
-    budget = f" in {steps} steps" if steps else ""
-    if restarts:
-        budget += f" and up to {restarts} restarts"
-    segmentation_rule = ("the teacher's pixel accuracy on the same samples" if teacher
-                         else "the best pixel accuracy of their cell")
-    if not unfit:
-        return [f"Every run fit its own labelled samples{budget} (train_fit: at most 10 % "
-                f"error, or within 2 points of {segmentation_rule}).", *lines]
-    runs = "; ".join(f"{run} {method}: {', '.join(cells)}"
-                     for (run, method), cells in sorted(unfit.items()))
-    return [f"{sum(map(len, unfit.values()))} of {checked} runs did not fit their own "
-            f"labelled samples{budget} (train_fit over 10 % error, or over 2 points below "
-            f"{segmentation_rule}): {runs}. Their test numbers measure "
-            "optimisation as much as the method; results.json train_fit has every value, "
-            "and `python -m launch.fit_probe` retrains one with other optimisers, budgets "
-            "or initialisations (README, \"The main job\").", *_hard_samples(hard), *lines]
-
-
-def _run_fits(run: str, category: str, n: str, value: float | None, teacher: Mapping,
-              cell_best: float | None = None) -> bool:
-    """:func:`nettransplant.problem.fits_samples` for one run of ``results.json``: a
-    segmentation run against its ``teacher_fit`` (else ``cell_best``, the best pixel
-    accuracy of its cell, for results without it; with neither it has not fit)."""
-    if value is None:
-        return False
-    if run not in _SEGMENTATION_RUNS:
-        return problem.fits_samples("classification", value)
-    reference = teacher.get(run, {}).get(n, {}).get(category, cell_best)
-    return reference is not None and problem.fits_samples("segmentation", value, reference)
-
-
-def _hard_samples(hard: set) -> list[str]:
-    """Unfit classification cells whose teacher also errs over 10 % on the same samples."""
-    if not hard:
-        return []
-    cells = ", ".join(f"{run} {category}@{n}: {own:.0f} %"
-                      for run, category, n, own in sorted(hard, key=lambda h: (
-                          h[0], h[1], int(h[2]))))
-    return [f"Among them, samples their own teacher misclassifies over 10 % of too "
-            f"(results.json teacher_fit): {cells}."]
-
-
-def _restart_findings(restarts: Mapping, count: int, noise: float | None = None,
-                      teacher: Mapping | None = None, budget: int | None = None
-                      ) -> list[str]:
-    """How many unfit runs were retrained, and how many then fitted.
-
-    ``noise``: ``config.transplant.restart_noise`` (None: a config without the field,
-    whose restarts start from exact draws and the exact warm start); ``teacher``:
-    results.json ``teacher_fit``, the segmentation runs' references; ``budget``:
-    ``config.transplant.last_restart_budget`` (None: the last restart is like the
-    others)."""
-    if not count:
-        return []
-    teacher = teacher or {}
-    starts = ("a re-drawn initialisation, or back-distill's warm start at a smaller rate"
-              if noise is None else
-              f"a re-drawn initialisation, the last near the identity, or back-distill's "
-              f"warm start plus {noise:g} of a draw at a smaller rate")
-    if budget is not None:
-        starts += (f"; the last restart up to {budget:g} times the steps, at the task's "
-                   "full rate, until it fits")
-    runs = [[_run_fits(run, target, n, f, teacher) for f in fits]
-            for run, by_target in restarts.items() for target, by_method in by_target.items()
-            for by_n in by_method.values() for n, fits in by_n.items()]
-    fitted = sum(any(fits) for fits in runs)
-    first = sum(fits.index(True) == 1 for fits in runs if any(fits))
-    return [f"{len(runs)} runs did not fit at their first attempt and were "
-            f"retrained (config.transplant.restarts = {count}: {starts}; back-distill's "
-            f"term weighed by a tenth of the previous attempt's λ); {fitted} of them then fit, "
-            f"{first} at the first restart. results.json restarts has each attempt's "
-            "train_fit."]
-
-
 def summary(results: Mapping) -> str:
     """A short console summary: teacher averages and the claims."""
     lines = []
@@ -417,7 +345,7 @@ def summary(results: Mapping) -> str:
             f"{c} {m['cls_error']:.1f} % / {m['seg_pixel_acc']:.1f} %"
             for c, m in teachers.items()))
     for c in claims(results):
-        lines.append(f"[{'holds' if c['holds'] else 'FAILS'}] {c['claim']}: {c['ours']}")
+        lines.append(f"[{c['verdict']}] {c['claim']}: {_interval_text(c)}")
     return "\n".join(lines)
 
 
@@ -490,6 +418,64 @@ def plot_learning_curves(curves: Mapping, path: Path) -> None:
         ax.set_xlabel("logged step")
         ax.legend(fontsize=5, ncol=2)
     for j in range(panels, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_PAPER_TABLES = {("exp1", "1conv"): paper_results.EXP1.get("1conv"),
+                 ("exp1", "3conv"): paper_results.EXP1.get("3conv"),
+                 ("exp2",): paper_results.EXP2, ("exp3",): paper_results.EXP3,
+                 ("table4", "classification"): paper_results.TABLE4["classification"],
+                 ("table4", "segmentation"): paper_results.TABLE4["segmentation"]}
+_COLOURS = {"back-distill": "tab:red", "back-distill-random-init": "tab:orange",
+            "direct-learn": "tab:blue", "jacobian": "tab:green", "distill": "tab:purple"}
+
+
+def plot_sample_curves(results: Mapping, path: Path) -> None:
+    """Per experiment, the average metric against the number of labelled samples: one
+    line per method with its 95 % band (``results["intervals"]``), the paper's averages
+    as hollow markers of the same colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(path_, label, kind) for path_, label, kind in evidence.TABLES
+              if evidence._get(results, path_)]
+    if not panels:
+        return
+    cols = min(len(panels), 3)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.5 * rows), squeeze=False)
+    seeds = len(results.get("seeds", [0]))
+    for i, (key, label, kind) in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        table = evidence._get(results, key)
+        halves = evidence._get(results.get("intervals", {}), key) or {}
+        paper = _PAPER_TABLES.get(key) or {}
+        for method in [m for m in METHOD_ORDER if m in table]:
+            counts = sorted(table[method], key=int)
+            x = np.asarray([int(n) for n in counts])
+            y = np.asarray([table[method][n]["avg"] for n in counts])
+            h = np.asarray([(halves.get(method, {}).get(n, {}).get("avg") or 0.0)
+                            for n in counts])
+            colour = _COLOURS.get(method)
+            ax.plot(x, y, "o-", color=colour, label=METHOD_LABELS.get(method, method)
+                    .replace("**", ""), markersize=3)
+            ax.fill_between(x, y - h, y + h, color=colour, alpha=0.15, linewidth=0)
+            ref = [(int(n), row["avg"]) for n, row in paper.get(method, {}).items()
+                   if "avg" in row]
+            if ref:
+                rx, ry = zip(*sorted(ref), strict=True)
+                ax.plot(rx, ry, "s", mfc="none", color=colour, markersize=5)
+        ax.set_title(label)
+        ax.set_xlabel("labelled samples")
+        ax.set_ylabel("test error %" if kind == "error" else "pixel accuracy %")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, title=f"mean ± 95 % ({seeds} seed{'s' * (seeds != 1)}); "
+                      "□ paper", title_fontsize=6)
+    for j in range(len(panels), rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

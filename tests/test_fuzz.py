@@ -112,9 +112,9 @@ def test_the_valid_boundaries_pass():
 @pytest.mark.parametrize("args, expected", [
     (["--config.nonexistent=1"], "--config.nonexistent: config has no field 'nonexistent'; "
                                  "valid fields: adapters, categories, concurrent_cells, data, "
-                                 "experiments, generic_category, jacobian_baseline, mesh, model, "
-                                 "pretrain, "
-                                 "sample_counts, seed, target_categories, teacher, transplant"),
+                                 "evidence, experiments, generic_category, jacobian_baseline, "
+                                 "mesh, model, pretrain, sample_counts, seed, seeds, "
+                                 "target_categories, teacher, transplant"),
     (["--config.model.widht", "2"], "--config.model.widht: config.model has no field 'widht'; "
                                     "valid fields: dropout_rate, image_size, num_classes, width"),
     (["--config.seed.x=1"], "--config.seed.x: config.seed has no field 'x'"),

@@ -38,7 +38,9 @@ LOSS_RTOL = 1e-3  # a cell's first loss: the same start and data; teachers and w
 # different teacher. No restarts: a run restarts when its train error passes a threshold,
 # and one training image on the decision boundary could restart a run in one process
 # and not in the other (restarts themselves run the same code on every device count).
-OVERRIDES = ["--config.experiments=('exp1','exp3')", "--config.categories=('cat',)",
+# Two transplant seeds: each table average has a 95 % interval to be compared against.
+OVERRIDES = ["--config.seeds=(0,1)", "--config.experiments=('exp1','exp3')",
+             "--config.categories=('cat',)",
              "--config.pretrain.num_steps=8000", "--config.pretrain.renderings=4",
              "--config.teacher.num_steps=40", "--config.teacher.checkpoint_every=20",
              "--config.transplant.num_steps=6", "--config.transplant.restarts=0"]
@@ -140,6 +142,22 @@ def test_two_processes_give_the_single_process_metrics(runs):
     assert len(compared) >= 20
     worst = max(abs(numbers[k] - paired[k]) for k in compared)
     assert worst <= POINTS, {k: (numbers[k], paired[k]) for k in compared}
+
+
+def test_every_table_average_is_within_its_interval_of_the_other_runs(runs):
+    """The protocol's conclusions do not hang on summation order: on 1 device and on 4
+    (two processes), every table average lies within the other run's 95 % interval
+    (the larger of the two half-widths) of it."""
+    single, pair = runs
+    one, two = (json.loads((w / "results.json").read_text()) for w in (single, pair))
+    averages = {k: v for k, v in _numbers({k: one[k] for k in ("exp1", "exp3")})
+                if k.endswith("/avg")}
+    other = dict(_numbers({k: two[k] for k in ("exp1", "exp3")}))
+    halves = [dict(_numbers(r["intervals"])) for r in (one, two)]
+    assert len(averages) >= 10
+    for path, value in averages.items():
+        width = max(h.get(path, 0.0) for h in halves)
+        assert abs(value - other[path]) <= width, (path, value, other[path], width)
 
 
 def test_every_cell_starts_at_the_single_process_loss(runs):

@@ -240,7 +240,7 @@ def test_the_job_in_either_mode_gives_the_same_cells(cell, tmp_path):
             assert batched["metric"] == pytest.approx(alone["metric"], abs=0.05)
             assert batched["train_fit"] == pytest.approx(alone["train_fit"], abs=0.05) \
                 if alone["train_fit"] is not None else batched["train_fit"] is None
-            assert len(batched["restarts"] or []) == len(alone["restarts"] or [])
+            assert len(batched["attempt_fits"] or []) == len(alone["attempt_fits"] or [])
             for k, v in alone_arrays.items():
                 np.testing.assert_allclose(batched_arrays[k], v, rtol=1e-3, atol=1e-4)
             assert alone["timing"]["steps"] > 0 or alone["samples"] == 0

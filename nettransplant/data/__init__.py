@@ -40,18 +40,20 @@ from nettransplant.data.tasks import (
     SAMPLE_COUNTS,
     binary_classification,
     few_shot,
+    few_shot_indices,
     leave_one_out_categories,
     normalize_images,
     positive_set,
     segmentation,
     unlabelled_images,
+    validation_set,
 )
 
 __all__ = [
     "CATEGORIES", "DISSIMILAR", "IMAGENET_MEAN", "IMAGENET_STD", "INSTALL_COMMAND", "MAMMALS",
     "SAMPLE_COUNTS", "AnimalSilhouettes", "DataFileError", "ImageSet", "background_scenes",
     "binary_classification", "build_silhouettes", "default_data_dir", "few_shot",
-    "iterate_batches", "leave_one_out_categories", "load_animal_mnist", "load_silhouettes",
-    "majority_baseline", "normalize_images", "positive_set", "rerender", "segmentation",
-    "threshold_baseline", "unlabelled_images",
+    "few_shot_indices", "iterate_batches", "leave_one_out_categories", "load_animal_mnist",
+    "load_silhouettes", "majority_baseline", "normalize_images", "positive_set", "rerender",
+    "segmentation", "threshold_baseline", "unlabelled_images", "validation_set",
 ]

@@ -129,13 +129,19 @@ def few_shot(view: ImageSet, num_samples: int, *, seed: int = 0,
     Returns:
       ``ImageSet`` of N rows.
     """
+    return view.take(few_shot_indices(view, num_samples, seed=seed, balanced=balanced))
+
+
+def few_shot_indices(view: ImageSet, num_samples: int, *, seed: int = 0,
+                     balanced: bool | None = None) -> np.ndarray:
+    """The rows of ``view`` that :func:`few_shot` takes, in its order."""
     if not 0 <= num_samples <= len(view):
         raise ValueError(f"num_samples must be in [0, {len(view)}], got {num_samples}")
     if balanced is None:
         balanced = set(np.unique(view.labels).tolist()) == {0, 1}
     rng = np.random.default_rng(seed)
     if not balanced:
-        return view.take(rng.permutation(len(view))[:num_samples])
+        return rng.permutation(len(view))[:num_samples]
     pos = rng.permutation(np.flatnonzero(view.labels == 1))
     neg = rng.permutation(np.flatnonzero(view.labels == 0))
     n_pos = (num_samples + 1) // 2
@@ -143,7 +149,24 @@ def few_shot(view: ImageSet, num_samples: int, *, seed: int = 0,
     if n_pos > len(pos) or n_neg > len(neg):
         raise ValueError(f"{num_samples} balanced samples need {n_pos} positives and {n_neg} "
                          f"negatives; the view has {len(pos)} and {len(neg)}")
-    return view.take(np.concatenate([pos[:n_pos], neg[:n_neg]]))
+    return np.concatenate([pos[:n_pos], neg[:n_neg]])
+
+
+VALIDATION_IMAGES = 400  # the most images a validation set holds
+
+
+def validation_set(view: ImageSet, num_held: int, *, seed: int = 0,
+                   num_images: int = VALIDATION_IMAGES, balanced: bool | None = None
+                   ) -> ImageSet:
+    """A validation split carved from a training ``view``: up to ``num_images`` of its
+    rows that no :func:`few_shot` set of up to ``num_held`` samples under ``seed``
+    contains (those sets are nested, so the largest decides), in a seeded order.
+
+    Protocol choices are made on it; the test split is never looked at for them.
+    """
+    held = few_shot_indices(view, num_held, seed=seed, balanced=balanced)
+    rest = np.setdiff1d(np.arange(len(view)), held)
+    return view.take(np.random.default_rng([seed, 1]).permutation(rest)[:num_images])
 
 
 def positive_set(split: ImageSet, categories: str | Sequence[str], *, num_images: int | None = None,

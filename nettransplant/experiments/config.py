@@ -59,15 +59,17 @@ NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
     ("transplant.closed_form_draws", int, 1, _IMAGES),
     ("transplant.beta_images", int, 1, _IMAGES),
     ("transplant.log_every", int, 1, _STEPS),
+    ("transplant.early_end_every", int, 0, _STEPS),
+    ("transplant.learning_rate_segmentation", float, 1e-12, math.inf),
+    ("transplant.restarts", int, 0, 100),
+    ("transplant.restart_noise", float, 0, 100),
+    ("evidence.confidence", float, 1e-6, 1 - 1e-6),
+    ("evidence.margin", float, 0, 100),
+    ("evidence.teacher_margin", float, 0, 100),
 )
 # Optional sections: checked when the config has them.
 OPTIONAL_NUMERIC_FIELDS: tuple[tuple[str, type, float, float], ...] = (
-    ("transplant.restarts", int, 0, 100),
-    ("transplant.restart_noise", float, 0, 100),
-    ("transplant.last_restart_budget", int, 1, 100),
-    ("transplant.early_end_every", int, 0, _STEPS),
     ("concurrent_cells", int, 1, 64),
-    ("transplant.learning_rate_segmentation", float, 1e-12, math.inf),
     ("jacobian_baseline.task", float, 0, 1e12),
     ("jacobian_baseline.output_matching", float, 0, 1e12),
     ("jacobian_baseline.jacobian", float, 0, 1e12),
@@ -125,6 +127,13 @@ def _check_numbers(config) -> None:
                              f"'same' conv), got {spec[1]}")
     for n in config.sample_counts:
         check_number("sample_counts", n, int, 0, _IMAGES)
+    seeds = config.get("seeds")
+    if not isinstance(seeds, Sequence) or isinstance(seeds, str) or not seeds:
+        raise ValueError(f"config.seeds must be a non-empty tuple of seeds, got {seeds!r}")
+    for seed in seeds:
+        check_number("seeds", seed, int, 0, 2**31 - 1)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds must be distinct, got {tuple(seeds)}")
 
 
 # (field, check): the config's choice fields and what checks them (one-line ValueError

@@ -3,13 +3,15 @@ with other optimisers, budgets and initialisations.
 
 The main job trains every method with one optimiser and one budget
 (``config.transplant``), and ``train_fit`` shows which runs did not fit their
-samples (after its restarts; the probe retrains a run's first attempt).
+samples (with the attempt kept; the probe retrains a run's first attempt).
 :func:`probe` retrains one such cell (experiment, target, method,
 sample count) from the same labelled samples, transplant problem and seed with
 each of several optimisers (:class:`OptimizerSpec`), and reports per run: the
-train and test metric, the loss curve, the share of the adapter's outputs that
-are active on the samples, and, for classification, the student's logits on the
-positive and the negative samples — enough to tell a budget that is too short
+train and validation metric (:func:`nettransplant.data.validation_set`: training
+images no run's labelled samples include; the test split is never shown), the
+loss curve, the share of the adapter's outputs that are active on the samples,
+and, for classification, the student's logits on the positive and the negative
+samples — enough to tell a budget that is too short
 from a run that has settled where no sample crosses the decision boundary.
 
 The teachers come from (or are trained into) ``workdir/teachers`` exactly as the
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import optax
 
-from nettransplant import problem
+from nettransplant import data, problem
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments import paper
@@ -91,6 +93,7 @@ class Cell:
     problem: problem.TransplantProblem
     warm_start: dict
     labelled: object
+    validation: tuple  # (features, targets) of the validation split (data.validation_set)
 
 
 def build_cell(config, workdir: Path | str, experiment: str, target: str, num_samples: int,
@@ -137,14 +140,20 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
                                net.task_ref(f"{target}.{task}"),
                                runner.beta(student, sources, target))
     prob, warm_start, _, _ = built
+    view = data.validation_set(runner.view(experiment, prob.task, target, "train"), largest,
+                               seed=runner.seed)
+    validation = (problem.features(prob.transplant.category_module,
+                                   prob.frozen["category_module"],
+                                   data.normalize_images(view.images)),
+                  prob.task.targets(view))
     return Cell(config, runner, experiment, target, num_samples, prob, warm_start,
-                runner.labelled(prob, experiment, target, num_samples))
+                runner.labelled(prob, experiment, target, num_samples), validation)
 
 
 def job_optimizer(cell: Cell) -> OptimizerSpec:
     """The main job's optimiser for ``cell``: Adam at its task's rate
-    (:func:`nettransplant.experiments.paper.learning_rate`)."""
-    return OptimizerSpec("adam", paper.learning_rate(cell.config, cell.problem.task.name))
+    (:meth:`nettransplant.protocol.Protocol.rate`)."""
+    return OptimizerSpec("adam", cell.runner.protocol.rate(cell.problem.task.name))
 
 
 def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "random"
@@ -179,7 +188,7 @@ def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "rand
         record = {"optimizer": str(spec), "init": init if method != "back-distill"
                   else "warm_start", "steps": num_steps,
                   "train_fit": float(problem.training_fit(prob, params, cell.labelled, n)),
-                  "test": float(problem.evaluate(prob, params)),
+                  "validation": float(problem.score(prob, params, *cell.validation)),
                   "losses": [h["loss"] for h in history],
                   "active_start": _active(prob, start, cell.labelled.features[:n]),
                   "active_end": _active(prob, params, cell.labelled.features[:n])}
@@ -206,14 +215,14 @@ def table(cell: Cell, method: str, records: list[dict]) -> str:
     metric = cell.problem.task.metric_name
     lines = [f"{cell.experiment} {cell.target} {method}, {cell.num_samples} samples "
              f"({metric})", "",
-             "| optimizer | init | steps | train | test | first → last loss | active "
+             "| optimizer | init | steps | train | validation | first → last loss | active "
              "start → end | logits + / − (mean) |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         loss = (f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}" if r["losses"] else "")
         logits = (f"{np.mean(r['logits_positive']):.2f} / {np.mean(r['logits_negative']):.2f}"
                   if "logits_positive" in r else "")
         lines.append(f"| {r['optimizer']} | {r['init']} | {r['steps']} | "
-                     f"{r['train_fit']:.1f} | {r['test']:.1f} | {loss} | "
+                     f"{r['train_fit']:.1f} | {r['validation']:.1f} | {loss} | "
                      f"{100 * r['active_start']:.0f} % → {100 * r['active_end']:.0f} % | "
                      f"{logits} |")
     return "\n".join(lines)

@@ -5,13 +5,18 @@
 1. the :class:`~nettransplant.experiments.zoo.TeacherZoo` trains or reuses every
    teacher, and all of them join one :class:`~nettransplant.net.TransplantNet`
    (the *zoo net*: ``cat``, ``cat.classification``, ``cat.segmentation``, …);
-2. a :class:`Runner` builds each transplant problem from the zoo net's modules
-   by id (:func:`nettransplant.net.operations.build_problem`) and runs every
-   method at every sample count of the config;
-3. the results, paper-format tables, plots, and the *transplant net* the
-   experiments grew (Exps. 2-3, back-distill, the largest sample count: the
-   generic category's task modules serving every target) are written to the
-   workdir, each file replaced in one rename.
+2. for each of ``config.seeds``, a :class:`Runner` builds each transplant problem
+   from the zoo net's modules by id (:func:`nettransplant.net.operations.build_problem`)
+   and runs every method at every sample count of the config under the one
+   training rule of :mod:`nettransplant.protocol`; a seed re-draws the labelled
+   samples, the initialisations, the back-distillation draws and the batch order
+   (the teachers are shared by every seed);
+3. the results (every seed's cells, their means with 95 % intervals and the
+   claims' verdicts, :mod:`nettransplant.evidence`), paper-format tables, plots,
+   and the *transplant net* the experiments grew (Exps. 2-3, back-distill, the
+   largest sample count, the first seed: the generic category's task modules
+   serving every target) are written to the workdir, each file replaced in one
+   rename.
 
 The job is resumable and safe to interrupt: it holds ``W/.lock``
 (:mod:`~nettransplant.experiments.workdir`), finished teachers are reused, and
@@ -35,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nettransplant import data, metric_writers, modules, parallel, problem, report
+from nettransplant import data, evidence, metric_writers, modules, parallel, problem, report
 from nettransplant import runs as runs_lib
 from nettransplant import train as adapter_training
 from nettransplant.adapter import Adapter
@@ -53,6 +58,7 @@ from nettransplant.experiments.zoo import TeacherZoo, generic_name, stable_hash
 from nettransplant.net import operations
 from nettransplant.net.graph import ModuleRef, TransplantNet
 from nettransplant.progress import message, progress_bar
+from nettransplant.protocol import RESTART_SALT, Protocol
 from nettransplant.training import NonFiniteError, Trainings
 
 __all__ = ["EXPERIMENTS", "Runner", "run", "validate_config"]
@@ -112,38 +118,14 @@ class CellClock:
                 "images": self.images, "attempts": self.attempts}
 
 
-def problem_key(config, experiment: str, target: str):
-    """The key of one transplant problem's draws and initialisation."""
-    return jax.random.fold_in(jax.random.key(config.seed), stable_hash(f"{experiment}/{target}"))
+def problem_key(seed: int, experiment: str, target: str):
+    """The key of one transplant problem's draws and initialisation under ``seed``."""
+    return jax.random.fold_in(jax.random.key(seed), stable_hash(f"{experiment}/{target}"))
 
 
-# Whether a run fitted its labelled samples (problem.fits_samples): config.transplant.
-# restarts retrains the runs that did not, and the report lists those that still do not.
-FIT_ERROR = problem.FIT_ERROR
-RESTART_SALT = 0x5E57A27  # separates the restarts' keys from the problem's own
-RETRY_RATE_DIVISOR = 3.0  # the warm start's restart k trains at learning_rate / 3**k
-RETRY_LAMBDA_FACTOR = 0.1  # a back-distill row's restart k weighs its term by λ · 0.1**k
-
-
-def learning_rate(config, task_name: str) -> float:
-    """The adapters' Adam rate for ``task_name``: ``config.transplant.learning_rate``, or
-    ``learning_rate_segmentation`` for segmentation where the config has that field."""
-    tc = config.transplant
-    if task_name == "segmentation":
-        return float(tc.get("learning_rate_segmentation", tc.learning_rate))
-    return float(tc.learning_rate)
-
-
-def restart_count(config) -> int:
-    """``config.transplant.restarts`` (0 when a config predates the field)."""
-    return int(config.transplant.get("restarts", 0))
-
-
-def restart_noise(config) -> float | None:
-    """``config.transplant.restart_noise``; None when a config predates the field (its
-    restarts then start from exact draws and the exact warm start)."""
-    noise = config.transplant.get("restart_noise")
-    return None if noise is None else float(noise)
+def batch_seed(seed: int, n: int) -> int:
+    """The seed of a run's batch order: its sample count under the job's ``seed``."""
+    return seed * 1_000_003 + n
 
 
 def batched_runs(config) -> bool:
@@ -158,48 +140,15 @@ def batched_runs(config) -> bool:
     return mode == "batched"
 
 
-def early_end_every(config) -> int:
-    """``config.transplant.early_end_every``: every this many steps a run with labelled
-    samples checks whether it fits them (:func:`problem.fits_samples`) and ends when
-    it does; 0 (or a config without the field): every run trains its full budget."""
-    return int(config.transplant.get("early_end_every", 0))
-
-
-def last_restart_budget(config) -> int | None:
-    """``config.transplant.last_restart_budget``: the last restart trains up to this many
-    times ``num_steps``, at the task's full rate for every row (the warm start's
-    included), ending at the first multiple of ``num_steps`` where it fits.
-    None when a config predates the field: the last restart is like the others."""
-    budget = config.transplant.get("last_restart_budget")
-    return None if budget is None else int(budget)
-
-
-def restart_init(config, transplant, method: str, attempt: int, key, warm_start):
-    """Where restart ``attempt`` (1, 2, …) of an unfit ``method`` run starts.
-
-    A row from random initialisation: the initialisation drawn from
-    ``fold_in(key, attempt)``, the same for every method; with
-    ``config.transplant.restart_noise`` set, its last restart instead starts near the
-    identity (``identity + noise · that draw``), an adapter that first passes the
-    target's features through. Back-distill's row: its closed-form warm start, plus
-    ``noise · that draw`` when the field is set (the exact warm start can sit where the
-    task loss does not move it, below :meth:`Runner._restart_unfit`).
-    """
-    draw_key = jax.random.fold_in(key, attempt)
-    noise = restart_noise(config)
-    if method == "back-distill":
-        if noise is None:
-            return warm_start
-        return problem.perturbed_adapter(transplant, warm_start, draw_key, noise)
-    if noise is not None and attempt == restart_count(config):
-        return problem.perturbed_adapter(transplant, problem.identity_adapter(transplant),
-                                         draw_key, noise)
-    return problem.random_adapter(transplant, draw_key)
-
-
 # Back-distillation from the baselines' random initialisation instead of the closed-form
 # warm start: the same objective, so a reader sees what each part contributes.
 RANDOM_INIT = "back-distill-random-init"
+
+
+def zero_sample_rows(experiment: str) -> tuple[str, ...]:
+    """The rows that run with 0 labelled samples: back-distill from its warm start, and
+    in Exp. 1's 3-conv adapter also from random initialisation (the paper's start there)."""
+    return ("back-distill", RANDOM_INIT) if experiment == "exp1_3conv" else ("back-distill",)
 
 
 def objective_of(method: str) -> str:
@@ -254,7 +203,7 @@ def num_runs(config) -> int:
     per_cls_transfer = cls * len(labelled)
     total = 0
     if "exp1" in config.experiments:
-        total += 2 * len(config.categories) * per_cls
+        total += (2 * per_cls + (0 in counts)) * len(config.categories)
     targets = len(config.target_categories)
     if "exp2" in config.experiments:
         total += targets * per_cls_transfer
@@ -315,7 +264,6 @@ class _CellRun:
     history: list = dataclasses.field(default_factory=list)
     fits: list = dataclasses.field(default_factory=list)  # train fit of each attempt
     failed: dict | None = None
-    best: tuple | None = None  # (train fit, params, history) of the kept attempt
 
 
 @dataclasses.dataclass
@@ -346,6 +294,8 @@ class Runner:
       bar: the stage's progress bar (one update per finished cell).
       store: where finished cells are kept and read back (resuming).
       logdir: where each training's metrics are logged (None: not logged).
+      seed: the transplant seed (default ``config.seed``): the labelled samples,
+        initialisations, draws and batch order.
 
     Up to :func:`concurrent_cells` cells train at once (:meth:`submit`); they are
     stored and added to the results in their fixed order, so the job's outputs
@@ -353,11 +303,14 @@ class Runner:
     """
 
     def __init__(self, config, net: TransplantNet, benchmark: benchmarks.Benchmark, bar,
-                 store: cells_lib.CellStore, logdir: Path | None = None):
+                 store: cells_lib.CellStore, logdir: Path | None = None,
+                 seed: int | None = None):
         self.config, self.net, self.benchmark, self.bar = config, net, benchmark, bar
         self.store, self.logdir = store, logdir
+        self.seed = int(config.seed if seed is None else seed)
         tc = config.transplant
-        self.settings = operations.TransplantSettings.from_config(tc, seed=config.seed)
+        self.protocol = Protocol.from_config(tc)
+        self.settings = operations.TransplantSettings.from_config(tc, seed=self.seed)
         self.mesh = parallel.mesh_from_config(config.get("mesh"))  # adapters train data parallel
         # The cells in flight, in threads where that helps (concurrent_cells).
         self.trainings = Trainings(concurrent_cells(config, self.mesh))
@@ -383,6 +336,12 @@ class Runner:
         # {experiment: {target: {method: {n: [train_fit per attempt]}}}}: the runs that
         # restarted (config.transplant.restarts).
         self.restarts: dict = {}
+        # {experiment: {target: {method: {n: metric}}}}: each cell's test metric with its
+        # first attempt's parameters, i.e. the same job without restarts.
+        self.first_attempt: dict = {}
+        # {experiment: {method: {"runs", "fit_first", "fit_kept"}}}: how many runs with
+        # labelled samples fit them at their first attempt and with the attempt kept.
+        self.fit_rates: dict = {}
         # {experiment: {target: (adapter, params, beta, provenance)}}: back-distill at the
         # largest sample count, for the exported transplant net.
         self.learned: dict = {}
@@ -448,7 +407,7 @@ class Runner:
         prob = operations.build_problem(
             self.net.category_ref(target), student, reference, self.adapter(adapter_spec),
             settings=settings, image_size=c.model.image_size,
-            key=problem_key(c, experiment, target), beta=beta,
+            key=problem_key(self.seed, experiment, target), beta=beta,
             test_images=data.normalize_images(view.images), test_targets=task.targets(view))
         warm_start, exact = problem.zero_sample_solution(
             prob, ridge=tc.closed_form_ridge, num_draws=tc.closed_form_draws, mesh=self.mesh)
@@ -467,12 +426,8 @@ class Runner:
         # How the runs are scheduled, not the field: "auto" means one thing per platform,
         # and one-at-a-time cells keep the fingerprints of before the field.
         transplant.pop("runs_axis", None)
-        if not transplant.get("restarts"):  # 0 restarts: the fingerprints of before the field
-            transplant.pop("restarts", None)
-            transplant.pop("restart_noise", None)  # what restarts start from: none run
-            transplant.pop("last_restart_budget", None)
         draws = self.draws(protocol)
-        return {"experiment": experiment, "category": target, "seed": c.seed, "data": c.data,
+        return {"experiment": experiment, "category": target, "seed": self.seed, "data": c.data,
                 "data_version": self.benchmark.version, "model": c.model.to_dict(),
                 "transplant": transplant, "adapter": list(adapter_spec),
                 "protocol": protocol, "student": student, "reference": reference,
@@ -522,7 +477,7 @@ class Runner:
         cells = []  # (n, method, fig5, name, key, stored cell or what gives it)
         for n in counts:
             for method in problem.methods_for(task) + (RANDOM_INIT,):
-                if not (n or method == "back-distill"):
+                if not (n or method in zero_sample_rows(experiment)):
                     continue
                 fig5 = (experiment == "exp1_3conv" and target == c.categories[0]
                         and method in ("back-distill", "direct-learn") and n == fig5_count(c))
@@ -610,20 +565,16 @@ class Runner:
         if counts is not None:
             row["runs"] = row.get("runs", 0) + 1
 
+    # The training rule's version (nettransplant.protocol): cells of another rule are
+    # other cells, even where the config's numbers agree.
+    RULE = 2
+
     def cell_spec(self, problem_spec: dict, method: str, n: int, fig5: bool,
                   task_name: str) -> dict:
         """What one cell depends on: its problem, method, sample count, whether it
-        feeds Fig. 5, and where it restarts (:meth:`_restart_unfit`): a back-distill
-        row's factor its restarts scale λ by, a segmentation row's reference (the
-        teacher's fit of its samples; segmentation cells stored before they restarted
-        do not have it)."""
-        retry = {}
-        if restart_count(self.config):
-            if objective_of(method) == "back-distill":
-                retry["retry_lambda_factor"] = RETRY_LAMBDA_FACTOR
-            if task_name == "segmentation":
-                retry["fit_reference"] = "teacher"
-        return {**problem_spec, "method": method, "samples": n, "fig5": fig5, **retry}
+        feeds Fig. 5, and the training rule."""
+        return {**problem_spec, "method": method, "samples": n, "fig5": fig5,
+                "rule": self.RULE}
 
     def _run_cell(self, built: dict, experiment: str, target: str, method: str, n: int,
                   fig5: bool, beta: float) -> tuple[dict, dict]:
@@ -669,7 +620,7 @@ class Runner:
             trained = self.train_runs(prob, method, [_Attempt(
                 run, init, writer=writer, stop_when=self.fitted(
                     prob, run.transfer, run.n, run.reference),
-                check_every=early_end_every(self.config)) for run, writer in zip(
+                check_every=self.protocol.check_every) for run, writer in zip(
                     to_train, writers, strict=True)])
         finally:
             for writer in writers:
@@ -686,21 +637,28 @@ class Runner:
                 with run.clock.phase("eval"):
                     run.fits = [float(problem.training_fit(prob, run.params, run.transfer,
                                                            run.n))]
-        if restart_count(self.config):
+        first_metric = {}  # the test metric of a run's first attempt, where it restarts
+        if self.protocol.restarts:
+            restarting = [run for run in runs if run.n and run.failed is None
+                          and not self.protocol.fits(task.name, run.fits[0], run.reference)]
+            for run in restarting:
+                with run.clock.phase("eval"):
+                    first_metric[id(run)] = float(problem.evaluate(prob, run.params))
             self._restart_rounds(
-                prob, method, [run for run in runs if run.n and run.failed is None],
-                jax.random.fold_in(problem_key(self.config, experiment, target), RESTART_SALT),
+                prob, method, restarting,
+                jax.random.fold_in(problem_key(self.seed, experiment, target), RESTART_SALT),
                 warm_start)
         out = []
         for run in runs:
             with run.clock.phase("eval"):
                 metric = float(problem.evaluate(prob, run.params))
             record = {"experiment": experiment, "category": target, "method": method,
-                      "samples": run.n, "metric": metric, "metric_name": task.metric_name,
+                      "samples": run.n, "seed": self.seed, "metric": metric,
+                      "task": task.name, "metric_name": task.metric_name,
+                      "first_attempt_metric": first_metric.get(id(run), metric),
                       "train_fit": _best_fit(task, run.fits) if run.fits else None,
                       "teacher_fit": run.reference,
-                      "restarts": run.fits if run.n and run.failed is None
-                      and restart_count(self.config) else None,
+                      "attempt_fits": run.fits if run.n and run.failed is None else None,
                       "losses": [h["loss"] for h in run.history], "beta": beta,
                       "scalars": prob.scalars.as_dict(),
                       "warm_start_residual": built["residual"],
@@ -748,7 +706,7 @@ class Runner:
                     state = problem.with_learning_rate(state, a.learning_rate)
                 jobs.append(runs_lib.Run(
                     state, (a.prob or prob).scalars, a.run.transfer if a.run.n else None,
-                    a.run.n, self.config.seed + a.run.n, a.num_steps or tc.num_steps,
+                    a.run.n, batch_seed(self.seed, a.run.n), a.num_steps or tc.num_steps,
                     a.stop_when if a.check_every else None, a.writer, a.what))
             results = runs_lib.train_runs(
                 steps.runs(prob.transplant, objective), jobs, prob.frozen,
@@ -766,74 +724,27 @@ class Runner:
         return [(r.state.params, r.history if r.error is None else [], r.error)
                 for r in results]
 
-    def _restart_unfit(self, prob, method: str, transfer, n: int, params, history,
-                       train_fit: float, key, warm_start, what: str,
-                       reference: float | None = None):
-        """Retrain a run that did not fit its samples (:func:`problem.fits_samples`; a
-        segmentation run against ``reference``, the teacher's fit of the same samples) up
-        to ``config.transplant.restarts`` times, and keep the attempt with the best
-        train_fit (the first on ties).
-
-        Chosen on the run's own labelled samples only. What an attempt changes is what
-        is arbitrary in the run (:func:`restart_init`): a row from random
-        initialisation starts attempt ``k`` from the initialisation drawn from
-        ``fold_in(key, k)``, the same for every method, and its last near the identity;
-        back-distill's row starts from its closed-form warm start perturbed by that
-        draw (from the exact warm start the dog head of Exp. 2 answers "no" to both
-        classes whatever the rate or λ; a perturbation lets the task loss move it), and
-        as Adam's first steps move every parameter by about the learning rate whatever
-        its gradient, which can throw a run off an optimum it started at, that row
-        retrains at the rate divided by ``RETRY_RATE_DIVISOR ** k``. Both back-distill rows also
-        weigh the back-distillation term by ``λ · RETRY_LAMBDA_FACTOR ** k``: where the
-        student's task module differs from the teacher's (Exp. 2, Table 4) the term
-        pulls toward a chain the adapter cannot produce and, at λ0, drowns the task
-        loss, which then stays at chance; a weaker prior lets the samples decide. Same
-        budget and batch order as the first attempt, except the last restart where
-        ``config.transplant.last_restart_budget`` is set: up to that many times the
-        steps, at the task's full rate for every row, ending at the first multiple of
-        ``num_steps`` where it fits (a run still unfit then is mostly one that was
-        fitting when its budget ended, and a warm start at 1/3**k of the rate hardly
-        moves). Returns ``(params, history, [train_fit of each attempt, None
-        where one diverged])``.
-        """
-        run = _CellRun(n, False, what, transfer, reference, CellClock(), params=params,
-                       history=history, fits=[train_fit])
-        self._restart_rounds(prob, method, [run], key, warm_start)
-        return run.params, run.history, run.fits
-
     def _restart_rounds(self, prob, method: str, runs: list[_CellRun], key, warm_start
                         ) -> None:
-        """:meth:`_restart_unfit` for several runs of one method, a round per attempt
-        (the round's runs trained together by :meth:`train_runs`); updates each run's
-        kept ``params``, ``history`` and ``fits``."""
-        task = prob.task
-        for run in runs:
-            run.best = (run.fits[0], run.params, run.history)
-        warm = method == "back-distill"
-        distills = objective_of(method) == "back-distill"
-        budget = last_restart_budget(self.config)
-        every = early_end_every(self.config)
-        for attempt in range(1, restart_count(self.config) + 1):
+        """Retrain ``runs`` of ``method`` that have not fit their samples, a round per
+        restart (each round's runs trained together by :meth:`train_runs`), as
+        :class:`~nettransplant.protocol.Protocol` says: attempt ``k`` starts from
+        ``protocol.start(…, k, key, …)``, the same draw for every method, with the
+        first attempt's objective, λ, rate and budget. Updates each run's kept
+        ``params`` and ``history`` (the attempt that fits best) and its ``fits``
+        (one per attempt, None where one diverged)."""
+        task, rule = prob.task, self.protocol
+        best = {id(run): (run.fits[0], run.params, run.history) for run in runs}
+        for attempt in range(1, rule.restarts + 1):
             unfit = [run for run in runs
-                     if not problem.fits_samples(task.name, run.best[0], run.reference)]
+                     if not rule.fits(task.name, best[id(run)][0], run.reference)]
             if not unfit:
                 break
-            retry = prob  # λ is a jit argument: a weaker one does not recompile
-            if distills:
-                retry = dataclasses.replace(prob, scalars=prob.scalars.replace(
-                    lam=prob.scalars.lam * RETRY_LAMBDA_FACTOR ** attempt))
-            init = restart_init(self.config, prob.transplant, method, attempt, key, warm_start)
-            longer = attempt == restart_count(self.config) and budget is not None
-            rate = learning_rate(self.config, task.name)
-            if warm and not longer:
-                rate /= RETRY_RATE_DIVISOR ** attempt
+            init = rule.start(prob.transplant, method, attempt, key, None, warm_start)
             trained = self.train_runs(prob, method, [_Attempt(
-                run, init, prob=retry, what=f"{run.what} restart {attempt}",
-                learning_rate=rate,
-                num_steps=self.config.transplant.num_steps * budget if longer else None,
-                stop_when=self.fitted(prob, run.transfer, run.n, run.reference)
-                if longer or every else None,
-                check_every=every or self.config.transplant.num_steps) for run in unfit])
+                run, init, what=f"{run.what} restart {attempt}",
+                stop_when=self.fitted(prob, run.transfer, run.n, run.reference),
+                check_every=rule.check_every) for run in unfit])
             for run, (params, history, error) in zip(unfit, trained, strict=True):
                 if error is not None:
                     message(f"{run.what}: restart {attempt} diverged at step {error.step}; "
@@ -843,21 +754,19 @@ class Runner:
                 with run.clock.phase("eval"):
                     run.fits.append(float(problem.training_fit(prob, params, run.transfer,
                                                                run.n)))
-                better = (run.fits[-1] > run.best[0]) if task.higher_is_better \
-                    else (run.fits[-1] < run.best[0])
-                if better:
-                    run.best = (run.fits[-1], params, history)
+                if rule.better(task, run.fits[-1], best[id(run)][0]):
+                    best[id(run)] = (run.fits[-1], params, history)
         for run in runs:
-            _, run.params, run.history = run.best
+            _, run.params, run.history = best[id(run)]
 
     def steps(self, task_name: str) -> problem.StepCache:
-        """The steps of ``task_name``'s runs: Adam at :func:`learning_rate`, its rate in
+        """The steps of ``task_name``'s runs: Adam at the protocol's rate, its rate in
         the optimiser's state (:func:`problem.adam`), so a run at another rate
         (:meth:`fit`'s ``learning_rate``) uses the same compiled steps."""
         with self._steps_lock:
             if task_name not in self._steps:
                 self._steps[task_name] = problem.StepCache(
-                    problem.adam(learning_rate(self.config, task_name)), mesh=self.mesh,
+                    problem.adam(self.protocol.rate(task_name)), mesh=self.mesh,
                     weights=jacobian_weights(self.config))
             return self._steps[task_name]
 
@@ -877,14 +786,15 @@ class Runner:
 
     def labelled(self, prob, experiment: str, target: str, n: int):
         """The ``n`` labelled samples of a run (:func:`nettransplant.data.few_shot` of the
-        experiment's training view, seeded by the config) as transfer data."""
-        c, task = self.config, prob.task
-        shots = data.few_shot(self.view(experiment, task, target, "train"), n, seed=c.seed)
+        experiment's training view, drawn under the runner's seed) as transfer data."""
+        task = prob.task
+        shots = data.few_shot(self.view(experiment, task, target, "train"), n, seed=self.seed)
         targets = task.targets(shots).astype(np.int32) \
             if task.name == "segmentation" else task.targets(shots)
         return problem.transfer_data(
             prob, data.normalize_images(shots.images), targets,
-            key=jax.random.fold_in(problem_key(c, experiment, target), n), pad_to=self.pad_to)
+            key=jax.random.fold_in(problem_key(self.seed, experiment, target), n),
+            pad_to=self.pad_to)
 
     def fit(self, prob, method: str, transfer, n: int, init, what: str, writer, *,
             steps: problem.StepCache | None = None, learning_rate: float | None = None,
@@ -899,7 +809,7 @@ class Runner:
         True ends the training there; ``clock``: charged with the training's time,
         steps and images."""
         tc = self.config.transplant
-        if n == 0 and method != "back-distill":
+        if n == 0 and objective_of(method) != "back-distill":
             raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
         objective = objective_of(method)
         steps = steps or self.steps(prob.task.name)
@@ -913,7 +823,7 @@ class Runner:
                 num_steps=num_steps or tc.num_steps, data=transfer if n else None,
                 num_samples=n, batch_size=tc.batch_size,
                 draws=prob.cache if objective == "back-distill" else None,
-                draws_per_step=tc.draws_per_step, seed=self.config.seed + n, progress=False,
+                draws_per_step=tc.draws_per_step, seed=batch_seed(self.seed, n), progress=False,
                 log_every=tc.log_every, writer=writer, what=what, mesh=self.mesh,
                 stop_when=stop_when if check_every else None, check_every=check_every)
             steps_run = int(state.step)
@@ -938,9 +848,20 @@ class Runner:
         if record.get("teacher_fit") is not None:
             self.teacher_fit.setdefault(experiment, {}).setdefault(target, {})[str(n)] = \
                 record["teacher_fit"]
-        if record.get("restarts") and len(record["restarts"]) > 1:
+        if record.get("attempt_fits") and len(record["attempt_fits"]) > 1:
             self.restarts.setdefault(experiment, {}).setdefault(target, {}).setdefault(
-                method, {})[str(n)] = record["restarts"]
+                method, {})[str(n)] = record["attempt_fits"]
+        self.first_attempt.setdefault(experiment, {}).setdefault(target, {}).setdefault(
+            method, {})[str(n)] = record["first_attempt_metric"]
+        if n:
+            fits = record["attempt_fits"] or [record["train_fit"]]
+            task_name = record["task"]
+            rate = self.fit_rates.setdefault(experiment, {}).setdefault(
+                method, {"runs": 0, "fit_first": 0, "fit_kept": 0})
+            rate["runs"] += 1
+            rate["fit_first"] += self.protocol.fits(task_name, fits[0], record["teacher_fit"])
+            rate["fit_kept"] += self.protocol.fits(task_name, record["train_fit"],
+                                                   record["teacher_fit"])
         if record["losses"]:
             self.curves.setdefault(curve_key, {}).setdefault(method, {}).setdefault(
                 str(n), []).append(record["losses"])
@@ -1043,55 +964,12 @@ def _parts_of(net: TransplantNet, name: str):
                         net.category(name).input, dict(net.category(name).provenance))
 
 
-def run(config, workdir: Path, progress: bool = True) -> dict:
-    """Everything; returns the ``results.json`` dict.
-
-    Resumable: finished teachers (``W/teachers``) and transplant cells
-    (``W/cells``) are read back, not run again, so a run interrupted anywhere
-    and started again ends with the results of an uninterrupted one.
-
-    Raises:
-      ValueError: a config field that cannot run (named).
-      WorkdirLockedError: another run holds ``W/.lock``.
-      PermissionError: the workdir cannot be written (checked before any work).
-    """
-    validate_config(config)
-    start = time.perf_counter()
-    workdir = Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PermissionError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
-    check_writable(workdir)
-    # One run per workdir; the processes of one multi-process run share it, and process 0
-    # holds the lock for them all.
-    with WorkdirLock(workdir) if parallel.is_primary() else contextlib.nullcontext():
-        check_writable(*(workdir / d for d in ("teachers", cells_lib.CELLS_DIR, "logs", "net")))
-        if config.get("compilation_cache", True):
-            use_compilation_cache(workdir)
-        return _run_locked(config, workdir, start, progress)
-
-
-def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
-    compiled = compile_seconds()
-    benchmark = benchmarks.make_benchmark(config)
-    data_done = time.perf_counter()
-    zoo = TeacherZoo(config, workdir, benchmark, progress)
-    zoo_net = train_teachers(config, zoo, progress)
-    teachers_done, teachers_compiled = time.perf_counter(), compile_seconds()
-    needed = [c for c in zoo_net.category_modules if not c.startswith("generic_without_")]
-    generic_names = {c: generic_name(c) for c in config.target_categories
-                     if generic_name(c) in zoo_net.category_modules}
-
-    results: dict = {"teachers": {c: zoo.metrics[c] for c in needed},
-                     **({"backbone": zoo.metrics["backbone"]} if "backbone" in zoo.metrics
-                        else {}),
-                     "generic_modules": {c: zoo.metrics[g] for c, g in generic_names.items()},
-                     "config": config.to_dict()}
+def transplant_seed(config, runner: Runner, benchmark: benchmarks.Benchmark) -> dict:
+    """Every experiment's cells under ``runner``'s seed; returns that seed's results
+    (the tables, head swap, fits, residuals, scalars, live draw fractions, restarts,
+    failed cells). Cancels the cells not started after an error."""
+    results: dict = {}
     live: dict = {}
-    bar = progress_bar(num_runs(config), "transplants", enabled=progress)
-    runner = Runner(config, zoo_net, benchmark, bar, cells_lib.CellStore(workdir),
-                    logdir=workdir / "logs")
     try:
         counts = [int(n) for n in config.sample_counts]
         labelled = [n for n in counts if n > 0]
@@ -1152,7 +1030,7 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
             }
     finally:  # after an error: the cells not started are cancelled
         runner.close()
-    bar.close()
+    results["no_restarts"] = tables_of(config, runner.first_attempt)
     results["live_draw_fraction"] = live
     results["scalars"] = runner.scalars
     results["warm_start_residual"] = {
@@ -1161,10 +1039,90 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
     if runner.teacher_fit:
         results["teacher_fit"] = {e: with_avg({t: {"teacher": by_n} for t, by_n in c.items()})
                                   ["teacher"] for e, c in runner.teacher_fit.items()}
-    if restart_count(config):
-        results["restarts"] = runner.restarts
+    results["restarts"] = runner.restarts
+    results["fit_rates"] = runner.fit_rates
     if runner.failed:
-        results["failed_cells"] = runner.failed
+        results["failed_cells"] = [{**f, "seed": runner.seed} for f in runner.failed]
+    return results
+
+
+def tables_of(config, by_experiment: dict) -> dict:
+    """``{experiment: {target: {method: {n: v}}}}`` (a Runner's per-cell dicts) in the
+    results' table layout: ``exp1 → 1conv/3conv``, ``table4 → classification /
+    segmentation``, each ``{method: {n: {category: v, "avg": mean}}}``."""
+    out: dict = {}
+    for experiment, cells in by_experiment.items():
+        table = with_avg(cells)
+        if experiment.startswith("exp1_"):
+            out.setdefault("exp1", {})[experiment.removeprefix("exp1_")] = table
+        elif experiment.startswith("table4_"):
+            out.setdefault("table4", {})[experiment.removeprefix("table4_")] = table
+        else:
+            out[experiment] = table
+    return out
+
+
+def run(config, workdir: Path, progress: bool = True) -> dict:
+    """Everything; returns the ``results.json`` dict.
+
+    Resumable: finished teachers (``W/teachers``) and transplant cells
+    (``W/cells``) are read back, not run again, so a run interrupted anywhere
+    and started again ends with the results of an uninterrupted one.
+
+    Raises:
+      ValueError: a config field that cannot run (named).
+      WorkdirLockedError: another run holds ``W/.lock``.
+      PermissionError: the workdir cannot be written (checked before any work).
+    """
+    validate_config(config)
+    start = time.perf_counter()
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"cannot create the workdir {workdir}: {e.strerror or e}") from None
+    check_writable(workdir)
+    # One run per workdir; the processes of one multi-process run share it, and process 0
+    # holds the lock for them all.
+    with WorkdirLock(workdir) if parallel.is_primary() else contextlib.nullcontext():
+        check_writable(*(workdir / d for d in ("teachers", cells_lib.CELLS_DIR, "logs", "net")))
+        if config.get("compilation_cache", True):
+            use_compilation_cache(workdir)
+        return _run_locked(config, workdir, start, progress)
+
+
+def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
+    compiled = compile_seconds()
+    benchmark = benchmarks.make_benchmark(config)
+    data_done = time.perf_counter()
+    zoo = TeacherZoo(config, workdir, benchmark, progress)
+    zoo_net = train_teachers(config, zoo, progress)
+    teachers_done, teachers_compiled = time.perf_counter(), compile_seconds()
+    needed = [c for c in zoo_net.category_modules if not c.startswith("generic_without_")]
+    generic_names = {c: generic_name(c) for c in config.target_categories
+                     if generic_name(c) in zoo_net.category_modules}
+
+    results: dict = {"teachers": {c: zoo.metrics[c] for c in needed},
+                     **({"backbone": zoo.metrics["backbone"]} if "backbone" in zoo.metrics
+                        else {}),
+                     "generic_modules": {c: zoo.metrics[g] for c, g in generic_names.items()},
+                     "config": config.to_dict()}
+    seeds = [int(s) for s in config.seeds]
+    bar = progress_bar(num_runs(config) * len(seeds), "transplants", enabled=progress)
+    runners = []
+    per_seed = {}
+    for seed in seeds:
+        runner = Runner(config, zoo_net, benchmark, bar, cells_lib.CellStore(workdir),
+                        logdir=workdir / "logs" / f"seed{seed}", seed=seed)
+        runners.append(runner)
+        per_seed[str(seed)] = transplant_seed(config, runner, benchmark)
+    bar.close()
+    results["seeds"] = seeds
+    results["per_seed"] = per_seed
+    results.update(evidence.mean_over_seeds(list(per_seed.values())))
+    results["intervals"] = evidence.intervals(results, per_seed)
+    results["verdicts"] = evidence.verdicts(results, per_seed, evidence.Rule.from_config(config))
+    runner = runners[0]  # the first seed's: Fig. 5, the curves, the exported net
     transplants_done = time.perf_counter()
     # Where the time went; compilation is counted inside the stage that triggered it,
     # summed over the threads that compiled (with several, it can exceed the stage's time).
@@ -1173,9 +1131,10 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
         "teachers_compile": teachers_compiled - compiled,
         "transplants": transplants_done - teachers_done,
         "transplants_compile": compile_seconds() - teachers_compiled,
-        "transplant_cells_run": runner.cells_run, "transplant_cells_reused": runner.cells_reused,
+        "transplant_cells_run": sum(r.cells_run for r in runners),
+        "transplant_cells_reused": sum(r.cells_reused for r in runners),
         "transplant_threads": runner.trainings.workers,
-        "transplant_breakdown": runner.breakdown}
+        "transplant_breakdown": evidence.sum_trees([r.breakdown for r in runners])}
     net = product_net(config, zoo_net, runner)
     results["runtime_s"] = time.perf_counter() - start
     write_outputs(config, workdir, results, zoo, runner, net)
@@ -1188,7 +1147,8 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
 
 def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner: Runner,
                   net: TransplantNet | None) -> None:
-    """results.json, results.md, the curves, Fig. 5 and the transplant net ``W/net``."""
+    """results.json, results.md, the curves (per sample count and per step), Fig. 5 and
+    the transplant net ``W/net``."""
     from nettransplant.net import io as net_io
     if net is not None:  # every process: orbax writes collectively
         net_io.export_net(net, workdir / "net", overwrite=True)
@@ -1203,6 +1163,8 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
     write_atomically(workdir / "learning_curves.json", json.dumps(curves))
     with atomic_path(workdir / "learning_curves.png") as path:
         report.plot_learning_curves(curves, path)
+    with atomic_path(workdir / "samples.png") as path:
+        report.plot_sample_curves(results, path)
     if len(runner.fig5) == 2:
         with atomic_path(workdir / "fig5_pca.png") as path:
             report.plot_fig5(runner.fig5, path,
