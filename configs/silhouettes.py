@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Leave-one-out generic modules: "any training category vs object-free scenes".
     config.teacher.generic_images = 1600  # positives (and as many scenes) per module
 
-    # Back-distillation (paper Sec. 3; README "Back-distillation").
+    # Back-distillation (paper Sec. 3; docs/method.md).
     config.transplant = ml_collections.ConfigDict()
     config.transplant.score_size = 7  # S of the enlarged classification G_y'
     config.transplant.positive_fraction = 0.2  # x_rand: 20 % positive entries
@@ -139,7 +139,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.beta_images = 200  # unlabelled images per side for β
     config.transplant.log_every = 10  # learning-curve resolution (steps)
 
-    # The Jacobian-matching baseline's loss (README "Methods"): task · (the task loss on
+    # The Jacobian-matching baseline's loss (docs/main_job.md): task · (the task loss on
     # the labelled samples) + output_matching · CrossEntropy(y_S, y_T) (the teacher's
     # soft outputs) + jacobian · E‖J_S/‖J_S‖ − J_T/‖J_T‖‖² (input Jacobians of a random
     # output projection). All 1: no term is favoured, and nothing is tuned on test data.

@@ -9,7 +9,7 @@
         --num_processes=2 --process_id=0   # (and =1 on host1): docs/scaling.md
 
 Everything happens in :func:`nettransplant.experiments.paper.run`; the layout of
-``W`` is described in the README ("The main job"). The same command resumes an
+``W`` is described in docs/main_job.md. The same command resumes an
 interrupted run (finished teachers and transplant cells are kept). A bad flag or
 config field prints one ``error:`` line and exits with 2; Ctrl-C exits with 130.
 """

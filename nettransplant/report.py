@@ -106,6 +106,9 @@ def claims_markdown(results: Mapping) -> list[str]:
              "**inconclusive** otherwise (docs/protocol.md). An advantage is the "
              "baseline's error minus back-distill's, or back-distill's pixel accuracy "
              "minus the baseline's; against a teacher, the points back-distill gives up.",
+             "", *verdict_matrix(results), "",
+             "Each cell: the verdict (– inconclusive) and back-distill's mean advantage in "
+             "points. Every claim with its interval:",
              "", "| claim | advantage, mean [95 % interval] | pairs | verdict |",
              "|---|---|---|---|"]
     for c in checked:
@@ -115,6 +118,31 @@ def claims_markdown(results: Mapping) -> list[str]:
     counts = {v: sum(c["verdict"] == v for c in checked)
               for v in (evidence.HOLDS, evidence.DOES_NOT_HOLD, evidence.INCONCLUSIVE)}
     lines += ["", "Verdicts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+    return lines
+
+
+def verdict_matrix(results: Mapping) -> list[str]:
+    """Every claim at a glance: a row per (table, sample count), a column per row that
+    back-distill is compared with, each cell the verdict and the mean advantage."""
+    checked = claims(results)
+    if not checked:
+        return []
+    baselines = [m for m in ("teacher", *METHOD_ORDER) if any(c["baseline"] == m
+                                                              for c in checked)]
+    labels = {path: label for path, label, _ in evidence.TABLES}
+    rows: dict = {}
+    for c in checked:
+        rows.setdefault((c["table"], c["samples"]), {})[c["baseline"]] = c
+    short = {evidence.HOLDS: "holds", evidence.DOES_NOT_HOLD: "**fails**",
+             evidence.INCONCLUSIVE: "–"}
+    names = {"teacher": "its teachers", "back-distill-random-init": "from random init"}
+    lines = ["| table | samples | " + " | ".join(f"vs {names.get(b, b)}" for b in baselines)
+             + " |", "|---|---|" + "---|" * len(baselines)]
+    for (table, n), by_baseline in rows.items():
+        cells = [f"{short[c['verdict']]} {c['difference']:+.1f}" if (c := by_baseline.get(b))
+                 else "" for b in baselines]
+        label = labels.get(tuple(table.split("/")), table)
+        lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -178,6 +206,13 @@ def results_markdown(results: Mapping) -> str:
     """``results.md``: teachers, Tables 2-4 with the paper's numbers, claims, runtime."""
     data = results.get("config", {}).get("data", "silhouettes")
     parts = [f"# Network transplanting on {_BENCHMARK_TITLES.get(data, data)}", ""]
+    made = results.get("provenance")
+    if made:
+        seeds = results.get("seeds", [])
+        parts += [f"nettransplant {made['version']}"
+                  + (f" at commit {made['commit']}" if made.get("commit") else "")
+                  + f", {made['device_count']} × {made['device_kind']} ({made['platform']})"
+                  + (f", seeds {', '.join(map(str, seeds))}" if seeds else "") + ".", ""]
     teachers = results.get("teachers", {})
     if teachers:
         parts += ["## Teachers", "",
@@ -433,6 +468,11 @@ _COLOURS = {"back-distill": "tab:red", "back-distill-random-init": "tab:orange",
             "direct-learn": "tab:blue", "jacobian": "tab:green", "distill": "tab:purple"}
 
 
+def has_tables(results: Mapping) -> bool:
+    """Whether ``results`` holds any of the experiments' tables."""
+    return any(evidence._get(results, key) for key, _, _ in evidence.TABLES)
+
+
 def plot_sample_curves(results: Mapping, path: Path) -> None:
     """Per experiment, the average metric against the number of labelled samples: one
     line per method with its 95 % band (``results["intervals"]``), the paper's averages
@@ -444,7 +484,7 @@ def plot_sample_curves(results: Mapping, path: Path) -> None:
     panels = [(path_, label, kind) for path_, label, kind in evidence.TABLES
               if evidence._get(results, path_)]
     if not panels:
-        return
+        raise ValueError("no experiment's table to plot (report.has_tables)")
     cols = min(len(panels), 3)
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.5 * rows), squeeze=False)

@@ -132,6 +132,8 @@ def test_the_report_shows_intervals_and_every_verdict():
     assert f"11.0 ± {half:.1f}" in text
     assert "Exp. 2, 10 samples: back-distill lower error than direct-learn" in text
     assert "(2 seeds)" in text and "| holds |" in text
+    assert "| table | samples | vs direct-learn |" in text
+    assert "| Exp. 2 | 10 | holds +5.5 |" in text  # the matrix: verdict and mean advantage
     assert "| exp2 | 50% → 100% (4) |" in text  # the fit rates
     assert "| Exp. 2 | direct-learn | 10 | 20.5 | 30.0 |" in text  # the ablation
     assert "[holds]" in report.summary(results)

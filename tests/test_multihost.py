@@ -25,7 +25,7 @@ from nettransplant.data import benchmarks
 from nettransplant.experiments import zoo
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 600
+TIMEOUT_S = 1200
 POINTS = 1.0  # % (error or pixel accuracy; 4 of 400 test images): another summation order
 LOSS_RTOL = 1e-3  # a cell's first loss: the same start and data; teachers and warm starts
 # trained or solved in another summation order differ in their last digits
@@ -147,7 +147,8 @@ def test_two_processes_give_the_single_process_metrics(runs):
 def test_every_table_average_is_within_its_interval_of_the_other_runs(runs):
     """The protocol's conclusions do not hang on summation order: on 1 device and on 4
     (two processes), every table average lies within the other run's 95 % interval
-    (the larger of the two half-widths) of it."""
+    (the larger of the two half-widths) of it; where both seeds gave the same number
+    (a zero-width interval), within :data:`POINTS`."""
     single, pair = runs
     one, two = (json.loads((w / "results.json").read_text()) for w in (single, pair))
     averages = {k: v for k, v in _numbers({k: one[k] for k in ("exp1", "exp3")})
@@ -156,7 +157,7 @@ def test_every_table_average_is_within_its_interval_of_the_other_runs(runs):
     halves = [dict(_numbers(r["intervals"])) for r in (one, two)]
     assert len(averages) >= 10
     for path, value in averages.items():
-        width = max(h.get(path, 0.0) for h in halves)
+        width = max(h.get(path, 0.0) for h in halves) or POINTS
         assert abs(value - other[path]) <= width, (path, value, other[path], width)
 
 

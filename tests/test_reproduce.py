@@ -108,6 +108,11 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     assert sum(r["runs"] for by_m in rates.values() for r in by_m.values()) == sum(
         1 for by_m in fit.values() for by_n in by_m.values() for row in by_n.values()
         for c in row if c != "avg")
+    made = results["provenance"]
+    assert made["version"] and made["device_count"] >= 1 and made["platform"] == "cpu"
+    # Every training attempt is logged, per seed and experiment; restarts beside theirs.
+    logs = workdir / "logs" / "seed0"
+    assert (logs / "exp2" / "cat_direct-learn_n10.jsonl").is_file()
     # Restarts (config.transplant.restarts): only unfit runs, the kept attempt the best one.
     redrawn = [(e, t, m, n, fits) for e, by_t in seed["restarts"].items()
                for t, by_m in by_t.items() for m, by_n in by_m.items()
@@ -116,6 +121,7 @@ def test_quick_run_writes_every_output_in_the_documented_layout(quick_run):
     for e, t, m, n, fits in redrawn:
         done = [f for f in fits if f is not None]
         assert len(fits) <= 1 + config.transplant.restarts
+        assert (logs / e / f"{t}_{m}_n{n}_restart1.jsonl").is_file()
         if e in ("exp3", "table4_segmentation"):
             assert fits[0] < teacher[e][n][t] - 2 and fit[e][m][n][t] == max(done)
         else:

@@ -264,6 +264,7 @@ class _CellRun:
     history: list = dataclasses.field(default_factory=list)
     fits: list = dataclasses.field(default_factory=list)  # train fit of each attempt
     failed: dict | None = None
+    log: str = ""  # its metric log's name under the logdir ("" : not logged)
 
 
 @dataclasses.dataclass
@@ -603,16 +604,15 @@ class Runner:
             # (fits_samples), and for classification what the report shows beside a
             # run that did not fit.
             runs.append(_CellRun(n, fig5, what, built["transfer"][n] if n else None,
-                                 built["teacher_fit"][n] if n else None, CellClock()))
+                                 built["teacher_fit"][n] if n else None, CellClock(),
+                                 log=f"{experiment}/{target}_{method}_n{n}"))
         to_train = []
         for run in runs:
             if method == "back-distill" and run.n == 0 and exact:
                 run.params, run.history = warm_start, []
             else:
                 to_train.append(run)
-        writers = [metric_writers.open_writer(
-            self.logdir, f"transplants/{experiment}_{target}_{method}_n{run.n}")
-            if self.logdir is not None else None for run in to_train]
+        writers = [self._writer(run) for run in to_train]
         try:
             # back-distill starts at the closed-form optimum (the library's warm start);
             # every other row, RANDOM_INIT included, at the same random initialisation.
@@ -670,6 +670,14 @@ class Runner:
             record["timing"] = run.clock.as_dict()
             out.append((record, arrays))
         return out
+
+    def _writer(self, run: _CellRun, suffix: str = ""):
+        """The metric log of one attempt of ``run`` (None without a logdir):
+        ``logdir/<experiment>/<category>_<method>_n<N><suffix>``, one folder per
+        experiment."""
+        if self.logdir is None or not run.log:
+            return None
+        return metric_writers.open_writer(self.logdir, run.log + suffix)
 
     def train_runs(self, prob, method: str, attempts: list[_Attempt]
                    ) -> list[tuple[Any, list, NonFiniteError | None]]:
@@ -741,10 +749,17 @@ class Runner:
             if not unfit:
                 break
             init = rule.start(prob.transplant, method, attempt, key, None, warm_start)
-            trained = self.train_runs(prob, method, [_Attempt(
-                run, init, what=f"{run.what} restart {attempt}",
-                stop_when=self.fitted(prob, run.transfer, run.n, run.reference),
-                check_every=rule.check_every) for run in unfit])
+            writers = [self._writer(run, f"_restart{attempt}") for run in unfit]
+            try:
+                trained = self.train_runs(prob, method, [_Attempt(
+                    run, init, what=f"{run.what} restart {attempt}", writer=writer,
+                    stop_when=self.fitted(prob, run.transfer, run.n, run.reference),
+                    check_every=rule.check_every) for run, writer in zip(unfit, writers,
+                                                                         strict=True)])
+            finally:
+                for writer in writers:
+                    if writer is not None:
+                        writer.close()
             for run, (params, history, error) in zip(unfit, trained, strict=True):
                 if error is not None:
                     message(f"{run.what}: restart {attempt} diverged at step {error.step}; "
@@ -1062,6 +1077,35 @@ def tables_of(config, by_experiment: dict) -> dict:
     return out
 
 
+def provenance() -> dict:
+    """What produced a results file: the package version, the git commit of the source
+    tree when it is a checkout (None otherwise; ``"+changes"`` when it has uncommitted
+    ones), JAX's version and the devices."""
+    import subprocess
+
+    import nettransplant
+
+    root = Path(nettransplant.__file__).resolve().parents[1]
+    commit = None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode == 0:
+            commit = head.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=10)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                commit += "+changes"
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    devices = jax.devices()
+    return {"version": nettransplant.__version__, "commit": commit,
+            "jax_version": jax.__version__, "platform": jax.default_backend(),
+            "device_kind": devices[0].device_kind, "device_count": len(devices),
+            "process_count": jax.process_count()}
+
+
 def run(config, workdir: Path, progress: bool = True) -> dict:
     """Everything; returns the ``results.json`` dict.
 
@@ -1106,7 +1150,7 @@ def _run_locked(config, workdir: Path, start: float, progress: bool) -> dict:
                      **({"backbone": zoo.metrics["backbone"]} if "backbone" in zoo.metrics
                         else {}),
                      "generic_modules": {c: zoo.metrics[g] for c, g in generic_names.items()},
-                     "config": config.to_dict()}
+                     "config": config.to_dict(), "provenance": provenance()}
     seeds = [int(s) for s in config.seeds]
     bar = progress_bar(num_runs(config) * len(seeds), "transplants", enabled=progress)
     runners = []
@@ -1163,8 +1207,9 @@ def write_outputs(config, workdir: Path, results: dict, zoo: TeacherZoo, runner:
     write_atomically(workdir / "learning_curves.json", json.dumps(curves))
     with atomic_path(workdir / "learning_curves.png") as path:
         report.plot_learning_curves(curves, path)
-    with atomic_path(workdir / "samples.png") as path:
-        report.plot_sample_curves(results, path)
+    if report.has_tables(results):
+        with atomic_path(workdir / "samples.png") as path:
+            report.plot_sample_curves(results, path)
     if len(runner.fig5) == 2:
         with atomic_path(workdir / "fig5_pca.png") as path:
             report.plot_fig5(runner.fig5, path,
