@@ -513,8 +513,13 @@ def plot_sample_curves(results: Mapping, path: Path) -> None:
         ax.set_xlabel("labelled samples")
         ax.set_ylabel("test error %" if kind == "error" else "pixel accuracy %")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6, title=f"mean ± 95 % ({seeds} seed{'s' * (seeds != 1)}); "
-                      "□ paper", title_fontsize=6)
+    handles: dict = {}  # every method of every panel, once
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=6,
+                      title=f"mean ± 95 % ({seeds} seed{'s' * (seeds != 1)}); □ paper",
+                      title_fontsize=6)
     for j in range(len(panels), rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
