@@ -266,7 +266,7 @@ def cell_fingerprints(config) -> dict[str, str]:
     """The main job's cell fingerprints of one target per experiment, under ``config``."""
     runner = paper.Runner.__new__(paper.Runner)
     teacher = types.SimpleNamespace(provenance={"params_sha256": "0" * 64})
-    runner.config, runner.pad_to = config, 32
+    runner.config, runner.pad_to, runner.seed = config, 32, config.seed
     runner.benchmark = types.SimpleNamespace(version="v")
     runner.net = types.SimpleNamespace(category=lambda name: teacher)
     return {protocol: cells.fingerprint(runner._fingerprint(
