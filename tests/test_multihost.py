@@ -172,8 +172,8 @@ def test_every_cell_starts_at_the_single_process_loss(runs):
             record = json.loads(path.read_text())
             if record["losses"]:
                 name = path.name.rsplit("_", 1)[0]  # without the fingerprint
-                out[path.parent.relative_to(workdir).as_posix() + "/" + name] = \
-                    record["losses"][0]
+                out[path.parent.relative_to(workdir).as_posix() + "/" + name
+                    + f"/seed{record['seed']}"] = record["losses"][0]
         return out
 
     one, two = first_losses(single), first_losses(pair)
