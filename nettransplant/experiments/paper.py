@@ -269,15 +269,13 @@ class _CellRun:
 
 @dataclasses.dataclass
 class _Attempt:
-    """One training of a run: where it starts and how it trains (None: the config's)."""
+    """One training of a run: where it starts, its name and log, and its early end (the
+    problem, rate and budget are the run's: :mod:`nettransplant.protocol`)."""
 
     run: _CellRun
     init: Any
-    prob: Any = None  # the problem with this attempt's scalars (None: the run's)
     what: str | None = None
     writer: Any = None
-    learning_rate: float | None = None
-    num_steps: int | None = None
     stop_when: Callable[[Any], bool] | None = None
     check_every: int = 0
 
@@ -695,8 +693,7 @@ class Runner:
             for a in attempts:
                 try:
                     params, history = self.fit(
-                        a.prob or prob, method, a.run.transfer, a.run.n, a.init, a.what,
-                        a.writer, learning_rate=a.learning_rate, num_steps=a.num_steps,
+                        prob, method, a.run.transfer, a.run.n, a.init, a.what, a.writer,
                         stop_when=a.stop_when, check_every=a.check_every, clock=a.run.clock)
                     out.append((params, history, None))
                 except NonFiniteError as e:
@@ -710,11 +707,9 @@ class Runner:
             jobs = []
             for a in attempts:
                 state = adapter_training.create_train_state(a.init, steps.optimizer)
-                if a.learning_rate is not None:
-                    state = problem.with_learning_rate(state, a.learning_rate)
                 jobs.append(runs_lib.Run(
-                    state, (a.prob or prob).scalars, a.run.transfer if a.run.n else None,
-                    a.run.n, batch_seed(self.seed, a.run.n), a.num_steps or tc.num_steps,
+                    state, prob.scalars, a.run.transfer if a.run.n else None,
+                    a.run.n, batch_seed(self.seed, a.run.n), tc.num_steps,
                     a.stop_when if a.check_every else None, a.writer, a.what))
             results = runs_lib.train_runs(
                 steps.runs(prob.transplant, objective), jobs, prob.frozen,
