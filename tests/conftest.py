@@ -1,16 +1,35 @@
 """Make the checkout importable when the package is not installed (``pip install -e .``);
-run tests marked ``torch`` only where PyTorch is installed (always in CI)."""
+run tests marked ``torch`` only where PyTorch is installed (always in CI); share one XLA
+compilation cache between every test and subprocess of a session."""
 
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+# Many tests compile the same programs (the quick config's steps, in-process and in the
+# subprocesses that run the job): JAX's persistent compilation cache, in one folder for the
+# session, compiles each once. The variables are inherited by subprocesses and by pytest-xdist
+# workers; a cache folder the caller set is used as it is and kept.
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="nettransplant-tests-jax-cache-")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_SESSION_CACHE,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
