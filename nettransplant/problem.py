@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -264,12 +264,20 @@ class StepCache:
 def fit(problem: TransplantProblem, method: str, steps: StepCache, *,
         data: objectives.TransferData | None, num_samples: int, init: Params,
         num_steps: int, batch_size: int, draws_per_step: int, seed: int,
-        log_every: int = 10, progress: bool | str = False
-        ) -> tuple[Params, list[dict[str, float]]]:
+        log_every: int = 10, progress: bool | str = False, writer=None,
+        what: str = "train adapter", stop_when: Callable[[Params], bool] | None = None,
+        check_every: int = 0) -> tuple[Params, list[dict[str, float]], int]:
     """Learn the adapter with ``method`` from ``num_samples`` labelled samples.
 
-    Zero-sample back-distillation passes ``data=None``. Returns the adapter
-    parameters and the logged training metrics.
+    Zero-sample back-distillation passes ``data=None``. ``writer``: a metric writer
+    for the logged steps; ``what``: the training's name in errors; ``stop_when`` /
+    ``check_every``: after every ``check_every`` steps, end early when
+    ``stop_when(params)`` is True. Returns the adapter parameters, the logged
+    training metrics and the number of steps run.
+
+    Raises:
+      NonFiniteError: at the first non-finite loss or gradient (carrying the last
+        good state).
     """
     if num_samples == 0 and method != "back-distill":
         raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
@@ -279,8 +287,9 @@ def fit(problem: TransplantProblem, method: str, steps: StepCache, *,
         steps(problem.transplant, method), state, problem.frozen, problem.scalars,
         num_steps=num_steps, data=data if num_samples else None, num_samples=num_samples,
         batch_size=batch_size, draws=draws, draws_per_step=draws_per_step, seed=seed,
-        progress=progress, log_every=log_every, mesh=steps.mesh)
-    return state.params, history
+        progress=progress, log_every=log_every, writer=writer, what=what, mesh=steps.mesh,
+        stop_when=stop_when, check_every=check_every)
+    return state.params, history, int(state.step)
 
 
 @partial(jax.jit, static_argnums=0)

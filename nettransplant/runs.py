@@ -53,7 +53,7 @@ from nettransplant.transplant import Transplant
 Array = jax.Array
 RUNS_AXIS = "runs"
 # How a job trains a problem's runs (config.transplant.runs_axis): "batched" on a runs
-# axis, "one_at_a_time", or "auto" (nettransplant.experiments.paper.batched_runs).
+# axis, "one_at_a_time", or "auto" (nettransplant.experiments.cell_training.batched_runs).
 MODES = ("auto", "batched", "one_at_a_time")
 
 

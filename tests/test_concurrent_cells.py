@@ -18,8 +18,10 @@ from job_configs import trimmed_quick_config
 
 from nettransplant import problem
 from nettransplant.experiments import cells as cells_lib
-from nettransplant.experiments import fit_probe, paper
+from nettransplant.experiments import fit_probe
 from nettransplant.experiments.config import validate_config
+from nettransplant.experiments.results import Results
+from nettransplant.experiments.runner import concurrent_cells
 from nettransplant.training import Trainings
 
 COUNTS = [0, 10, 20]
@@ -31,37 +33,37 @@ def cell(tmp_path_factory):
                                 "exp1_1conv", "cat", 10)
 
 
-def _run(runner, workers: int, store_dir, curve_key: str):
-    """Exp. 1's cells of ``cat`` with ``workers`` threads and an empty cell store."""
+def _run(runner, workers: int, store_dir):
+    """Exp. 1's cells of ``cat`` with ``workers`` threads, an empty cell store and new
+    results; returns those results."""
     runner.trainings, runner.store = Trainings(workers), cells_lib.CellStore(store_dir)
+    runner.results = Results(runner.config)
     config = runner.config
-    out, live = runner.run("exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat",
-                           "cat.classification", "cat.classification", 1.0, COUNTS, curve_key)
-    return out, live
+    runner.run("exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat", "cat.classification",
+               "cat.classification", 1.0, COUNTS)
+    return runner.results
 
 
 def test_cells_in_threads_give_the_numbers_of_cells_run_one_after_another(
         cell, tmp_path, monkeypatch):
     runner = cell.runner
     threads = set()
-    run_cell = runner._run_cell
+    run_cells = runner._run_cells
 
     def recording(*args, **kwargs):
         threads.add(threading.current_thread().name)
-        return run_cell(*args, **kwargs)
+        return run_cells(*args, **kwargs)
 
-    serial = _run(runner, 1, tmp_path / "serial", "serial")
-    serial_fit = runner.train_fit["exp1_1conv"]["cat"]
-    runner.train_fit = {}
-    monkeypatch.setattr(runner, "_run_cell", recording)
-    threaded = _run(runner, 2, tmp_path / "threaded", "threaded")
+    serial = _run(runner, 1, tmp_path / "serial")
+    monkeypatch.setattr(runner, "_run_cells", recording)
+    threaded = _run(runner, 2, tmp_path / "threaded")
     assert len(threads) == 2 and all(t.startswith("training") for t in threads)
-    assert threaded == serial
-    assert runner.train_fit["exp1_1conv"]["cat"] == serial_fit
-    assert runner.curves["threaded"] == runner.curves["serial"]
+    seed = runner.seed
+    assert threaded.of_seed(seed) == serial.of_seed(seed)
+    assert threaded.curves(seed) == serial.curves(seed)
     # Stored in the same order under the same keys: each cell's parameters are equal.
-    for method in serial[0]:
-        for n in serial[0][method]:
+    for method, by_n in serial.by_cell(seed, "metric")["exp1_1conv"]["cat"].items():
+        for n in by_n:
             name, found = f"{method}_n{n}", {}
             for kind in ("serial", "threaded"):
                 (path,) = (tmp_path / kind).rglob(f"{name}*.npz")
@@ -76,22 +78,22 @@ def test_a_failing_cell_reaches_the_job_and_closing_cancels_the_cells_not_starte
         cell, tmp_path, monkeypatch):
     runner = cell.runner
     started, release = [], threading.Event()
+    real = runner._run_cells
 
-    def failing(built, experiment, target, method, n, fig5, beta):
-        started.append((method, n))
+    def failing(setup, cells, beta):
+        started.append((cells[0].method, cells[0].samples))
         if len(started) == 2:
             raise RuntimeError("boom in a cell")
         if len(started) > 2:  # the workers' next cells wait until the job has closed
             release.wait(timeout=30)
-        return {"live_draw_fraction": 1.0}, {}
+        return real(setup, cells, beta) if len(started) == 1 else [None]
 
-    monkeypatch.setattr(runner, "_run_cell", failing)
-    monkeypatch.setattr(runner, "_absorb", lambda *args: None)
+    monkeypatch.setattr(runner, "_run_cells", failing)
     try:
         with pytest.raises(RuntimeError, match="boom in a cell"):
-            _run(runner, 2, tmp_path / "store", "failing")
+            _run(runner, 2, tmp_path / "store")
         threading.Timer(0.5, release.set).start()
-        runner.close()  # what the job does after an error (paper._run_locked)
+        runner.close()  # what the job does after an error (paper.transplant_seed)
     finally:
         release.set()
     # Of the 11 cells, the first was stored, the second failed, and only the two the
@@ -104,10 +106,10 @@ def test_threads_are_used_on_one_device_of_one_process_only():
     config = trimmed_quick_config()
     config.concurrent_cells = 3
     one = types.SimpleNamespace(devices=np.zeros(1))
-    assert paper.concurrent_cells(config, one) == 3
-    assert paper.concurrent_cells(config, types.SimpleNamespace(devices=np.zeros((2, 1)))) == 1
+    assert concurrent_cells(config, one) == 3
+    assert concurrent_cells(config, types.SimpleNamespace(devices=np.zeros((2, 1)))) == 1
     del config.concurrent_cells
-    assert paper.concurrent_cells(config, one) == 1
+    assert concurrent_cells(config, one) == 1
 
 
 @pytest.mark.parametrize("value", [0, 65])

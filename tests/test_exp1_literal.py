@@ -42,7 +42,8 @@ from nettransplant import modules as M
 from nettransplant import objectives as O
 from nettransplant import train as T
 from nettransplant.adapter import Adapter
-from nettransplant.experiments import cells, paper
+from nettransplant.experiments import cells
+from nettransplant.experiments.runner import Runner
 from nettransplant.net import ModuleRef, TransplantSettings, build_problem
 from nettransplant.transplant import Transplant, split_params
 
@@ -227,9 +228,9 @@ def test_literal_exp1_problem_has_the_exact_closed_form_and_trains_finitely():
     # A few back-distill steps from the random adapter: finite (a non-finite step raises
     # NonFiniteError), and the loss on the whole bank falls.
     steps = problem.StepCache(optax.adam(3e-3))
-    trained, history = problem.fit(prob, "back-distill", steps, data=None, num_samples=0,
-                                   init=prob.adapter_init, num_steps=4, batch_size=4,
-                                   draws_per_step=4, seed=0, log_every=1)
+    trained, history, _ = problem.fit(prob, "back-distill", steps, data=None, num_samples=0,
+                                      init=prob.adapter_init, num_steps=4, batch_size=4,
+                                      draws_per_step=4, seed=0, log_every=1)
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(trained))
     assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)
 
@@ -264,7 +265,7 @@ def test_unknown_exp1_draws_in_the_config_is_refused_naming_the_field():
 
 def cell_fingerprints(config) -> dict[str, str]:
     """The main job's cell fingerprints of one target per experiment, under ``config``."""
-    runner = paper.Runner.__new__(paper.Runner)
+    runner = Runner.__new__(Runner)
     teacher = types.SimpleNamespace(provenance={"params_sha256": "0" * 64})
     runner.config, runner.pad_to, runner.seed = config, 32, config.seed
     runner.benchmark = types.SimpleNamespace(version="v")

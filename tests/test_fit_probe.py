@@ -44,18 +44,19 @@ def cell(workdir):
 
 def test_the_main_jobs_optimiser_reproduces_the_main_jobs_cell(cell):
     config = cell.config
-    out, _ = cell.runner.run("exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat",
-                             "cat.classification", "cat.classification", 1.0, [10], "exp1_1conv")
+    done = {r.cell.method: r for r in cell.runner.run(
+        "exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat", "cat.classification",
+        "cat.classification", 1.0, [10])}
     spec = f"adam@{config.transplant.learning_rate}"
     for method in ("direct-learn", "back-distill"):
         (record,) = fit_probe.probe(cell, method, [spec], config.transplant.num_steps)
         assert "test" not in record
-        assert record["train_fit"] == cell.runner.train_fit["exp1_1conv"]["cat"][method]["10"]
+        assert record["train_fit"] == done[method].train_fit
         assert record["init"] == ("warm_start" if method == "back-distill" else "random")
         assert len(record["logits_positive"]) + len(record["logits_negative"]) == 10
         assert 0 <= record["active_start"] <= 1 and 0 <= record["active_end"] <= 1
     # The job's back-distill adapter scores on the validation split what the probe's does.
-    _, params, _, _ = cell.runner.learned["exp1_1conv"]["cat"]
+    params = cell.runner.results.learned(cell.runner.seed)["exp1_1conv"]["cat"].params
     assert record["validation"] == problem.score(cell.problem, params, *cell.validation)
 
 
@@ -85,11 +86,12 @@ def test_table4_cells_are_the_main_jobs_and_train_at_their_tasks_rate(cell, work
     runner = table4.runner
     beta = runner.beta(student, runner.benchmark.leave_one_out_categories("cat"), "cat")
     protocol = "exp3" if task == "segmentation" else "exp2"
-    out, _ = runner.run(experiment, config.adapters[protocol], protocol, "cat",
-                        f"{student}.{task}", f"cat.{task}", beta, [10], experiment)
+    done = {r.cell.method: r for r in runner.run(
+        experiment, config.adapters[protocol], protocol, "cat", f"{student}.{task}",
+        f"cat.{task}", beta, [10])}
     (record,) = fit_probe.probe(table4, "direct-learn", [fit_probe.job_optimizer(table4)],
                                 config.transplant.num_steps)
-    assert record["train_fit"] == runner.train_fit[experiment]["cat"]["direct-learn"]["10"]
+    assert record["train_fit"] == done["direct-learn"].train_fit
 
 
 def test_every_optimiser_runs_and_the_table_names_it(cell):

@@ -19,11 +19,16 @@ import pytest
 from job_configs import trimmed_quick_config
 
 from nettransplant import problem, report
-from nettransplant.experiments import fit_probe, paper
+from nettransplant.experiments import fit_probe
+from nettransplant.experiments.cell_training import CellRun
+from nettransplant.experiments.cells import RANDOM_INIT, Cell
 from nettransplant.experiments.config import validate_config
+from nettransplant.experiments.results import Results
+from nettransplant.experiments.runner import Runner
+from nettransplant.experiments.timing import CellClock
 from nettransplant.protocol import Protocol
 
-METHODS = ("direct-learn", "jacobian", "back-distill", paper.RANDOM_INIT)
+METHODS = ("direct-learn", "jacobian", "back-distill", RANDOM_INIT)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +64,13 @@ def never_fits(monkeypatch):
 def _restart(cell, method, first_fit, key, reference=None):
     """The runner's restarts of one ``method`` run whose first attempt is trained here;
     returns ``(first params, kept params, kept history, fits)``."""
-    prob, runner = cell.problem, cell.runner
+    prob, trainer = cell.problem, cell.runner.trainer
     init = cell.warm_start if method == "back-distill" else prob.adapter_init
-    params, history = runner.fit(prob, method, cell.labelled, 10, init, "test", None)
-    run = paper._CellRun(10, False, "test", cell.labelled, reference, paper.CellClock(),
-                         params=params, history=history, fits=[first_fit])
-    runner._restart_rounds(prob, method, [run], key, cell.warm_start)
+    params, history = trainer.fit(prob, method, cell.labelled, 10, init, "test")
+    run = CellRun(Cell(cell.experiment, cell.target, method, 10, cell.runner.seed, (1, 1)),
+                  cell.labelled, reference, CellClock(), params=params, history=history,
+                  fits=[first_fit])
+    trainer.restart_rounds(prob, method, [run], key, cell.warm_start)
     return params, run.params, run.history, run.fits
 
 
@@ -113,19 +119,19 @@ def test_an_unfit_run_restarts_from_redrawn_starts_with_its_own_lambda_and_rate(
     key = jax.random.PRNGKey(11)
     first, kept, kept_history, fits = _restart(cell, method, 100.0, key)
     assert fits[0] == 100.0 and len(fits) == 3
-    prob, runner = cell.problem, cell.runner
+    prob, trainer = cell.problem, cell.runner.trainer
     trained = {0: first}
     for attempt in (1, 2):  # each attempt redone by hand: the same problem (λ), rate, steps
         start = _by_hand_init(cell, key, attempt,
                               centre=cell.warm_start if method == "back-distill" else None)
-        by_hand, history = runner.fit(prob, method, cell.labelled, 10, start, "test", None)
+        by_hand, history = trainer.fit(prob, method, cell.labelled, 10, start, "test")
         assert problem.training_fit(prob, by_hand, cell.labelled, 10) == fits[attempt]
         assert history[-1]["step"] == cell.config.transplant.num_steps - 1
         trained[attempt] = by_hand
     best = min(range(3), key=lambda i: (fits[i], i))
     jax.tree_util.tree_map(np.testing.assert_array_equal, kept, trained[best])
     # Restarts train with the task's one step cache.
-    assert set(runner._steps) <= {"classification", "segmentation"}
+    assert set(trainer._steps) <= {"classification", "segmentation"}
 
 
 def test_a_run_that_fits_is_left_alone(cell):
@@ -166,40 +172,42 @@ def test_the_teacher_fit_is_the_teachers_pixel_accuracy_on_the_samples(seg_cell)
 
 
 def test_each_task_trains_at_its_own_rate(cell):
-    runner = cell.runner
+    trainer = cell.runner.trainer
     for task_name in ("classification", "segmentation"):
-        optimizer = runner.steps(task_name).optimizer
+        optimizer = trainer.steps(task_name).optimizer
         params = {"w": jnp.zeros(())}
         update, _ = optimizer.update({"w": jnp.ones(())}, optimizer.init(params), params)
-        assert float(update["w"]) == pytest.approx(-runner.protocol.rate(task_name),
+        assert float(update["w"]) == pytest.approx(-trainer.protocol.rate(task_name),
                                                   rel=1e-4)  # Adam's ε
 
 
 def test_cells_name_the_rule_and_nothing_else_of_the_restarts(cell):
     spec = {"experiment": "exp1_1conv"}
     for method in METHODS:
-        assert cell.runner.cell_spec(spec, method, 10, False, "classification") == {
-            **spec, "method": method, "samples": 10, "fig5": False, "rule": paper.Runner.RULE}
+        assert cell.runner.cell_spec(spec, method, 10, False) == {
+            **spec, "method": method, "samples": 10, "fig5": False, "rule": Runner.RULE}
 
 
 def test_the_job_records_every_attempt_the_first_attempts_metric_and_the_fit_rates(cell):
     config, runner = cell.config, cell.runner
-    two = runner.protocol
-    runner.protocol = dataclasses.replace(two, restarts=1)
+    runner.results = Results(config)
+    two = runner.trainer.protocol
+    runner.trainer.protocol = dataclasses.replace(two, restarts=1)
     try:
-        out, _ = runner.run("exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat",
-                            "cat.classification", "cat.classification", 1.0, [10],
-                            "restarted")
+        done = runner.run("exp1_1conv", config.adapters.exp1_1conv, "exp1", "cat",
+                          "cat.classification", "cat.classification", 1.0, [10])
     finally:
-        runner.protocol = two
-    fit = runner.train_fit["exp1_1conv"]["cat"]
-    redrawn = runner.restarts.get("exp1_1conv", {}).get("cat", {})
-    first = runner.first_attempt["exp1_1conv"]["cat"]
-    rates = runner.fit_rates["exp1_1conv"]
+        runner.trainer.protocol = two
+    metric = {r.cell.method: r.metric for r in done}
+    seed = runner.results.of_seed(runner.seed)
+    fit = runner.results.by_cell(runner.seed, "train_fit")["exp1_1conv"]["cat"]
+    redrawn = seed["restarts"].get("exp1_1conv", {}).get("cat", {})
+    first = runner.results.by_cell(runner.seed, "first_attempt_metric")["exp1_1conv"]["cat"]
+    rates = seed["fit_rates"]["exp1_1conv"]
     for method, value in fit.items():
         fits = redrawn.get(method, {}).get("10")
         if fits is None:  # fitted at once: nothing redrawn, the first attempt is the cell
-            assert value["10"] <= problem.FIT_ERROR and first[method]["10"] == out[method]["10"]
+            assert value["10"] <= problem.FIT_ERROR and first[method]["10"] == metric[method]
         else:
             assert len(fits) == 2 and fits[0] > problem.FIT_ERROR
             assert value["10"] == min(f for f in fits if f is not None)

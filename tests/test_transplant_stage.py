@@ -19,7 +19,9 @@ import pytest
 from job_configs import trimmed_quick_config
 
 from nettransplant import problem, runs, train
-from nettransplant.experiments import fit_probe, paper
+from nettransplant.experiments import fit_probe
+from nettransplant.experiments.cell_training import ProblemSetup, batched_runs
+from nettransplant.experiments.cells import Cell
 from nettransplant.experiments.config import validate_config
 
 # The one-at-a-time and the batched runs sum their floats in other orders.
@@ -47,7 +49,7 @@ def _init(cell, method):
 def _one_at_a_time(cell, method, data, n, *, rate=None, scalars=None, stop_when=None,
                    check_every=0, num_steps=6):
     tc, prob = cell.config.transplant, cell.problem
-    steps = cell.runner.steps("segmentation")
+    steps = cell.runner.trainer.steps("segmentation")
     state = train.create_train_state(_init(cell, method), steps.optimizer)
     if rate is not None:
         state = problem.with_learning_rate(state, rate)
@@ -65,7 +67,7 @@ def _one_at_a_time(cell, method, data, n, *, rate=None, scalars=None, stop_when=
 
 
 def _run(cell, method, data, n, *, rate=None, scalars=None, stop_when=None, num_steps=6):
-    steps = cell.runner.steps("segmentation")
+    steps = cell.runner.trainer.steps("segmentation")
     state = train.create_train_state(_init(cell, method), steps.optimizer)
     if rate is not None:
         state = problem.with_learning_rate(state, rate)
@@ -114,7 +116,7 @@ def test_batched_runs_equal_the_same_runs_one_at_a_time(cell, labelled, method):
                                     check_every=check_every))
         batch.append(_run(cell, method, labelled[n], n, rate=plan.get("rate"),
                           stop_when=stop() if stop else None))
-    step = cell.runner.steps("segmentation").runs(prob.transplant, method)
+    step = cell.runner.trainer.steps("segmentation").runs(prob.transplant, method)
     results = runs.train_runs(step, batch, prob.frozen, batch_size=tc.batch_size,
                               draws=prob.cache if method == "back-distill" else None,
                               draws_per_step=tc.draws_per_step, log_every=tc.log_every,
@@ -141,7 +143,7 @@ def test_an_early_end_is_the_run_stopped_by_hand_at_that_step(cell, labelled):
     with the same parameters and the same logged curve."""
     n, every = 20, 2
     prob = cell.problem
-    fits = cell.runner.fitted(prob, labelled[n], n, reference=0.0)  # any pixel accuracy fits
+    fits = cell.runner.trainer.fitted(prob, labelled[n], n, reference=0.0)  # any accuracy fits
     state, history, error = _one_at_a_time(cell, "direct-learn", labelled[n], n,
                                            stop_when=fits, check_every=every, num_steps=50)
     assert error is None and int(state.step) == every  # it fits at the first check
@@ -160,7 +162,7 @@ def test_one_compiled_step_per_method_for_every_count_rate_and_restart(cell, lab
     shapes each.)"""
     made = _count_traces(monkeypatch, train, n=4)
     runner = cell.runner
-    runner._steps.clear()  # steps made from here on are counted
+    runner.trainer._steps.clear()  # steps made from here on are counted
     prob = cell.problem
     weaker = prob.scalars.replace(lam=prob.scalars.lam * 0.1)
     for method in ("back-distill", "jacobian"):
@@ -175,9 +177,9 @@ def test_one_compiled_step_per_method_for_every_count_rate_and_restart(cell, lab
 
 def test_the_batched_path_traces_one_step_per_method(cell, labelled, monkeypatch):
     made = _count_traces(monkeypatch, runs, n=1)
-    cell.runner._steps.clear()
+    cell.runner.trainer._steps.clear()
     prob, tc = cell.problem, cell.config.transplant
-    step = cell.runner.steps("segmentation").runs(prob.transplant, "direct-learn")
+    step = cell.runner.trainer.steps("segmentation").runs(prob.transplant, "direct-learn")
     for rate in (None, 1e-3):  # a round of restarts at another rate: the same step
         runs.train_runs(step, [_run(cell, "direct-learn", labelled[n], n, rate=rate,
                                     num_steps=2) for n in COUNTS],
@@ -210,7 +212,7 @@ def test_runs_axis_is_validated_by_name():
                                          r"auto, batched, one_at_a_time, got 'sideways'"):
         validate_config(config)
     config.transplant.runs_axis = "auto"
-    assert paper.batched_runs(config) == (jax.default_backend() != "cpu")
+    assert batched_runs(config) == (jax.default_backend() != "cpu")
     config.transplant.early_end_every = -1
     with pytest.raises(ValueError, match="early_end_every"):
         validate_config(config)
@@ -220,27 +222,25 @@ def test_the_job_in_either_mode_gives_the_same_cells(cell, tmp_path):
     """The Runner's cells of every method, trained one at a time and on a runs axis
     (with the fit check every 2 steps and restarts), agree."""
     runner, prob = cell.runner, cell.problem
-    built = {"problem": prob, "warm_start": cell.warm_start, "exact": True, "residual": 0.0,
-             "transfer": {n: runner.labelled(prob, "exp3", "cat", n) for n in (10, 20)}}
-    built["teacher_fit"] = {n: float(problem.teacher_fit(prob, t, n))
-                            for n, t in built["transfer"].items()}
+    transfer = {n: runner.labelled(prob, "exp3", "cat", n) for n in (10, 20)}
+    setup = ProblemSetup(prob, cell.warm_start, True, 0.0, transfer,
+                         {n: float(problem.teacher_fit(prob, t, n))
+                          for n, t in transfer.items()})
     out = {}
     for mode in ("one_at_a_time", "batched"):
         runner.config.transplant.runs_axis = mode
-        out[mode] = {m: runner._run_cells(built, "exp3", "cat", m,
-                                          [(0, False), (10, False), (20, False)]
-                                          if m == "back-distill" else
-                                          [(10, False), (20, False)], 1.0)
-                     for m in problem.SEGMENTATION_METHODS}
+        out[mode] = {m: runner.trainer.run_cells(
+            setup, [Cell("exp3", "cat", m, n, runner.seed, (1, 1))
+                    for n in ((0, 10, 20) if m == "back-distill" else (10, 20))], 1.0)
+            for m in problem.SEGMENTATION_METHODS}
     runner.config.transplant.runs_axis = "auto"
     for method, cells in out["one_at_a_time"].items():
-        for (alone, alone_arrays), (batched, batched_arrays) in zip(
-                cells, out["batched"][method], strict=True):
-            assert batched["samples"] == alone["samples"]
-            assert batched["metric"] == pytest.approx(alone["metric"], abs=0.05)
-            assert batched["train_fit"] == pytest.approx(alone["train_fit"], abs=0.05) \
-                if alone["train_fit"] is not None else batched["train_fit"] is None
-            assert len(batched["attempt_fits"] or []) == len(alone["attempt_fits"] or [])
-            for k, v in alone_arrays.items():
-                np.testing.assert_allclose(batched_arrays[k], v, rtol=1e-3, atol=1e-4)
-            assert alone["timing"]["steps"] > 0 or alone["samples"] == 0
+        for alone, batched in zip(cells, out["batched"][method], strict=True):
+            assert batched.cell.samples == alone.cell.samples
+            assert batched.metric == pytest.approx(alone.metric, abs=0.05)
+            assert batched.train_fit == pytest.approx(alone.train_fit, abs=0.05) \
+                if alone.train_fit is not None else batched.train_fit is None
+            assert len(batched.attempt_fits or []) == len(alone.attempt_fits or [])
+            for k, v in alone.arrays().items():
+                np.testing.assert_allclose(batched.arrays()[k], v, rtol=1e-3, atol=1e-4)
+            assert alone.timing["steps"] > 0 or alone.cell.samples == 0

@@ -1,7 +1,8 @@
-"""Finished transplant cells on disk, so an interrupted main job resumes where it stopped.
+"""The main job's transplant cells: what one runs (:class:`Cell`), what it produced
+(:class:`CellResult`), and where finished ones are kept so an interrupted job resumes.
 
 A *cell* is one (experiment, category, method, sample count) run of the main
-job. As each finishes, :class:`CellStore` writes it to ``W/cells/``::
+job under one seed. As each finishes, :class:`CellStore` writes it to ``W/cells/``::
 
     W/cells/<experiment>/<category>/<method>_n<samples>_<fingerprint>.json
     W/cells/<experiment>/<category>/<method>_n<samples>_<fingerprint>.npz
@@ -33,6 +34,7 @@ is never overwritten or deleted: it lives beside, under its own fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -86,6 +88,141 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+# Back-distillation from the baselines' random initialisation instead of the closed-form
+# warm start: the same objective, so a reader sees what each part contributes.
+RANDOM_INIT = "back-distill-random-init"
+
+
+def zero_sample_rows(experiment: str) -> tuple[str, ...]:
+    """The rows that run with 0 labelled samples: back-distill from its warm start, and
+    in Exp. 1's 3-conv adapter also from random initialisation (the paper's start there)."""
+    return ("back-distill", RANDOM_INIT) if experiment == "exp1_3conv" else ("back-distill",)
+
+
+def objective_of(method: str) -> str:
+    """The training objective of a row: the method, or back-distill for RANDOM_INIT."""
+    return "back-distill" if method == RANDOM_INIT else method
+
+
+def fig5_count(config) -> int:
+    """The sample count of Fig. 5's cells: 20 where the config runs it."""
+    positive = [n for n in config.sample_counts if n > 0]
+    return 20 if 20 in positive else (positive[0] if positive else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """What one cell runs: ``method`` on ``samples`` labelled samples of ``category`` in
+    ``experiment`` under the transplant ``seed``, with an ``adapter`` of (convs, kernel).
+
+    ``fig5``: the cell's hidden features feed Fig. 5; ``exported``: its adapter joins
+    the transplant net (back-distill at its problem's largest sample count); ``key``:
+    its fingerprint in the :class:`CellStore`.
+    """
+
+    experiment: str
+    category: str
+    method: str
+    samples: int
+    seed: int
+    adapter: tuple[int, int]
+    fig5: bool = False
+    exported: bool = False
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        """Its name within its category in the store: ``back-distill_n10``."""
+        return f"{self.method}_n{self.samples}"
+
+    @property
+    def what(self) -> str:
+        """How messages and errors name it."""
+        return f"{self.experiment} {self.category} {self.method} n={self.samples}"
+
+    @property
+    def log(self) -> str:
+        """Its metric log's name under a seed's logdir."""
+        return f"{self.experiment}/{self.category}_{self.method}_n{self.samples}"
+
+    @property
+    def objective(self) -> str:
+        return objective_of(self.method)
+
+
+@dataclasses.dataclass(frozen=True)
+class CellResult:
+    """What one cell produced, run now or read back from the store.
+
+    ``metric``: the test metric of the attempt kept; ``first_attempt_metric``: with
+    the first attempt's parameters (the job without restarts); ``train_fit``: the best
+    attempt's metric on its own samples (None with 0 samples); ``teacher_fit``: the
+    teacher's on them; ``attempt_fits``: each attempt's train fit (None with 0 samples
+    or a diverged run); ``failed``: ``{"step", "message"}`` of a diverged run;
+    ``timing``: its :class:`~nettransplant.experiments.timing.CellClock`; ``params``:
+    the learned adapter, flattened (:func:`flatten`; None once the job no longer needs
+    it); ``features``: Fig. 5's hidden features. ``reused``: read back from the store;
+    ``store_s``: the seconds writing it took.
+    """
+
+    cell: Cell
+    task: str
+    metric_name: str
+    metric: float
+    first_attempt_metric: float
+    train_fit: float | None
+    teacher_fit: float | None
+    attempt_fits: tuple[float | None, ...] | None
+    losses: tuple[float, ...]
+    beta: float
+    scalars: Mapping[str, float]
+    warm_start_residual: float
+    live_draw_fraction: float | None
+    failed: Mapping[str, Any] | None
+    timing: Mapping[str, float]
+    params: Mapping[str, np.ndarray] | None = None
+    features: np.ndarray | None = None
+    reused: bool = False
+    store_s: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record the store keeps."""
+        c = self.cell
+        return {"experiment": c.experiment, "category": c.category, "method": c.method,
+                "samples": c.samples, "seed": c.seed, "metric": self.metric,
+                "task": self.task, "metric_name": self.metric_name,
+                "first_attempt_metric": self.first_attempt_metric,
+                "train_fit": self.train_fit, "teacher_fit": self.teacher_fit,
+                "attempt_fits": None if self.attempt_fits is None else list(self.attempt_fits),
+                "losses": list(self.losses), "beta": self.beta, "scalars": dict(self.scalars),
+                "warm_start_residual": self.warm_start_residual,
+                "live_draw_fraction": self.live_draw_fraction,
+                "failed": None if self.failed is None else dict(self.failed),
+                "timing": dict(self.timing)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays the store keeps: ``params/<path>`` and, for Fig. 5, ``fig5``."""
+        arrays = {f"params/{k}": v for k, v in (self.params or {}).items()}
+        if self.features is not None:
+            arrays["fig5"] = self.features
+        return arrays
+
+    @classmethod
+    def from_stored(cls, cell: Cell, record: Mapping[str, Any],
+                    arrays: Mapping[str, np.ndarray]) -> CellResult:
+        """The result of ``cell`` as :meth:`CellStore.load` read it back."""
+        fits = record.get("attempt_fits")
+        return cls(cell, record["task"], record["metric_name"], record["metric"],
+                   record["first_attempt_metric"], record["train_fit"],
+                   record.get("teacher_fit"), None if fits is None else tuple(fits),
+                   tuple(record["losses"]), record["beta"], record["scalars"],
+                   record["warm_start_residual"], record["live_draw_fraction"],
+                   record["failed"], record.get("timing", {}),
+                   {k.split("/", 1)[1]: v for k, v in arrays.items()
+                    if k.startswith("params/")},
+                   arrays.get("fig5"), reused=True)
 
 
 def checksum(record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> str:
@@ -152,6 +289,16 @@ class CellStore:
     def _paths(self, experiment: str, category: str, name: str, key: str) -> tuple[Path, Path]:
         stem = self.root / experiment / category / f"{name}_{key}"
         return stem.with_suffix(".json"), stem.with_suffix(".npz")
+
+    def load_result(self, cell: Cell) -> CellResult | None:
+        """:meth:`load` of ``cell`` as a :class:`CellResult` (None: not finished)."""
+        stored = self.load(cell.experiment, cell.category, cell.name, cell.key)
+        return None if stored is None else CellResult.from_stored(cell, *stored)
+
+    def save_result(self, result: CellResult) -> None:
+        """:meth:`save` of a cell's result under its name and fingerprint."""
+        c = result.cell
+        self.save(c.experiment, c.category, c.name, c.key, result.record(), result.arrays())
 
     def load(self, experiment: str, category: str, name: str, key: str
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:

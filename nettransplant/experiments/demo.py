@@ -95,11 +95,11 @@ def run(config, workdir: str | Path, *, category: str, num_samples: int,
                                      pad_to=max(tc.batch_size, num_samples))
     steps = problem.StepCache(optax.adam(tc.learning_rate))
     for method, init in (("direct-learn", prob.adapter_init), ("back-distill", solution)):
-        params, _ = problem.fit(prob, method, steps, data=transfer, num_samples=num_samples,
-                                init=init, num_steps=tc.num_steps, batch_size=tc.batch_size,
-                                draws_per_step=tc.draws_per_step, seed=config.seed,
-                                log_every=tc.log_every,
-                                progress=f"{method} {num_samples} samples" if progress else False)
+        params, _, _ = problem.fit(prob, method, steps, data=transfer, num_samples=num_samples,
+                                   init=init, num_steps=tc.num_steps, batch_size=tc.batch_size,
+                                   draws_per_step=tc.draws_per_step, seed=config.seed,
+                                   log_every=tc.log_every, progress=(
+                                       f"{method} {num_samples} samples" if progress else False))
         rows[f"{method}, {num_samples} samples"] = problem.evaluate(prob, params)
     results["transplant_cls_error"] = rows
     results["runtime_s"] = time.perf_counter() - start

@@ -30,6 +30,8 @@ from nettransplant import data, problem
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments import paper
+from nettransplant.experiments.cell_training import jacobian_weights
+from nettransplant.experiments.runner import Runner
 from nettransplant.experiments.zoo import TeacherZoo, generic_name
 from nettransplant.progress import progress_bar
 
@@ -86,7 +88,7 @@ class Cell:
     """One transplant problem of the main job and its labelled samples."""
 
     config: object
-    runner: paper.Runner
+    runner: Runner
     experiment: str
     target: str
     num_samples: int
@@ -119,15 +121,15 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
     zoo = TeacherZoo(config, Path(workdir), benchmark, progress)
     net = paper.train_teachers(config, zoo, progress)  # those of a finished run: read back
     generic = config.generic_category
-    runner = paper.Runner(config, net, benchmark, progress_bar(1, "probe", enabled=False),
-                          cells_lib.CellStore(Path(workdir)), logdir=None)
+    runner = Runner(config, net, benchmark, progress_bar(1, "probe", enabled=False),
+                    cells_lib.CellStore(Path(workdir)))
     if experiment.startswith("exp1"):
         own = net.task_ref(f"{target}.classification")
         built = runner.problem(experiment, config.adapters[experiment], "exp1", target, own,
                                own, 1.0)
     else:
         # Exps. 2-3 transplant to the generic category's task modules, Table 4 to the
-        # leave-one-out module of the target (the main job's wiring, paper._run_locked).
+        # leave-one-out module of the target (the main job's wiring, paper.transplant_seed).
         task = "segmentation" if experiment in ("exp3", "table4_segmentation") \
             else "classification"
         protocol = "exp3" if task == "segmentation" else "exp2"
@@ -153,7 +155,7 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
 def job_optimizer(cell: Cell) -> OptimizerSpec:
     """The main job's optimiser for ``cell``: Adam at its task's rate
     (:meth:`nettransplant.protocol.Protocol.rate`)."""
-    return OptimizerSpec("adam", cell.runner.protocol.rate(cell.problem.task.name))
+    return OptimizerSpec("adam", cell.runner.trainer.protocol.rate(cell.problem.task.name))
 
 
 def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "random"
@@ -167,7 +169,7 @@ def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "rand
     if init not in INITS:
         raise ValueError(f"init {init!r}: expected one of {', '.join(INITS)}")
     prob, n = cell.problem, cell.num_samples
-    methods = problem.methods_for(prob.task) + (paper.RANDOM_INIT,)
+    methods = problem.methods_for(prob.task) + (cells_lib.RANDOM_INIT,)
     if method not in methods:
         raise ValueError(f"method {method!r}: {cell.experiment} runs {', '.join(methods)}")
     if method == "back-distill":
@@ -180,8 +182,8 @@ def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "rand
     for spec in optimizers:
         spec = spec if isinstance(spec, OptimizerSpec) else OptimizerSpec.parse(spec)
         steps = problem.StepCache(spec.build(num_steps), mesh=cell.runner.mesh,
-                                  weights=paper.jacobian_weights(cell.config))
-        params, history = cell.runner.fit(
+                                  weights=jacobian_weights(cell.config))
+        params, history = cell.runner.trainer.fit(
             prob, method, cell.labelled, n, start,
             f"probe {cell.experiment} {cell.target} {method} n={n} {spec}", None,
             steps=steps, num_steps=num_steps)

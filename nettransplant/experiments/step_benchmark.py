@@ -336,7 +336,7 @@ def threads_section(config, adapter: str, *, workers: int, fits: int, num_steps:
 
 
 def _compile_seconds() -> float:
-    from nettransplant.experiments.paper import compile_seconds
+    from nettransplant.experiments.timing import compile_seconds
     return compile_seconds()
 
 

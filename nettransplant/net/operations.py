@@ -210,7 +210,7 @@ def learn_adapter(category: ModuleRef, student: ModuleRef, reference: ModuleRef 
                                      key=jax.random.fold_in(key, n),
                                      pad_to=max(settings.batch_size, n))
     steps = steps or problem.StepCache(optax.adam(settings.learning_rate))
-    params, history = problem.fit(
+    params, history, _ = problem.fit(
         prob, method, steps, data=data, num_samples=n, init=init,
         num_steps=settings.num_steps, batch_size=settings.batch_size,
         draws_per_step=settings.draws_per_step, seed=settings.seed + n,
