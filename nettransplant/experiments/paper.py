@@ -51,7 +51,7 @@ from nettransplant.experiments.zoo import TeacherZoo, generic_name
 from nettransplant.net.graph import TransplantNet
 from nettransplant.progress import progress_bar
 
-__all__ = ["EXPERIMENTS", "Runner", "num_runs", "run", "validate_config"]
+__all__ = ["EXPERIMENTS", "num_runs", "run", "transplant_seed", "validate_config"]
 
 
 def table4_segmentation_counts(config) -> list[int]:
