@@ -32,9 +32,19 @@ def pytest_unconfigure(config):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
+# The files that take longest, longest first: pytest-xdist (``-n auto --dist loadfile``) hands
+# files to its workers in collection order, so starting these first lets the workers end
+# together instead of one worker running a long file alone at the end.
+LONGEST_FIRST = ("test_multihost.py", "test_parallel.py", "test_benchmarks.py", "test_faults.py",
+                 "test_wheel.py", "test_reproduce.py", "test_jacobian_matching.py", "test_net.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip ``torch``-marked tests without PyTorch; with NETTRANSPLANT_REQUIRE_TORCH=1 (CI)
-    they run anyway, so a missing PyTorch fails them instead of hiding them."""
+    """Order the files :data:`LONGEST_FIRST`; skip ``torch``-marked tests without PyTorch
+    (with NETTRANSPLANT_REQUIRE_TORCH=1, as in CI, they run anyway, so a missing PyTorch
+    fails them instead of hiding them)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
     if importlib.util.find_spec("torch") is not None or \
             os.environ.get("NETTRANSPLANT_REQUIRE_TORCH") == "1":
         return

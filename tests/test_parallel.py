@@ -33,7 +33,7 @@ def runs(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, str(WORKER), str(out), ",".join(map(str, COUNTS))],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arrays = dict(np.load(out / "arrays.npz"))
     return arrays, json.loads((out / "report.json").read_text())
