@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from nettransplant.files import file_sha256
+
 import nettransplant
 from nettransplant import checkpoint, cli, convert
-from nettransplant.files import file_sha256
 
 # Raised by the library for refused weights; anything else is reported as unexpected.
 CONVERSION_ERRORS = (ValueError, ImportError, OSError, AssertionError)
