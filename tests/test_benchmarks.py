@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import silhouettes, voc_vgg16
 from nettransplant import data, experiments
+from nettransplant.benchmarks import step_benchmark
+from nettransplant.configs import silhouettes, voc_vgg16
 from nettransplant.data import benchmarks, paper_scale
-from nettransplant.experiments import step_benchmark
 
 VOC = paper_scale.VOC_CATEGORIES
 # Objects per fabricated image, cycled: every mammal and dissimilar category used
@@ -84,7 +84,8 @@ def fake_voc(tmp_path, monkeypatch):
 
 
 def _tiny_voc_config(root):
-    """configs/voc_vgg16.py shrunk to the quick config's sizes, on the fabricated data."""
+    """nettransplant/configs/voc_vgg16.py shrunk to the quick config's sizes, on the fabricated
+    data."""
     config = voc_vgg16.get_config()
     quick = silhouettes.get_config("quick")
     config.voc.manual_dir = str(root / "manual")

@@ -11,8 +11,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from nettransplant import checkpoint
-from nettransplant.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nettransplant.training import checkpoint
+from nettransplant.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _params(seed: int) -> dict:

@@ -2,7 +2,7 @@
 
 :func:`run` is what ``python -m launch.benchmark`` adds to its step-time
 table. For each device count ``n`` it builds a mesh of the first ``n``
-devices (:func:`nettransplant.parallel.data_mesh`) and times, at the same
+devices (:func:`nettransplant.runtime.parallel.data_mesh`) and times, at the same
 *global* batch (strong scaling):
 
 * a teacher step (classification + segmentation batch, Adam), optionally in
@@ -29,9 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import modules, objectives, parallel, teachers, train
-from nettransplant.experiments.step_benchmark import build_transplant
-from nettransplant.transplant import split_params
+from nettransplant.benchmarks.step_benchmark import build_transplant
+from nettransplant.core import modules
+from nettransplant.runtime import parallel
+from nettransplant.training import teachers
+from nettransplant.training.loop import create_train_state
+from nettransplant.transplant import objectives
+from nettransplant.transplant.step import make_train_step
+from nettransplant.transplant.wiring import split_params
 
 # Spec-sheet dense bf16 peaks (TFLOP/s per device), matched against device_kind.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v5p": 459.0,
@@ -140,8 +145,8 @@ def adapter_scaling(config, mesh, *, steps: int, rounds: int, num_draws: int) ->
                                          jnp.arange(t.batch_size) % 2, key=key)
     draws_per_step = -(-t.draws_per_step // n) * n  # at least one draw per device
     optimizer = optax.adam(t.learning_rate)
-    step = train.make_train_step(transplant, "back-distill", optimizer, mesh=mesh)
-    state = parallel.replicate(train.create_train_state(adapter_params, optimizer), mesh)
+    step = make_train_step(transplant, "back-distill", optimizer, mesh=mesh)
+    state = parallel.replicate(create_train_state(adapter_params, optimizer), mesh)
     args = (*parallel.replicate((frozen, scalars, data, cache), mesh),
             jnp.arange(t.batch_size), jnp.arange(draws_per_step) % num_draws)
     step_s, _ = _time(step, state, args, steps, rounds)

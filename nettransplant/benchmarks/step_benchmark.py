@@ -7,7 +7,7 @@ is the median over rounds of the mean step time in a round. Times are in seconds
 
 :func:`torch_section` times, the same way, each method's library step beside
 the same step written as a PyTorch user would
-(:mod:`nettransplant.experiments.torch_reference`), rounds alternating between
+(:mod:`nettransplant.benchmarks.torch_reference`), rounds alternating between
 them; without PyTorch it returns a one-line note instead.
 
 :func:`threads_section` times whole adapter trainings one after another and in
@@ -15,7 +15,7 @@ threads (the main job's ``config.concurrent_cells``), rounds alternating.
 
 :func:`runs_section` times one problem's runs (every labelled sample count of the
 config) trained one at a time and as one batched computation on a runs axis
-(:mod:`nettransplant.runs`, the main job's ``config.transplant.runs_axis``), with
+(:mod:`nettransplant.transplant.runs`, the main job's ``config.transplant.runs_axis``), with
 the compile time of each way.
 """
 
@@ -38,11 +38,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from nettransplant import closed_form, objectives, parallel, problem, runs, train, training
-from nettransplant.adapter import Adapter
-from nettransplant.files import write_atomically
-from nettransplant.modules import CategoryModule, ClassificationTaskModule, category_channels
-from nettransplant.transplant import Transplant, split_params
+from nettransplant.core.adapter import Adapter
+from nettransplant.core.modules import CategoryModule, ClassificationTaskModule, category_channels
+from nettransplant.runtime import parallel
+from nettransplant.runtime.files import write_atomically
+from nettransplant.training.loop import IndexStream, Trainings, create_train_state
+from nettransplant.transplant import closed_form, objectives, problem, runs
+from nettransplant.transplant.step import RawDraws, make_train_step, raw_draws, train_adapter
+from nettransplant.transplant.wiring import Transplant, split_params
 
 
 def _block(tree) -> None:
@@ -113,7 +116,7 @@ class Problem:
     adapter_params: Any
     frozen: dict
     cache: objectives.ChainCache
-    raw: train.RawDraws  # the cache's draws, uncached (the naive step recomputes them)
+    raw: RawDraws  # the cache's draws, uncached (the naive step recomputes them)
     scalars: objectives.TransplantScalars
     data: objectives.TransferData
     cache_s: float  # time to build the chain cache
@@ -132,7 +135,7 @@ def build_problem(config, adapter_spec: tuple[int, int], num_draws: int) -> Prob
     cache = objectives.build_chain_cache(transplant, frozen, key, num_draws, shape)
     _block(cache)
     cache_s = time.perf_counter() - start
-    raw = train.raw_draws(key, num_draws, shape, draws=transplant.draws)
+    raw = raw_draws(key, num_draws, shape, draws=transplant.draws)
     scalars = objectives.compute_scalars(cache, 1.0, t.lambda0_classification)
     size = config.model.image_size
     images = jax.random.uniform(key, (t.batch_size, size, size, 3))
@@ -154,9 +157,9 @@ def benchmark_steps(config, adapter_spec, *, steps: int, rounds: int, num_draws:
     optimizer = optax.adam(t.learning_rate)
 
     def timer(name, method, data_arg, draws, b_idx, d_idx, n, recompute=False):
-        step = train.make_train_step(transplant, method, optimizer, recompute_chains=recompute,
-                                     mesh=one_device())
-        state = train.create_train_state(adapter_params, optimizer)
+        step = make_train_step(transplant, method, optimizer, recompute_chains=recompute,
+                               mesh=one_device())
+        state = create_train_state(adapter_params, optimizer)
         return StepTimer(name, step, state, (frozen, scalars, data_arg, draws, b_idx, d_idx), n)
 
     timers = [
@@ -196,10 +199,10 @@ def time_to_loss(transplant, adapter_params, frozen, cache, scalars, config) -> 
     closed_form_s = time.perf_counter() - start
 
     optimizer = optax.adam(t.learning_rate)
-    step = train.make_train_step(transplant, "back-distill", optimizer, mesh=one_device())
-    state = train.create_train_state(adapter_params, optimizer)
-    stream = train.IndexStream(cache.num_draws, t.draws_per_step, config.seed)
-    warm = train.create_train_state(adapter_params, optimizer)
+    step = make_train_step(transplant, "back-distill", optimizer, mesh=one_device())
+    state = create_train_state(adapter_params, optimizer)
+    stream = IndexStream(cache.num_draws, t.draws_per_step, config.seed)
+    warm = create_train_state(adapter_params, optimizer)
     _block(step(warm, frozen, scalars, None, cache, None, jnp.asarray(stream.next())))
     sgd_steps = t.num_steps
     start = time.perf_counter()
@@ -286,10 +289,11 @@ def run(config, *, mode: str, adapters: list[str], steps: int, rounds: int,
 
 def threads_section(config, adapter: str, *, workers: int, fits: int, num_steps: int,
                     rounds: int, num_draws: int) -> dict:
-    """``fits`` whole trainings (:func:`train.train_adapter`, ``num_steps`` steps, seeds
-    0 … fits − 1) per method, one after another and in ``workers`` threads
-    (:class:`training.Trainings`), rounds alternating; direct-learn and back-distill
-    with a labelled batch, on :func:`build_problem`'s problem for ``adapter``.
+    """``fits`` whole trainings (:func:`~nettransplant.transplant.step.train_adapter`,
+    ``num_steps`` steps, seeds 0 … fits − 1) per method, one after another and in
+    ``workers`` threads (:class:`~nettransplant.training.loop.Trainings`), rounds
+    alternating; direct-learn and back-distill with a labelled batch, on
+    :func:`build_problem`'s problem for ``adapter``.
 
     Returns per method the median seconds of both ways, their ratio, and whether
     the threaded fits' parameters equal the serial ones bit for bit.
@@ -300,11 +304,11 @@ def threads_section(config, adapter: str, *, workers: int, fits: int, num_steps:
     optimizer, mesh = optax.adam(t.learning_rate), one_device()
     methods = {}
     for method in ("direct-learn", "back-distill"):
-        step = train.make_train_step(p.transplant, method, optimizer, mesh=mesh)
+        step = make_train_step(p.transplant, method, optimizer, mesh=mesh)
 
         def fit(seed, step=step, method=method):
-            state = train.create_train_state(p.adapter_params, optimizer)
-            state, _ = train.train_adapter(
+            state = create_train_state(p.adapter_params, optimizer)
+            state, _ = train_adapter(
                 step, state, p.frozen, p.scalars, num_steps=num_steps, data=p.data,
                 num_samples=t.batch_size, batch_size=t.batch_size,
                 draws=p.cache if method == "back-distill" else None,
@@ -320,7 +324,7 @@ def threads_section(config, adapter: str, *, workers: int, fits: int, num_steps:
                       leave=False):
             for count in times:
                 start = time.perf_counter()
-                with training.Trainings(count) as trainings:
+                with Trainings(count) as trainings:
                     results = [trainings.submit(job) for job in jobs]
                     params[count] = [result() for result in results]
                 times[count].append(time.perf_counter() - start)
@@ -372,8 +376,8 @@ def runs_section(config, adapter: str, *, runs_per_count: int, num_steps: int, r
 
         def alone(method=method, steps=steps, draws=draws):
             for i, n in enumerate(counts):
-                state = train.create_train_state(p.adapter_params, optimizer)
-                state, _ = train.train_adapter(
+                state = create_train_state(p.adapter_params, optimizer)
+                state, _ = train_adapter(
                     steps(p.transplant, method), state, p.frozen, p.scalars,
                     num_steps=num_steps, data=data[n], num_samples=n,
                     batch_size=t.batch_size, draws=draws, draws_per_step=t.draws_per_step,
@@ -381,7 +385,7 @@ def runs_section(config, adapter: str, *, runs_per_count: int, num_steps: int, r
                 jax.block_until_ready(state.params)
 
         def batched(method=method, steps=steps, draws=draws):
-            jobs = [runs.Run(train.create_train_state(p.adapter_params, optimizer), p.scalars,
+            jobs = [runs.Run(create_train_state(p.adapter_params, optimizer), p.scalars,
                              data[n], n, i, num_steps) for i, n in enumerate(counts)]
             results = runs.train_runs(steps.runs(p.transplant, method), jobs, p.frozen,
                                       batch_size=t.batch_size, draws=draws,
@@ -509,7 +513,7 @@ def compare_with_torch(config, adapter_spec: tuple[int, int], *, steps: int, rou
 
 def _compare_with_torch(torch, config, adapter_spec, *, steps, rounds, num_draws, rows) -> dict:
 
-    from nettransplant.experiments import torch_reference as tr
+    from nettransplant.benchmarks import torch_reference as tr
 
     unknown = [r for r in rows if r not in TORCH_ROWS]
     if unknown:
@@ -534,9 +538,9 @@ def _compare_with_torch(torch, config, adapter_spec, *, steps, rounds, num_draws
             torch.cuda.synchronize()
 
     def jax_timer(name, method, with_batch, draws, recompute=False):
-        step = train.make_train_step(p.transplant, method, optimizer,
-                                     recompute_chains=recompute, mesh=one_device())
-        state = train.create_train_state(p.adapter_params, optimizer)
+        step = make_train_step(p.transplant, method, optimizer,
+                               recompute_chains=recompute, mesh=one_device())
+        state = create_train_state(p.adapter_params, optimizer)
         args = (p.frozen, p.scalars, p.data if with_batch else None, draws,
                 batch_index if with_batch else None, None if draws is None else draw_index)
         return StepTimer(name, step, state, args, steps)

@@ -1,14 +1,14 @@
 """The adapter's train steps written as a PyTorch user would, on the library's problem.
 
-A reference for :func:`nettransplant.train.make_train_step`: the same transplant
+A reference for :func:`nettransplant.transplant.step.make_train_step`: the same transplant
 (``f``, ``h``, ``g_S``, ``g_T`` as ``torch.nn.Module``\\ s holding the JAX
 weights, NCHW), the same batch, the same draws of ``(G_y', x_rand)`` and the
 same α, β, λ, trained with ``torch.optim.Adam`` on the adapter's parameters
-only. :mod:`nettransplant.experiments.step_benchmark` times it beside the
+only. :mod:`nettransplant.benchmarks.step_benchmark` times it beside the
 library's steps; ``tests/test_torch_reference.py`` checks that one step's loss
 and adapter gradient agree.
 
-The objectives are the library's (:func:`nettransplant.objectives.objective_terms`),
+The objectives are the library's (:func:`nettransplant.transplant.objectives.objective_terms`),
 written the PyTorch way:
 
 * ``direct-learn`` — the task loss of ``g_S(h(x))``;
@@ -20,12 +20,13 @@ written the PyTorch way:
   create_graph=True)``, ``D'_T = ∂⟨g_T(X), G_y'⟩/∂X`` likewise without a graph,
   and ``λ · E‖α·D'_S − D'_T‖²`` is back-propagated into the adapter (plus the
   task loss when there is a batch). Both chains run every step, as a PyTorch
-  user writes it; the library reads them from its :class:`~nettransplant.objectives.ChainCache`;
+  user writes it; the library reads them from its
+  :class:`~nettransplant.transplant.objectives.ChainCache`;
 * ``jacobian`` — task loss + output matching + the distance of the per-example
   L2-normalised input Jacobians ``∇_x⟨P, y(x)⟩`` (the student's by
   ``torch.autograd.grad(..., create_graph=True)``, the teacher's cached).
 
-The ``x_rand`` masks are the library's (:func:`nettransplant.ops.batched_relu_mask`
+The ``x_rand`` masks are the library's (:func:`nettransplant.core.ops.batched_relu_mask`
 of each draw's key), drawn once per bank of draws like ``G_y'``, so both
 frameworks see the same draws. Classification task modules only (the Exp. 1
 problem the benchmark builds); FCN-8s segmentation modules are not ported.
@@ -43,10 +44,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from nettransplant import layers as L
-from nettransplant import ops
-from nettransplant.modules import ClassificationTaskModule
-from nettransplant.objectives import METHODS, ObjectiveWeights
+from nettransplant.core import layers as L
+from nettransplant.core import ops
+from nettransplant.core.modules import ClassificationTaskModule
+from nettransplant.transplant.objectives import METHODS, ObjectiveWeights
 
 
 def _require_classification(module) -> None:
@@ -171,7 +172,7 @@ def from_jax(transplant, params: Mapping, scalars, *, score_size: int,
 
     Args:
       params: the full parameter dict (``category_module``, ``adapter``, …).
-      scalars: the :class:`~nettransplant.objectives.TransplantScalars`.
+      scalars: the :class:`~nettransplant.transplant.objectives.TransplantScalars`.
       score_size: ``S`` of the draws' ``G_y'`` (sets the enlarged input size).
     """
     Stack, Adapter = _modules()
@@ -205,7 +206,7 @@ def from_jax(transplant, params: Mapping, scalars, *, score_size: int,
 
 @dataclasses.dataclass
 class TorchData:
-    """:class:`~nettransplant.objectives.TransferData` as NCHW tensors."""
+    """:class:`~nettransplant.transplant.objectives.TransferData` as NCHW tensors."""
 
     features: Any
     labels: Any
@@ -220,7 +221,7 @@ class TorchData:
 
 
 def data_from_jax(data, device: str = "cpu") -> TorchData:
-    """The library's :class:`~nettransplant.objectives.TransferData`, converted."""
+    """The library's :class:`~nettransplant.transplant.objectives.TransferData`, converted."""
     import torch
 
     def t(a, nchw=False):
@@ -299,8 +300,8 @@ def _draw_masks(mask_keys, specs, positive_fraction: float) -> dict[str, jax.Arr
 
 def draws_from_jax(transplant, problem: TorchTransplant, output_gradients, mask_keys
                    ) -> TorchDraws:
-    """The draws ``(G_y', mask keys)`` of :func:`nettransplant.train.raw_draws` (the same
-    draws :func:`~nettransplant.objectives.build_chain_cache` caches), with the library's
+    """The draws ``(G_y', mask keys)`` of :func:`nettransplant.transplant.step.raw_draws` (the same
+    draws :func:`~nettransplant.transplant.objectives.build_chain_cache` caches), with the library's
     masks: the task modules' at ``transplant.positive_fraction``, the adapter's at the
     default fraction (as :meth:`Transplant.adapter_gradient` draws them)."""
     import torch

@@ -1,7 +1,8 @@
 """Knowledge transfer with Jacobian matching on the embedded silhouettes.
 
 Run:    python -m launch.jacobian_matching --workdir workdir/jacobian_matching
-Quick:  python -m launch.jacobian_matching --workdir W --config configs/jacobian_matching.py:quick
+Quick:  python -m launch.jacobian_matching --workdir W \\
+            --config nettransplant/configs/jacobian_matching.py:quick
 
 Raw 10-way animal-silhouette classification at 14×14 (grayscale, [0, 1]). A
 VGG-style teacher (2 blocks of 2 convs) and a smaller student (2 blocks of
@@ -103,5 +104,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.teacher_training.log_every = config.distillation.log_every = 20
         config.transfer.log_every = 20
     elif arg:
-        raise ValueError(f"unknown variant {arg!r}; use configs/jacobian_matching.py[:quick]")
+        raise ValueError(f"unknown variant {arg!r}; use "
+                         "nettransplant/configs/jacobian_matching.py[:quick]")
     return config

@@ -1,7 +1,7 @@
 """Growing a transplant net on the embedded data: choosing the task module, fine-tuning.
 
     python -m launch.growth --workdir W                        # after launch.reproduce --workdir W
-    python -m launch.growth --workdir W --config configs/net_growth.py:quick
+    python -m launch.growth --workdir W --config nettransplant/configs/net_growth.py:quick
 
 Reuses the main job's teachers in ``W/teachers`` (trains the missing ones with
 the main job's settings) and writes ``W/growth/results.json`` and
@@ -23,7 +23,7 @@ CPU shared with other work.
 
 import ml_collections
 
-from configs import silhouettes
+from nettransplant.configs import silhouettes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,9 +1,9 @@
 """Embedded default: the paper's experiments on composited animal silhouettes.
 
 Run:  python -m launch.reproduce --workdir workdir/reproduce
-      (--config configs/silhouettes.py is the default; any field can be
+      (--config nettransplant/configs/silhouettes.py is the default; any field can be
       overridden, e.g. --config.generic_category=elephant)
-Quick variant (CI smoke test):  --config configs/silhouettes.py:quick
+Quick variant (CI smoke test):  --config nettransplant/configs/silhouettes.py:quick
 
 VGG-16 topology at width 1/8 on 32×32 images: x = f(I) is 16×16×8, fc6 is a
 1×1 conv, and a 7×7 G_y' back-propagates to a 112×112 enlarged D'.
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Transplant seeds: each re-draws the labelled samples, initialisations, draws and
     # batch order of every cell; tables show means with 95 % intervals over them.
     config.seeds = (0,)
-    # How every claim is decided (nettransplant.evidence; docs/protocol.md): paired
+    # How every claim is decided (nettransplant.experiments.evidence; docs/protocol.md): paired
     # differences over (category, seed), a `confidence` interval; holds above `margin`
     # points, does not hold below it, else inconclusive. A zero-sample back-distill row
     # is held to its teacher within `teacher_margin` points.
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.evidence.teacher_margin = 2.0
     config.data = "silhouettes"  # the embedded benchmark (nettransplant.data)
     # Devices: {axis: size}, -1 = every remaining device. Batches and draws are split
-    # over "data", parameters replicated (nettransplant.parallel; docs/scaling.md).
+    # over "data", parameters replicated (nettransplant.runtime.parallel; docs/scaling.md).
     config.mesh = ml_collections.ConfigDict({"data": -1})
     # Transplant cells trained at once, each in a thread, when the mesh is one device
     # of one process (else 1). A cell's steps are small: on 2 CPU cores a second cell
@@ -76,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pretrain.renderings = 4  # the 8,000 training silhouettes in 4 scenes each
     config.pretrain.shipped = True
     # A torchvision VGG-16 state dict (.pth / .safetensors): teachers start from it
-    # instead (full width at 224² only; configs/voc_vgg16.py).
+    # instead (full width at 224² only; nettransplant/configs/voc_vgg16.py).
     config.pretrain.weights = ""
 
     # Teachers: category module + classification + segmentation task modules,
@@ -117,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.batch_size = 16  # labelled images per step (padded, masked)
     config.transplant.lambda0_classification = 10.0
     config.transplant.lambda0_segmentation = 1.0
-    # The training protocol (nettransplant.protocol; docs/protocol.md: the rule and
+    # The training protocol (nettransplant.transplant.protocol; docs/protocol.md: the rule and
     # the numbers behind each setting). One rule for every method: Adam at the task's
     # rate, at most num_steps steps, ending at the first check (every early_end_every
     # steps) where the run fits its samples; a run that has not fit is retrained up to
@@ -181,6 +181,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.transplant.batch_size = 32
         config.transplant.log_every = 20
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/silhouettes.py "
+        raise ValueError(f"unknown variant {arg!r} of nettransplant/configs/silhouettes.py "
                          "(try 'quick', 'seeds5', 'no_restarts' or 'converged')")
     return config

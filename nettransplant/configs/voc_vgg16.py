@@ -2,7 +2,7 @@
 
 Run (after fetching the data, see below):
 
-    python -m launch.reproduce --workdir workdir/voc --config configs/voc_vgg16.py \\
+    python -m launch.reproduce --workdir workdir/voc --config nettransplant/configs/voc_vgg16.py \\
         --config.voc.manual_dir=/data/voc_sbd --config.pretrain.weights=vgg16-397923af.pth
 
 * ``voc.manual_dir`` holds the extracted VOC 2012 trainval archive
@@ -22,7 +22,7 @@ default's and have not been tuned at this scale.
 
 import ml_collections
 
-from configs import silhouettes
+from nettransplant.configs import silhouettes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,5 +41,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.draws_per_step = 8
     config.transplant.batch_size = 32
     if arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/voc_vgg16.py")
+        raise ValueError(f"unknown variant {arg!r} of nettransplant/configs/voc_vgg16.py")
     return config

@@ -3,7 +3,7 @@
 ``h(x) = relu(conv_n(… relu(conv_1(β · x[..., perm])) …))`` with ``M`` = the
 channels of ``x`` filters per conv, 1×1 or 3×3 (pad 1) kernels. The reorder is a
 fixed, seeded channel permutation that mimics unrelated category modules; β is a
-fixed scalar computed before training (see :mod:`nettransplant.objectives`) and
+fixed scalar computed before training (see :mod:`nettransplant.transplant.objectives`) and
 passed in, so the only learned parameters are the convs'.
 """
 
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nettransplant import layers as L
-from nettransplant import ops
-from nettransplant.modules import _check_features, _declare_conv_params
+from nettransplant.core import layers as L
+from nettransplant.core import ops
+from nettransplant.core.modules import _check_features, _declare_conv_params
 
 Array = jax.Array
 

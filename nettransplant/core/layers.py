@@ -23,7 +23,7 @@ from typing import Literal
 
 import jax
 
-from nettransplant import ops
+from nettransplant.core import ops
 
 Array = jax.Array
 Params = Mapping[str, Mapping[str, Array]]

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nettransplant import layers as L
-from nettransplant import ops, tasks
+from nettransplant.core import layers as L
+from nettransplant.core import ops, tasks
 
 Array = jax.Array
 Params = Mapping[str, Any]

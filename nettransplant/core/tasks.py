@@ -1,6 +1,6 @@
 """What a task module is for: its outputs, loss, predictions and metric, in one interface.
 
-A task module (:mod:`nettransplant.modules`) exposes its :class:`Task` as
+A task module (:mod:`nettransplant.core.modules`) exposes its :class:`Task` as
 ``module.task``; everything that depends on the task — the task loss of
 teachers and adapters, distillation, predictions, the paper's metric, which
 targets a data view provides — asks that object instead of testing the
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import evaluation
+from nettransplant.core import evaluation
 
 Array = jax.Array
 

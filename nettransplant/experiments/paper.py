@@ -40,12 +40,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from nettransplant import data, evidence, metric_writers, modules, parallel, problem, report
-from nettransplant import runs as runs_lib
-from nettransplant import train as adapter_training
-from nettransplant.adapter import Adapter
+from nettransplant import data
+from nettransplant.core import modules
+from nettransplant.core.adapter import Adapter
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
+from nettransplant.experiments import evidence, report
 from nettransplant.experiments.config import EXPERIMENTS, validate_config
 from nettransplant.experiments.workdir import (
     WorkdirLock,
@@ -57,9 +57,13 @@ from nettransplant.experiments.workdir import (
 from nettransplant.experiments.zoo import TeacherZoo, generic_name, stable_hash
 from nettransplant.net import operations
 from nettransplant.net.graph import ModuleRef, TransplantNet
-from nettransplant.progress import message, progress_bar
-from nettransplant.protocol import RESTART_SALT, Protocol
-from nettransplant.training import NonFiniteError, Trainings
+from nettransplant.runtime import metric_writers, parallel
+from nettransplant.runtime.progress import message, progress_bar
+from nettransplant.training.loop import NonFiniteError, Trainings, create_train_state
+from nettransplant.transplant import problem
+from nettransplant.transplant import runs as runs_lib
+from nettransplant.transplant.protocol import RESTART_SALT, Protocol
+from nettransplant.transplant.step import batch_rows, train_adapter
 
 __all__ = ["EXPERIMENTS", "Runner", "run", "validate_config"]
 
@@ -158,7 +162,7 @@ def objective_of(method: str) -> str:
 
 def jacobian_weights(config):
     """The Jacobian-matching baseline's loss weights (``config.jacobian_baseline``)."""
-    from nettransplant.objectives import ObjectiveWeights
+    from nettransplant.transplant.objectives import ObjectiveWeights
     jb = config.get("jacobian_baseline")
     if jb is None:
         return None
@@ -706,7 +710,7 @@ class Runner:
         with shared.phase("train"):
             jobs = []
             for a in attempts:
-                state = adapter_training.create_train_state(a.init, steps.optimizer)
+                state = create_train_state(a.init, steps.optimizer)
                 jobs.append(runs_lib.Run(
                     state, prob.scalars, a.run.transfer if a.run.n else None,
                     a.run.n, batch_seed(self.seed, a.run.n), tc.num_steps,
@@ -825,10 +829,10 @@ class Runner:
         steps = steps or self.steps(prob.task.name)
         check_every = tc.num_steps if check_every is None else check_every
         with clock.phase("train") if clock else contextlib.nullcontext():
-            state = adapter_training.create_train_state(init, steps.optimizer)
+            state = create_train_state(init, steps.optimizer)
             if learning_rate is not None:
                 state = problem.with_learning_rate(state, learning_rate)
-            state, history = adapter_training.train_adapter(
+            state, history = train_adapter(
                 steps(prob.transplant, objective), state, prob.frozen, prob.scalars,
                 num_steps=num_steps or tc.num_steps, data=transfer if n else None,
                 num_samples=n, batch_size=tc.batch_size,
@@ -840,7 +844,7 @@ class Runner:
         if clock is not None:
             clock.attempts += 1
             clock.steps += steps_run
-            clock.images += steps_run * (adapter_training.batch_rows(
+            clock.images += steps_run * (batch_rows(
                 n, tc.batch_size, self.mesh) if n else 0)
         return state.params, history
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nettransplant import evidence, paper_results
+from nettransplant.experiments import evidence, paper_results
 
 METHOD_ORDER = ("direct-learn", "distill", "jacobian", "back-distill-random-init",
                 "back-distill")
@@ -75,7 +75,7 @@ def _avg(results: Mapping, *path) -> float | None:
 
 
 def claims(results: Mapping) -> list[dict[str, Any]]:
-    """Every claim with its verdict (:func:`nettransplant.evidence.verdicts`): the job's
+    """Every claim with its verdict (:func:`nettransplant.experiments.evidence.verdicts`): the job's
     own, or decided now for results written before it kept them (one seed: every
     category-level pair, same rule)."""
     if "verdicts" in results:

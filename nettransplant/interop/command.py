@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from nettransplant.files import file_sha256
-
 import nettransplant
-from nettransplant import checkpoint, cli, convert
+from nettransplant.interop import state_dicts, torch_check, vgg16
+from nettransplant.runtime import cli
+from nettransplant.runtime.files import file_sha256
+from nettransplant.training import checkpoint
 
 # Raised by the library for refused weights; anything else is reported as unexpected.
 CONVERSION_ERRORS = (ValueError, ImportError, OSError, AssertionError)
@@ -86,8 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      "run without --verify to convert only")
     if args.num_outputs is not None and args.num_outputs < 1:
         parser.error(f"--num-outputs must be >= 1, got {args.num_outputs}")
-    if min(args.verify_sizes) < convert.INPUT_SIZE:
-        parser.error(f"--verify-sizes must be >= {convert.INPUT_SIZE}")
+    if min(args.verify_sizes) < vgg16.INPUT_SIZE:
+        parser.error(f"--verify-sizes must be >= {vgg16.INPUT_SIZE}")
     if not args.tolerance >= 0:  # also refuses NaN
         parser.error(f"--tolerance must be >= 0, got {args.tolerance}")
     return args
@@ -96,25 +97,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _convert(args: argparse.Namespace) -> int:
     """Read, convert, optionally verify, then write: nothing is written before the end."""
     # A .safetensors file's names and shapes are checked before its data is loaded.
-    state, origin = convert.read_state_dict(args.weights, key=args.key,
-                                            check=convert.validate_vgg16_state_dict)
-    model, params = convert.vgg16_from_state_dict(
+    state, origin = state_dicts.read_state_dict(args.weights, key=args.key,
+                                                check=vgg16.validate_vgg16_state_dict)
+    model, params = vgg16.vgg16_from_state_dict(
         state, origin, num_outputs=args.num_outputs, key=args.seed)
     num_outputs = model.classification_module.num_outputs
     metadata = {
-        "architecture": convert.ARCHITECTURE,
+        "architecture": vgg16.ARCHITECTURE,
         "model": type(model).__name__,
         "source": args.weights.name,
         "source_sha256": file_sha256(args.weights),
         "num_outputs": num_outputs,
         "head": "stored" if args.num_outputs is None else "fresh",
         "seed": None if args.num_outputs is None else args.seed,
-        "input_size": convert.INPUT_SIZE,
+        "input_size": vgg16.INPUT_SIZE,
         "nettransplant_version": nettransplant.__version__,
     }
     if args.verify:
-        results = convert.verify_against_torch(state, model, params,
-                                               input_sizes=args.verify_sizes)
+        results = torch_check.verify_against_torch(state, model, params,
+                                                   input_sizes=args.verify_sizes)
         for r in results:
             print(f"verify {r['input_size']}²: output {tuple(r['output_shape'])}, "
                   f"max abs diff {r['max_abs_diff']:.3g}, max rel diff {r['max_rel_diff']:.3g}")
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     or the checkpoint cannot be written, after printing one ``error:`` line; 2 after
     one line when the disk is full or ``--out`` is read-only or not writable;
     invalid arguments exit with status 2 (``SystemExit``), Ctrl-C with
-    :data:`nettransplant.cli.EXIT_INTERRUPTED` after one line. Any other error is a
+    :data:`nettransplant.runtime.cli.EXIT_INTERRUPTED` after one line. Any other error is a
     bug: its traceback, then one line asking for a report (status 1).
     """
     args = parse_args(argv)

@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import objectives, problem, training
-from nettransplant.adapter import Adapter
+from nettransplant.core.adapter import Adapter
 from nettransplant.net.graph import ModuleRef, TaskModule, TeacherParts, TransplantNet
-from nettransplant.transplant import Draws, Transplant, check_draws
+from nettransplant.training import loop
+from nettransplant.transplant import objectives, problem
+from nettransplant.transplant.wiring import Draws, Transplant, check_draws
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -59,10 +60,10 @@ class TransplantSettings:
 
     ``None`` fields take the task's default: adapter (num_convs, kernel) (3, 1) for
     classification and (1, 1) for segmentation; dummies Exp. 2's / Exp. 3's
-    protocol (:func:`nettransplant.problem.task_dummies`); λ0 10 / 1.
+    protocol (:func:`nettransplant.transplant.problem.task_dummies`); λ0 10 / 1.
 
     ``draws``: how the back-distillation draws are made (``"randomised"`` or
-    ``"literal"``: :attr:`nettransplant.transplant.Transplant.draws`).
+    ``"literal"``: :attr:`nettransplant.transplant.wiring.Transplant.draws`).
     """
 
     adapter: tuple[int, int] | None = None
@@ -87,7 +88,8 @@ class TransplantSettings:
 
     @classmethod
     def from_config(cls, transplant_config, *, seed: int = 0, **overrides) -> TransplantSettings:
-        """From a main-job config's ``transplant`` section (configs/silhouettes.py)."""
+        """From a main-job config's ``transplant`` section
+        (``nettransplant/configs/silhouettes.py``)."""
         c = transplant_config
         values = dict(positive_fraction=c.positive_fraction, score_size=c.score_size,
                       num_draws=c.num_draws, draws_per_step=c.draws_per_step,
@@ -393,7 +395,7 @@ def _task_step(module: TaskModule, optimizer: optax.GradientTransformation):
     @partial(jax.jit, donate_argnums=0)
     def step(state, key, x, targets):
         loss, grads = jax.value_and_grad(loss_fn)(state.params, key, x, targets)
-        new_state, grad_norm, finite = training.guarded_update(state, grads, loss, optimizer)
+        new_state, grad_norm, finite = loop.guarded_update(state, grads, loss, optimizer)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return step
@@ -403,16 +405,16 @@ def _train_task_module(module: TaskModule, params: Params, features: np.ndarray,
                        targets: np.ndarray, settings: TaskTrainingSettings, what: str
                        ) -> tuple[Params, list[dict[str, float]]]:
     optimizer = optax.adam(settings.learning_rate)
-    state = training.create_train_state(params, optimizer)
-    stream = training.IndexStream(len(targets), settings.batch_size, settings.seed,
-                                  padded=False)
+    state = loop.create_train_state(params, optimizer)
+    stream = loop.IndexStream(len(targets), settings.batch_size, settings.seed,
+                              padded=False)
     key = jax.random.key(settings.seed)
 
     def step_args(i):
         rows = stream.next()
         return jax.random.fold_in(key, i), features[rows], targets[rows]
 
-    state, history = training.train_loop(
+    state, history = loop.train_loop(
         _task_step(module, optimizer), state, step_args, num_steps=settings.num_steps,
         log_every=settings.log_every, progress=what, what=what)
     return state.params, history

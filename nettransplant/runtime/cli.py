@@ -9,10 +9,10 @@ prints one line (what to do next) and exits with :data:`EXIT_INTERRUPTED`.
 Anything else is a bug: its traceback is printed, then one line asking for a
 report, and the exit status is :data:`EXIT_BUG`.
 
-A command of absl flags parses them with :func:`config_flags_parser` (a
-``--config`` file that is missing or fails to load is one line, exit 2); one of
-argparse builds its parser with :class:`ArgumentParser` (a bad argument is one
-line after the usage, exit 2).
+A command of absl flags parses them with
+:func:`nettransplant.experiments.config.config_flags_parser` (a ``--config`` file that
+is missing or fails to load is one line, exit 2); one of argparse builds its parser
+with :class:`ArgumentParser` (a bad argument is one line after the usage, exit 2).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def error_message(err: BaseException) -> str:
 
 
 def _non_finite_error() -> type | None:
-    # A training's divergence; only raised once nettransplant.training is imported.
-    training = sys.modules.get("nettransplant.training")
+    # A training's divergence; only raised once nettransplant.training.loop is imported.
+    training = sys.modules.get("nettransplant.training.loop")
     return getattr(training, "NonFiniteError", None)
 
 
@@ -134,30 +134,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"error: {one_line(message)}\n")
-
-
-def config_flags_parser(default_config: str) -> Callable[[list[str]], list[str]]:
-    """absl's flag parsing for ``app.run(..., flags_parser=)`` of a command with a
-    ``--config`` flag: every error (an unknown or mistyped ``--config.*`` field, a config
-    file that is missing or fails to load) is one ``error:`` line and exit code 2."""
-    from absl import flags
-
-    from nettransplant.experiments import config as job_config
-
-    parse = job_config.flags_parser(default_config)
-
-    def checked(argv: list[str]) -> list[str]:
-        rest = parse(argv)
-        if "config" in flags.FLAGS:
-            try:  # ml_collections keeps a file that did not load as an error, raised on use
-                flags.FLAGS["config"].value.keys()
-            except Exception as e:  # noqa: BLE001 - a config file may raise anything
-                found = job_config.override_error(argv[1:], default_config)
-                print(f"error: {one_line(found or error_message(e))}", file=sys.stderr)
-                sys.exit(EXIT_USAGE)
-        return rest
-
-    return checked
 
 
 def run_main(work: Callable[[], object], *, interrupted: str = "interrupted") -> int:

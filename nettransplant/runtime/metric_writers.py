@@ -1,7 +1,7 @@
 """Training metrics as they happen: a plain JSON-lines log always, TensorBoard when available.
 
 A :class:`MetricWriter` takes ``write_scalars(step, {name: value})``. The
-training loop (:func:`nettransplant.training.train_loop`) calls it at every
+training loop (:func:`nettransplant.training.loop.train_loop`) calls it at every
 logged step, so a long run can be watched live:
 
 * :class:`JsonlWriter` appends one JSON object per line to a file

@@ -3,7 +3,7 @@
 A checkpoint is a directory::
 
     DIR/
-      checkpoint.json   {"format": "nettransplant.checkpoint", "format_version": 1,
+      checkpoint.json   {"format": "nettransplant.training.checkpoint", "format_version": 1,
                          "params_sha256": "…",   (content hash of the parameters)
                          "metadata": {...}}      (the caller's metadata, verbatim)
       params/           the pytree, written by orbax's StandardCheckpointHandler
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-CHECKPOINT_FORMAT = "nettransplant.checkpoint"
+CHECKPOINT_FORMAT = "nettransplant.training.checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 METADATA_FILE = "checkpoint.json"
 PARAMS_DIR = "params"
@@ -226,7 +226,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Any, metadata: Mapping
     try:
         if _primary():
             staging.mkdir()
-        _sync("nettransplant.checkpoint.staging")
+        _sync("nettransplant.training.checkpoint.staging")
         # orbax itself writes into a temporary folder and renames it on commit.
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(_global(params)))
@@ -251,7 +251,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Any, metadata: Mapping
                     shutil.rmtree(retired, ignore_errors=True)
             else:
                 os.rename(staging, target)
-        _sync("nettransplant.checkpoint.committed")
+        _sync("nettransplant.training.checkpoint.committed")
     finally:
         if _primary() and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -273,13 +273,13 @@ def _global(tree: Any) -> Any:
     """Multi-process: orbax saves only global arrays, so replicate host-local leaves."""
     if jax.process_count() == 1:
         return tree
-    from nettransplant import parallel
+    from nettransplant.runtime import parallel
     return parallel.replicate(tree, parallel.data_mesh())
 
 
 def _abstract(tree: Any) -> Any:
     """Shapes and dtypes to restore into, on this process's first device (any topology)."""
-    from nettransplant import parallel
+    from nettransplant.runtime import parallel
     sharding = parallel.local_sharding()
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(  # arrays or orbax's array metadata
         tuple(getattr(x, "shape", np.shape(x))), jnp.result_type(getattr(x, "dtype", x)),

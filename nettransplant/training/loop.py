@@ -1,7 +1,7 @@
 """The one training loop: a train state, the finite guard, batch index streams, and the loop.
 
-Every learned thing in the project — adapters (:mod:`nettransplant.train`),
-teachers (:mod:`nettransplant.teachers`), whole students
+Every learned thing in the project — adapters (:mod:`nettransplant.transplant.step`),
+teachers (:mod:`nettransplant.training.teachers`), whole students
 (:mod:`nettransplant.jacobian.train`) — is trained by :func:`train_loop`
 with a jitted step ``step(state, *args) -> (state, metrics)`` whose update
 goes through :func:`guarded_update`:
@@ -12,7 +12,7 @@ goes through :func:`guarded_update`:
   metrics back only at logged steps (every ``log_every``), checkpoints and the
   end, and raises :class:`NonFiniteError` naming the *first* non-finite step;
 * metrics go to the returned history and, optionally, to a
-  :class:`~nettransplant.metric_writers.MetricWriter`;
+  :class:`~nettransplant.runtime.metric_writers.MetricWriter`;
 * ``on_checkpoint(state, history)`` runs every ``checkpoint_every`` steps, so a
   run can resume: the batch streams are pure functions of the step index.
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant.progress import progress_bar
+from nettransplant.runtime.progress import progress_bar
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -160,7 +160,7 @@ def train_loop(step_fn: StepFn, state: TrainState, step_args: Callable[[int], tu
         many steps (not after the last: the caller saves the final state). When it
         returns True the training ends there (its step is logged, as a last step is).
       progress: show a progress bar (a string sets its description).
-      writer: a :class:`~nettransplant.metric_writers.MetricWriter` that gets
+      writer: a :class:`~nettransplant.runtime.metric_writers.MetricWriter` that gets
         every logged step's metrics.
       what: names the training in errors ("teacher cat", "exp2 cat back-distill n=10").
     Returns:

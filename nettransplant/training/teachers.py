@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import parallel
-from nettransplant.modules import Teacher
-from nettransplant.training import (
+from nettransplant.core.modules import Teacher
+from nettransplant.runtime import parallel
+from nettransplant.training.loop import (
     IndexStream,
     NonFiniteError,
     TrainState,
@@ -47,7 +47,7 @@ def make_teacher_step(teacher: Teacher, optimizer: optax.GradientTransformation,
     """Jitted ``step(state, key, cls_images, cls_labels, seg_images, seg_masks)``.
 
     Data parallel over ``mesh`` (default: every device on one ``data`` axis,
-    :mod:`nettransplant.parallel`): the state is replicated and comes back
+    :mod:`nettransplant.runtime.parallel`): the state is replicated and comes back
     replicated (donated), the image batches ``(B, H, W, 3)`` / ``(B_seg, H, W, 3)``
     and their labels are split over ``data`` (B and B_seg must divide by its
     size); the losses are means over the whole batch, so the gradient is the

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from nettransplant import layers as L
-from nettransplant import parallel
-from nettransplant.objectives import ChainCache, TransplantScalars
-from nettransplant.transplant import Transplant
+from nettransplant.core import layers as L
+from nettransplant.runtime import parallel
+from nettransplant.transplant.objectives import ChainCache, TransplantScalars
+from nettransplant.transplant.wiring import Transplant
 
 Array = jax.Array
 

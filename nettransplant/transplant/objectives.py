@@ -28,8 +28,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from nettransplant import tasks
-from nettransplant.transplant import Draws, Transplant, check_draws
+from nettransplant.core import tasks
+from nettransplant.transplant.wiring import Draws, Transplant, check_draws
 
 Array = jax.Array
 Method = Literal["direct-learn", "distill", "back-distill", "jacobian"]

@@ -25,12 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import closed_form, evaluation, objectives, parallel, tasks
-from nettransplant import runs as runs_lib
-from nettransplant import train as train_lib
-from nettransplant.layers import DummySpec
-from nettransplant.modules import CategoryModule
-from nettransplant.transplant import TaskModule, Transplant
+from nettransplant.core import evaluation, tasks
+from nettransplant.core.layers import DummySpec
+from nettransplant.core.modules import CategoryModule
+from nettransplant.runtime import parallel
+from nettransplant.training.loop import create_train_state
+from nettransplant.transplant import closed_form, objectives
+from nettransplant.transplant import runs as runs_lib
+from nettransplant.transplant.step import AdapterTrainState, StepFn, make_train_step, train_adapter
+from nettransplant.transplant.wiring import TaskModule, Transplant
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -215,8 +218,8 @@ def adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
 
 
-def with_learning_rate(state: train_lib.AdapterTrainState, learning_rate: float
-                       ) -> train_lib.AdapterTrainState:
+def with_learning_rate(state: AdapterTrainState, learning_rate: float
+                       ) -> AdapterTrainState:
     """``state`` with its optimiser's injected rate set to ``learning_rate`` (a state of
     :func:`adam`; the rate is data, so the step does not recompile)."""
     hyper = getattr(state.opt_state, "hyperparams", None)
@@ -240,19 +243,19 @@ class StepCache:
         self.optimizer = optimizer
         self.mesh = mesh or parallel.data_mesh()
         self.weights = weights  # the loss terms' weights (default: all 1)
-        self._steps: dict[tuple, train_lib.StepFn] = {}
+        self._steps: dict[tuple, StepFn] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, transplant: Transplant, method: str) -> train_lib.StepFn:
+    def __call__(self, transplant: Transplant, method: str) -> StepFn:
         key = (transplant, method)
         with self._lock:
             if key not in self._steps:
-                self._steps[key] = train_lib.make_train_step(
+                self._steps[key] = make_train_step(
                     transplant, method, self.optimizer, weights=self.weights, mesh=self.mesh)
             return self._steps[key]
 
     def runs(self, transplant: Transplant, method: str):
-        """The step of many runs at once (:func:`nettransplant.runs.make_runs_step`)."""
+        """The step of many runs at once (:func:`nettransplant.transplant.runs.make_runs_step`)."""
         key = (transplant, method, "runs")
         with self._lock:
             if key not in self._steps:
@@ -274,8 +277,8 @@ def fit(problem: TransplantProblem, method: str, steps: StepCache, *,
     if num_samples == 0 and method != "back-distill":
         raise ValueError(f"{method} needs labelled samples; only back-distill runs with 0")
     draws = problem.cache if method == "back-distill" else None
-    state = train_lib.create_train_state(init, steps.optimizer)
-    state, history = train_lib.train_adapter(
+    state = create_train_state(init, steps.optimizer)
+    state, history = train_adapter(
         steps(problem.transplant, method), state, problem.frozen, problem.scalars,
         num_steps=num_steps, data=data if num_samples else None, num_samples=num_samples,
         batch_size=batch_size, draws=draws, draws_per_step=draws_per_step, seed=seed,

@@ -3,7 +3,7 @@
 Every run trains its method's objective with Adam at its task's rate, from the
 method's start, for at most ``num_steps`` steps, and ends at the first check
 (every ``check_every`` steps) where it fits its labelled samples
-(:func:`nettransplant.problem.fits_samples`). A run that has not fit by then is
+(:func:`nettransplant.transplant.problem.fits_samples`). A run that has not fit by then is
 trained again, up to ``restarts`` times, from a re-drawn start — one draw per
 (problem, attempt), the same for every method — with the same objective, λ,
 rate and budget, and the attempt that fits its samples best is kept.
@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from nettransplant import problem
+from nettransplant.transplant import problem
 
 # Separates the restarts' keys from the problem's own draws.
 RESTART_SALT = 0x5E57A27

@@ -5,9 +5,9 @@ frozen modules, the bank of draws and every shape but the number of labelled
 samples. :func:`make_runs_step` maps one train step over a leading *runs* axis
 (``jax.vmap``) of the states, scalars, labelled data and batch indices, and
 :func:`train_runs` drives it with the semantics of
-:func:`nettransplant.training.train_loop` for every run:
+:func:`nettransplant.training.loop.train_loop` for every run:
 
-* each run draws the batches :func:`nettransplant.train.train_adapter` would draw
+* each run draws the batches :func:`nettransplant.transplant.step.train_adapter` would draw
   for it; a run with fewer samples than a batch sees its whole sample set padded
   with masked rows (every loss is a masked mean, so the loss is the one of its real
   rows);
@@ -39,16 +39,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nettransplant.objectives import ChainCache, Method, ObjectiveWeights, TransferData
-from nettransplant.train import objective_loss
-from nettransplant.training import (
+from nettransplant.training.loop import (
     IndexStream,
     NonFiniteError,
     TrainState,
     _host_values,
     guarded_update,
 )
-from nettransplant.transplant import Transplant
+from nettransplant.transplant.objectives import ChainCache, Method, ObjectiveWeights, TransferData
+from nettransplant.transplant.step import objective_loss
+from nettransplant.transplant.wiring import Transplant
 
 Array = jax.Array
 RUNS_AXIS = "runs"
@@ -88,7 +88,7 @@ def make_runs_step(transplant: Transplant, method: Method,
 
 @dataclasses.dataclass
 class Run:
-    """One training of :func:`train_runs`: what :func:`nettransplant.train.train_adapter`
+    """One training of :func:`train_runs`: what :func:`nettransplant.transplant.step.train_adapter`
     takes for it.
 
     Attributes:
@@ -158,7 +158,7 @@ def train_runs(step: Callable, runs: Sequence[Run], frozen, *, batch_size: int,
     Args:
       batch_size: labelled rows per step of every run (fewer samples: padded rows).
       draws: the shared bank (back-distill), or None.
-      log_every / check_every: as :func:`nettransplant.train.train_adapter`.
+      log_every / check_every: as :func:`nettransplant.transplant.step.train_adapter`.
       mesh: a mesh with a ``runs`` axis to spread the runs over (default: one
         device); runs that never train fill its last devices.
     Returns:

@@ -8,7 +8,7 @@ adapter's pseudo chain; the frozen chains come from a :class:`ChainCache`
 (``recompute_chains=True`` builds the naive step that recomputes them every
 step, for benchmarks and tests).
 
-Steps are data parallel over a device mesh (:mod:`nettransplant.parallel`):
+Steps are data parallel over a device mesh (:mod:`nettransplant.runtime.parallel`):
 θ_h, its optimizer state, the frozen parameters and the cached bank are
 replicated; each step's labelled batch and its batch of draws are split over
 the ``data`` axis, so a step's batch and draw counts must divide by its size.
@@ -25,8 +25,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nettransplant import parallel
-from nettransplant.objectives import (
+from nettransplant.runtime import parallel
+from nettransplant.training.loop import (
+    IndexStream,
+    NonFiniteError,
+    TrainState,
+    guarded_update,
+    train_loop,
+)
+from nettransplant.transplant.objectives import (
     ChainCache,
     Method,
     ObjectiveWeights,
@@ -35,15 +42,7 @@ from nettransplant.objectives import (
     objective_terms,
     sample_output_gradients,
 )
-from nettransplant.training import (  # noqa: F401 - re-exported: the adapter's state and loop
-    IndexStream,
-    NonFiniteError,
-    TrainState,
-    create_train_state,
-    guarded_update,
-    train_loop,
-)
-from nettransplant.transplant import Draws, Transplant
+from nettransplant.transplant.wiring import Draws, Transplant
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -70,7 +69,7 @@ class RawDraws:
 def raw_draws(key: Array, num_draws: int, output_shape: tuple[int, ...], *,
               draws: Draws = "randomised") -> RawDraws:
     """The same draws :func:`objectives.build_chain_cache` caches, uncached
-    (``draws``: the transplant's :attr:`~nettransplant.transplant.Transplant.draws`)."""
+    (``draws``: the transplant's :attr:`~nettransplant.transplant.wiring.Transplant.draws`)."""
     return RawDraws(*sample_output_gradients(key, num_draws, output_shape, draws=draws))
 
 

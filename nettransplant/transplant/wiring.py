@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from nettransplant import layers as L
-from nettransplant import ops, tasks
-from nettransplant.adapter import Adapter
-from nettransplant.modules import (
+from nettransplant.core import layers as L
+from nettransplant.core import ops, tasks
+from nettransplant.core.adapter import Adapter
+from nettransplant.core.modules import (
     CategoryModule,
     ClassificationTaskModule,
     SegmentationTaskModule,
@@ -112,7 +112,7 @@ class Transplant:
 
     @property
     def task(self) -> tasks.Task:
-        """The task both task modules solve (:mod:`nettransplant.tasks`)."""
+        """The task both task modules solve (:mod:`nettransplant.core.tasks`)."""
         return self.student_task_module.task
 
     @property
