@@ -15,7 +15,7 @@ among ``state_dict``, ``model``, ``model_state_dict``, ``net``, ``weights``
 holds them; ``--key NAME`` (``a/b`` for a nested entry) names the entry. The
 metadata records the source file and its sha256, the architecture,
 ``num_outputs``, the head, the seed and the nettransplant version. Rebuild the
-model with ``convert.make_vgg16_classifier(metadata["num_outputs"])``.
+model with ``nettransplant.interop.vgg16.make_vgg16_classifier(metadata["num_outputs"])``.
 
 ``--verify`` (needs PyTorch) compares the converted logits with a PyTorch VGG-16
 holding the same weights on random images (224², and 288² fully convolutionally),

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from nettransplant import data, experiments
-from nettransplant.benchmarks import step_benchmark
+from nettransplant.benchmarks import step_benchmark, torch_comparison
 from nettransplant.configs import silhouettes, voc_vgg16
 from nettransplant.data import benchmarks, paper_scale
 
@@ -248,7 +248,7 @@ def _tiny_benchmark_config():
 @pytest.mark.torch
 def test_the_pytorch_section_times_both_frameworks_and_writes_its_columns(tmp_path):
     rows = ("back-distill (0 samples)",)  # one row: each costs a compile or two
-    section = step_benchmark.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
+    section = torch_comparison.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
                                            num_draws=2, rows=rows)
     path = tmp_path / "bench.json"
     step_benchmark.write_json({"torch": section}, str(path))
@@ -260,7 +260,7 @@ def test_the_pytorch_section_times_both_frameworks_and_writes_its_columns(tmp_pa
         for key in ("jax_step_s", "torch_step_s", "jax_over_torch"):
             assert r[key] > 0, (row, key)
         assert r["jax_naive_step_s"] > 0 and r["jax_naive_over_torch"] > 0
-    table = step_benchmark.format_torch_table(section).splitlines()
+    table = torch_comparison.format_torch_table(section).splitlines()
     assert "jax/torch" in table[1] and len(table) == 3 + len(rows)
 
 
@@ -268,10 +268,10 @@ def test_without_pytorch_the_pytorch_section_is_one_note(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch" else find_spec(name, *a))
-    section = step_benchmark.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
+    section = torch_comparison.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
                                            num_draws=2)
     assert list(section) == ["skipped"] and "PyTorch is not installed" in section["skipped"]
-    assert step_benchmark.format_torch_table(section) == section["skipped"]
+    assert torch_comparison.format_torch_table(section) == section["skipped"]
 
 
 def test_the_threads_section_times_both_ways_and_checks_the_parameters_are_equal(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nettransplant.benchmarks import scaling_benchmark, step_benchmark
+from nettransplant.benchmarks import scaling_benchmark, step_benchmark, torch_comparison
 from nettransplant.configs import silhouettes, voc_vgg16
 from nettransplant.runtime import cli, parallel
 
@@ -78,11 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(step_benchmark.format_table(results))
     if not args.no_torch:
         adapter = "exp1_1conv" if "exp1_1conv" in names else names[0]
-        results["torch"] = step_benchmark.torch_section(
+        results["torch"] = torch_comparison.torch_section(
             config, adapter, steps=steps, rounds=rounds,
             num_draws=64 if args.quick else config.transplant.num_draws,
             torch_threads=args.torch_threads)
-        print(step_benchmark.format_torch_table(results["torch"]))
+        print(torch_comparison.format_torch_table(results["torch"]))
     if args.concurrent_cells:
         results["threads"] = step_benchmark.threads_section(
             config, "exp1_1conv" if "exp1_1conv" in names else names[0],

@@ -11,7 +11,7 @@ CPU shared with other work.
 * **Choosing the task module**: every target category is transplanted onto
   every other category's task module (back-distill, ``growth.samples``
   labelled samples); the zero-sample residual of each candidate
-  (``TransplantNet.rank_task_modules``) is compared with the transplant's
+  (``nettransplant.net.operations.rank_task_modules``) is compared with the transplant's
   test error / pixel accuracy (Spearman's ρ, and whether the residual's first
   choice is the best transplant).
 * **Fine-tuning and forgetting**: the net of the generic category's teacher

@@ -47,7 +47,7 @@ from nettransplant.net import io as net_io
 from nettransplant.net.graph import TeacherParts
 from nettransplant.runtime import metric_writers, parallel
 from nettransplant.runtime.progress import message
-from nettransplant.training import checkpoint
+from nettransplant.training import checkpoint, resumable
 from nettransplant.training import teachers as teacher_lib
 from nettransplant.training.loop import TrainState
 
@@ -198,7 +198,7 @@ class TeacherZoo:
         params = self._reusable(final, fingerprint, init_params)
         partial_dir = self.root / f"{name}.partial"
         if params is not None:
-            partial = checkpoint.TrainingCheckpoints(partial_dir, fingerprint)
+            partial = resumable.TrainingCheckpoints(partial_dir, fingerprint)
             # A kill between the final save and the clean-up leaves this teacher's
             # resumable state behind; one of another configuration is left alone.
             if partial.stored_fingerprint() == fingerprint:
@@ -209,7 +209,7 @@ class TeacherZoo:
             return params
         state = TrainState(jnp.zeros((), jnp.int32), init_params, optimizer.init(init_params))
         history: list = []
-        partial = checkpoint.TrainingCheckpoints(partial_dir, fingerprint)
+        partial = resumable.TrainingCheckpoints(partial_dir, fingerprint)
         try:
             resumed = partial.restore(state.as_tree())
         except checkpoint.CheckpointError as e:

@@ -34,7 +34,6 @@ from nettransplant.net.io import (
     net_spec,
 )
 from nettransplant.net.operations import (
-    TaskTrainingSettings,
     TransplantSettings,
     add_task,
     build_problem,
@@ -44,6 +43,7 @@ from nettransplant.net.operations import (
     rank_task_modules,
     transplant,
 )
+from nettransplant.net.task_training import TaskTrainingSettings
 from nettransplant.net.verify import NetVerificationError
 
 __all__ = [

@@ -195,8 +195,9 @@ def _route_predict(category_module, adapter, task_module, f_params, h_params, be
 class TransplantNet:
     """Category modules, task modules and adapters (see the module docstring).
 
-    Build one with :meth:`add_teacher` and grow it with :meth:`transplant`,
-    :meth:`connect`, :meth:`add_task` and :meth:`fine_tune`; save it with
+    Build one with :meth:`add_teacher` and grow it with the functions of
+    :mod:`nettransplant.net.operations` (``transplant``, ``connect``, ``add_task``,
+    ``fine_tune``), which take the net first; save it with
     :func:`nettransplant.net.io.export_net`.
     """
 

@@ -3,7 +3,7 @@
 A checkpoint is a directory::
 
     DIR/
-      checkpoint.json   {"format": "nettransplant.training.checkpoint", "format_version": 1,
+      checkpoint.json   {"format": "nettransplant.checkpoint", "format_version": 1,
                          "params_sha256": "…",   (content hash of the parameters)
                          "metadata": {...}}      (the caller's metadata, verbatim)
       params/           the pytree, written by orbax's StandardCheckpointHandler
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-CHECKPOINT_FORMAT = "nettransplant.training.checkpoint"
+CHECKPOINT_FORMAT = "nettransplant.checkpoint"  # written in every checkpoint.json: keep it
 CHECKPOINT_FORMAT_VERSION = 1
 METADATA_FILE = "checkpoint.json"
 PARAMS_DIR = "params"
@@ -226,7 +226,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Any, metadata: Mapping
     try:
         if _primary():
             staging.mkdir()
-        _sync("nettransplant.training.checkpoint.staging")
+        _sync("nettransplant.checkpoint.staging")
         # orbax itself writes into a temporary folder and renames it on commit.
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
         checkpointer.save(staging / PARAMS_DIR, args=ocp.args.StandardSave(_global(params)))
@@ -251,7 +251,7 @@ def save_checkpoint(directory: str | os.PathLike, params: Any, metadata: Mapping
                     shutil.rmtree(retired, ignore_errors=True)
             else:
                 os.rename(staging, target)
-        _sync("nettransplant.training.checkpoint.committed")
+        _sync("nettransplant.checkpoint.committed")
     finally:
         if _primary() and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -430,102 +430,6 @@ def _restore(path: Path, target: Any | None) -> Any:
         raise CheckpointError(
             f"corrupt checkpoint {path}: cannot restore {PARAMS_DIR}/ ({_short(e)}); move it "
             "away and create it again") from e
-
-
-class TrainingCheckpoints:
-    """A training run's resumable state, kept by orbax's ``CheckpointManager``.
-
-    The manager commits each save atomically, keeps only the latest step and
-    removes the temporary folders a killed save leaves behind; in a
-    multi-process run it saves and restores collectively. Each save holds the
-    state (a pytree) and JSON metadata: the run's ``fingerprint`` (a resumed
-    state must come from the same configuration), its ``history`` and the
-    state's content hash (checked on restore).
-
-    Args:
-      directory: the folder (``W/teachers/<name>.partial``).
-      fingerprint: identifies the configuration that produced the state.
-    """
-
-    def __init__(self, directory: str | os.PathLike, fingerprint: str):
-        self.directory = Path(directory).expanduser().absolute()
-        self.fingerprint = fingerprint
-        self._manager = None
-
-    def _open(self):
-        if self._manager is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                                   cleanup_tmp_directories=True,
-                                                   enable_async_checkpointing=False)
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
-        return self._manager
-
-    def exists(self) -> bool:
-        return self.directory.is_dir() and any(self.directory.iterdir())
-
-    def save(self, step: int, state: Any, history: list) -> None:
-        """Store ``state`` (a pytree) as of ``step`` with the history so far."""
-        meta = _checked_metadata({"fingerprint": self.fingerprint, "step": int(step),
-                                  "history": list(history), "state_sha256": tree_digest(state)})
-        self._open().save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_global(state)), meta=ocp.args.JsonSave(meta)))
-
-    def _latest(self):
-        """The orbax manager and the step of its latest save (None: no save)."""
-        manager = self._open()
-        return manager, manager.latest_step()
-
-    def restore(self, target: Any) -> tuple[Any, list] | None:
-        """``(state, history)`` of the latest save, or None if there is none.
-
-        Raises:
-          CheckpointError: the saved state is unreadable, damaged (content hash),
-            from another configuration (fingerprint) or of another structure.
-        """
-        if not self.exists():
-            return None
-        try:
-            manager, step = self._latest()
-            if step is None:
-                return None
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged folders
-            raise CheckpointError(
-                f"damaged resumable state {self.directory}: {_short(e)}") from e
-        meta = restored["meta"] or {}
-        if meta.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"resumable state {self.directory} comes from another "
-                                  "configuration")
-        state = restored["state"]
-        if meta.get("state_sha256") not in (None, tree_digest(state)):
-            raise CheckpointError(f"damaged resumable state {self.directory}: its content does "
-                                  "not match the SHA-256 recorded when it was saved")
-        return state, list(meta.get("history", []))
-
-    def stored_fingerprint(self) -> str | None:
-        """The fingerprint of the latest save (None: no save, or unreadable)."""
-        if not self.exists():
-            return None
-        try:
-            manager, step = self._latest()
-            if step is None:
-                return None
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            return (meta["meta"] or {}).get("fingerprint")
-        except Exception:  # noqa: BLE001 - a damaged folder has no trustworthy fingerprint
-            return None
-
-    def close(self) -> None:
-        if self._manager is not None:
-            self._manager.close()
-            self._manager = None
-
-    def delete(self) -> None:
-        """Remove the folder (the run finished)."""
-        self.close()
-        if _primary():
-            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def move_aside(directory: str | os.PathLike, reason: str) -> Path | None:

@@ -163,7 +163,8 @@ def train_adapter(step: StepFn, state: AdapterTrainState, frozen: Params,
                   mesh: jax.sharding.Mesh | None = None,
                   stop_when: Callable[[Params], bool] | None = None, check_every: int = 0
                   ) -> tuple[AdapterTrainState, list[dict[str, float]]]:
-    """Run ``num_steps`` steps of :func:`make_train_step`'s step with :func:`training.train_loop`.
+    """Run ``num_steps`` steps of :func:`make_train_step`'s step with
+    :func:`~nettransplant.training.loop.train_loop`.
 
     Batch ``i`` is the ``i``-th of the :class:`IndexStream` of ``seed`` (draws: of
     ``seed + 1``). With fewer samples than ``batch_size`` every batch is the whole
