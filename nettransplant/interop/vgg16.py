@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nettransplant.core import modules
+from nettransplant.core.fcn8s import FCN_UPSAMPLING
 from nettransplant.interop.state_dicts import (
     StateDictSource,
     _summarise,
@@ -369,7 +370,7 @@ def fcn8s_params_from_vgg16(vgg16_params: Mapping[str, Any], num_classes: int = 
     params["score_fr"] = zero_score(classification["fc7"]["kernel"].shape[-1])
     params["score_pool4"] = zero_score(classification["conv4_3"]["kernel"].shape[-1])
     params["score_pool3"] = zero_score(classification["conv3_3"]["kernel"].shape[-1])
-    for name, stride in modules.FCN_UPSAMPLING:
+    for name, stride in FCN_UPSAMPLING:
         params[name] = {"kernel": jnp.asarray(
             modules.bilinear_upsampling_kernel(2 * stride, num_classes))}
     return params
