@@ -6,16 +6,16 @@
 Reads a ``.pth``/``.pt``/``.bin`` (needs PyTorch; loaded with
 ``weights_only=True``, so the file runs no code) or ``.safetensors`` state dict
 of torchvision's ``vgg16`` in float32, float16 or bfloat16, converts it with
-:func:`nettransplant.convert.vgg16_from_state_dict` (``--num-outputs`` replaces
+:func:`nettransplant.interop.vgg16.vgg16_from_state_dict` (``--num-outputs`` replaces
 the 1000-class head by a fresh one drawn from ``--seed``) and writes
 ``{"category_module", "classification_module"}`` (float32) with
-:func:`nettransplant.checkpoint.save_checkpoint`. A checkpoint dict that wraps
+:func:`nettransplant.training.checkpoint.save_checkpoint`. A checkpoint dict that wraps
 the weights (``{"state_dict": ..., "epoch": ...}``) is unwrapped when one entry
 among ``state_dict``, ``model``, ``model_state_dict``, ``net``, ``weights``
 holds them; ``--key NAME`` (``a/b`` for a nested entry) names the entry. The
 metadata records the source file and its sha256, the architecture,
 ``num_outputs``, the head, the seed and the nettransplant version. Rebuild the
-model with ``convert.make_vgg16_classifier(metadata["num_outputs"])``.
+model with ``nettransplant.interop.vgg16.make_vgg16_classifier(metadata["num_outputs"])``.
 
 ``--verify`` (needs PyTorch) compares the converted logits with a PyTorch VGG-16
 holding the same weights on random images (224², and 288² fully convolutionally),
@@ -33,7 +33,7 @@ as it was.
 
 import sys
 
-from nettransplant.convert_command import main, parse_args  # noqa: F401 - the command's API
+from nettransplant.interop.command import main, parse_args  # noqa: F401 - the command's API
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,34 +7,7 @@ Runs :func:`nettransplant.experiments.demo.run` (``--quick``: under a minute on 
 checkpoint to ``--workdir``.
 """
 
-from __future__ import annotations
-
-import sys
-
-from configs import silhouettes
-from nettransplant import cli, data, parallel
-from nettransplant.experiments import demo
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--category", default="cat", choices=data.CATEGORIES)
-    parser.add_argument("--quick", action="store_true", help="a shorter smoke run")
-    parser.add_argument("--num-samples", type=int, default=10)
-    parallel.add_distributed_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.num_samples < 1:
-        parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
-    cli.check_output_folder(args.workdir, "--workdir")
-    parallel.initialize_from_args(args)
-    config = silhouettes.get_config("quick" if args.quick else None)
-    results = demo.run(config, args.workdir, category=args.category,
-                       num_samples=args.num_samples)
-    if parallel.is_primary():
-        print(demo.format_results(results))
-    return results
-
+from nettransplant.commands.demo import main, run  # noqa: F401 - main: the command's API
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main))
+    run()

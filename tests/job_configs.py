@@ -1,6 +1,6 @@
 """The main job's quick config trimmed for tests that run it whole or in parts."""
 
-from configs import silhouettes
+from nettransplant.configs import silhouettes
 
 # Two short teachers (no backbone), small batches and Exp. 3's 16 cells (0, 10, 20 and
 # 50 samples: enough that a run killed after its first cell still has cells left to
@@ -15,7 +15,7 @@ TRIMMED = {"pretrain.num_steps": 0, "experiments": ("exp3",), "categories": ("ca
 
 
 def trimmed_quick_config():
-    """``configs/silhouettes.py:quick`` with :data:`TRIMMED`, in this process."""
+    """``nettransplant/configs/silhouettes.py:quick`` with :data:`TRIMMED`, in this process."""
     config = silhouettes.get_config("quick")
     config.update_from_flattened_dict(TRIMMED)
     return config

@@ -7,7 +7,7 @@ set before JAX starts)::
 
 For each device count it runs, on a mesh of that many devices: two steps of a
 teacher (:func:`teachers.train_teacher`), two steps of an adapter with each
-method (:func:`train.train_adapter`), a closed-form solve, the same
+method (:func:`train_adapter`), a closed-form solve, the same
 back-distillation step as ``jax.pmap`` code writes it (explicit ``pmean`` of
 the gradients), and batch sizes that do not divide over the devices. It writes
 ``OUT_DIR/arrays.npz`` (``case/devices/leaf``) and ``OUT_DIR/report.json``;
@@ -32,11 +32,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from configs import silhouettes  # noqa: E402
-from nettransplant import closed_form, modules, objectives, parallel, teachers, train  # noqa: E402
-from nettransplant.experiments import step_benchmark  # noqa: E402
-from nettransplant.training import guarded_update  # noqa: E402
-from nettransplant.transplant import split_params  # noqa: E402
+import nettransplant.transplant.step  # noqa: E402
+from nettransplant.benchmarks import step_benchmark  # noqa: E402
+from nettransplant.configs import silhouettes  # noqa: E402
+from nettransplant.core import modules  # noqa: E402
+from nettransplant.runtime import parallel  # noqa: E402
+from nettransplant.training import teachers  # noqa: E402
+from nettransplant.training.loop import create_train_state, guarded_update  # noqa: E402
+from nettransplant.transplant import closed_form, objectives  # noqa: E402
+from nettransplant.transplant.step import make_train_step, train_adapter  # noqa: E402
+from nettransplant.transplant.wiring import split_params  # noqa: E402
 
 BATCH = 8  # rows per step: divides by every device count tested
 REAL_ROWS = 6  # labelled rows; the last 2 of the batch are padding (masked out)
@@ -108,9 +113,9 @@ def main() -> None:
         for method in (*objectives.METHODS, "back-distill-zero"):
             name = method.removesuffix("-zero")
             labelled = method != "back-distill-zero"
-            step = steps[method] = train.make_train_step(transplant, name, optimizer, mesh=mesh)
-            state = train.create_train_state(adapter_params, optimizer)
-            state, history = train.train_adapter(
+            step = steps[method] = make_train_step(transplant, name, optimizer, mesh=mesh)
+            state = create_train_state(adapter_params, optimizer)
+            state, history = train_adapter(
                 step, state, frozen, scalars, num_steps=2,
                 data=data if labelled else None, num_samples=REAL_ROWS, batch_size=BATCH,
                 draws=cache if name == "back-distill" else None, draws_per_step=BATCH,
@@ -169,11 +174,11 @@ def pmap_difference(step, transplant, adapter_params, frozen, scalars, data, cac
 
     pmapped = jax.pmap(pmap_step, axis_name="data", in_axes=(None, None, None, 0, 0),
                        devices=list(mesh.devices.flat))
-    pmap_state = pmapped(train.create_train_state(adapter_params, optimizer), frozen, scalars,
+    pmap_state = pmapped(create_train_state(adapter_params, optimizer), frozen, scalars,
                          split(batch), split(cache.take(draw_index)))
     pmap_params = jax.tree.map(lambda a: a[0], pmap_state.params)
 
-    state = parallel.replicate(train.create_train_state(adapter_params, optimizer), mesh)
+    state = parallel.replicate(create_train_state(adapter_params, optimizer), mesh)
     mesh_state, _ = step(state, *parallel.replicate((frozen, scalars, batch, cache), mesh),
                          jnp.arange(BATCH), draw_index)
     return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
@@ -190,14 +195,14 @@ def refused_batches(n, mesh, teacher, teacher_arrays, transplant, adapter_params
             teacher, teachers.create_teacher_state(teacher, jax.random.key(0), 32, optimizer),
             optimizer=optimizer, num_steps=1, batch_size=bad, seg_batch_size=n, seed=0,
             progress=False, mesh=mesh, **teacher_arrays),
-        "adapter_batch": lambda: train.train_adapter(
-            train.make_train_step(transplant, "direct-learn", optimizer, mesh=mesh),
-            train.create_train_state(adapter_params, optimizer), frozen, scalars, num_steps=1,
+        "adapter_batch": lambda: train_adapter(
+            make_train_step(transplant, "direct-learn", optimizer, mesh=mesh),
+            create_train_state(adapter_params, optimizer), frozen, scalars, num_steps=1,
             data=data.take(jnp.arange(2 * BATCH) % REAL_ROWS), num_samples=REAL_ROWS,
             batch_size=bad, progress=False, mesh=mesh),
-        "draws_per_step": lambda: train.train_adapter(
-            train.make_train_step(transplant, "back-distill", optimizer, mesh=mesh),
-            train.create_train_state(adapter_params, optimizer), frozen, scalars, num_steps=1,
+        "draws_per_step": lambda: train_adapter(
+            make_train_step(transplant, "back-distill", optimizer, mesh=mesh),
+            create_train_state(adapter_params, optimizer), frozen, scalars, num_steps=1,
             draws=cache, draws_per_step=bad, progress=False, mesh=mesh),
     }
     for name, attempt in attempts.items():
@@ -211,19 +216,19 @@ def refused_batches(n, mesh, teacher, teacher_arrays, transplant, adapter_params
 
 def no_retrace(transplant, adapter_params, frozen, scalars, cache, optimizer, mesh) -> bool:
     """Six steps of the sharded loop trace the step once (chex.assert_max_traces)."""
-    original = train.objective_terms
-    train.objective_terms = chex.assert_max_traces(original, n=1)
+    original = nettransplant.transplant.step.objective_terms
+    nettransplant.transplant.step.objective_terms = chex.assert_max_traces(original, n=1)
     try:
-        step = train.make_train_step(transplant, "back-distill", optimizer, mesh=mesh)
-        train.train_adapter(step, train.create_train_state(adapter_params, optimizer), frozen,
-                            scalars, num_steps=6, draws=cache, draws_per_step=BATCH,
-                            progress=False, mesh=mesh)
+        step = make_train_step(transplant, "back-distill", optimizer, mesh=mesh)
+        train_adapter(step, create_train_state(adapter_params, optimizer), frozen,
+                      scalars, num_steps=6, draws=cache, draws_per_step=BATCH,
+                      progress=False, mesh=mesh)
         return True
     except AssertionError as e:
         print(f"retraced: {e}", file=sys.stderr)
         return False
     finally:
-        train.objective_terms = original
+        nettransplant.transplant.step.objective_terms = original
 
 
 def one_device_matches_plain_jit(step, transplant, adapter_params, frozen, scalars, data, cache,
@@ -237,9 +242,9 @@ def one_device_matches_plain_jit(step, transplant, adapter_params, frozen, scala
         return guarded_update(state, grads, loss, optimizer)[0]
 
     batch_index, draw_index = jnp.arange(BATCH), jnp.arange(BATCH)
-    expected = jax.jit(plain)(train.create_train_state(adapter_params, optimizer), frozen,
+    expected = jax.jit(plain)(create_train_state(adapter_params, optimizer), frozen,
                               scalars, data.take(batch_index), cache.take(draw_index))
-    state = parallel.replicate(train.create_train_state(adapter_params, optimizer), mesh)
+    state = parallel.replicate(create_train_state(adapter_params, optimizer), mesh)
     got, _ = step(state, *parallel.replicate((frozen, scalars, data, cache), mesh),
                   batch_index, draw_index)
     return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import silhouettes, voc_vgg16
 from nettransplant import data, experiments
+from nettransplant.benchmarks import step_benchmark, torch_comparison
+from nettransplant.configs import silhouettes, voc_vgg16
 from nettransplant.data import benchmarks, paper_scale
-from nettransplant.experiments import step_benchmark
 
 VOC = paper_scale.VOC_CATEGORIES
 # Objects per fabricated image, cycled: every mammal and dissimilar category used
@@ -84,7 +84,8 @@ def fake_voc(tmp_path, monkeypatch):
 
 
 def _tiny_voc_config(root):
-    """configs/voc_vgg16.py shrunk to the quick config's sizes, on the fabricated data."""
+    """nettransplant/configs/voc_vgg16.py shrunk to the quick config's sizes, on the fabricated
+    data."""
     config = voc_vgg16.get_config()
     quick = silhouettes.get_config("quick")
     config.voc.manual_dir = str(root / "manual")
@@ -247,7 +248,7 @@ def _tiny_benchmark_config():
 @pytest.mark.torch
 def test_the_pytorch_section_times_both_frameworks_and_writes_its_columns(tmp_path):
     rows = ("back-distill (0 samples)",)  # one row: each costs a compile or two
-    section = step_benchmark.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
+    section = torch_comparison.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
                                            num_draws=2, rows=rows)
     path = tmp_path / "bench.json"
     step_benchmark.write_json({"torch": section}, str(path))
@@ -259,7 +260,7 @@ def test_the_pytorch_section_times_both_frameworks_and_writes_its_columns(tmp_pa
         for key in ("jax_step_s", "torch_step_s", "jax_over_torch"):
             assert r[key] > 0, (row, key)
         assert r["jax_naive_step_s"] > 0 and r["jax_naive_over_torch"] > 0
-    table = step_benchmark.format_torch_table(section).splitlines()
+    table = torch_comparison.format_torch_table(section).splitlines()
     assert "jax/torch" in table[1] and len(table) == 3 + len(rows)
 
 
@@ -267,10 +268,10 @@ def test_without_pytorch_the_pytorch_section_is_one_note(monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch" else find_spec(name, *a))
-    section = step_benchmark.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
+    section = torch_comparison.torch_section(_tiny_benchmark_config(), "exp3", steps=1, rounds=1,
                                            num_draws=2)
     assert list(section) == ["skipped"] and "PyTorch is not installed" in section["skipped"]
-    assert step_benchmark.format_torch_table(section) == section["skipped"]
+    assert torch_comparison.format_torch_table(section) == section["skipped"]
 
 
 def test_the_threads_section_times_both_ways_and_checks_the_parameters_are_equal(tmp_path):

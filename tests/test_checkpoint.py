@@ -11,8 +11,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from nettransplant import checkpoint
-from nettransplant.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nettransplant.training import checkpoint, resumable
+from nettransplant.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def _params(seed: int) -> dict:
@@ -239,15 +239,15 @@ def test_directories_are_exchanged_atomically_on_linux(tmp_path):
 
 
 def test_a_resumable_state_names_the_configuration_that_saved_it(tmp_path):
-    saved = checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "abc")
+    saved = resumable.TrainingCheckpoints(tmp_path / "t.partial", "abc")
     assert saved.stored_fingerprint() is None
     state = {"step": jnp.asarray(3), "params": {"w": jnp.ones(3)}}
     saved.save(3, state, [{"loss": 1.0}])
     saved.close()
-    assert checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "other").stored_fingerprint() \
+    assert resumable.TrainingCheckpoints(tmp_path / "t.partial", "other").stored_fingerprint() \
         == "abc"
-    restored, history = checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "abc").restore(
+    restored, history = resumable.TrainingCheckpoints(tmp_path / "t.partial", "abc").restore(
         state)
     assert history == [{"loss": 1.0}]
     with pytest.raises(checkpoint.CheckpointError, match="another configuration"):
-        checkpoint.TrainingCheckpoints(tmp_path / "t.partial", "other").restore(state)
+        resumable.TrainingCheckpoints(tmp_path / "t.partial", "other").restore(state)

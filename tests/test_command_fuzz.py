@@ -7,7 +7,7 @@ cannot be written (read-only; as root, which ignores permissions, a path through
 a regular file). Each must exit with 2, end stderr with one ``error:`` line,
 print no traceback and leave the folders it was given as they were. The
 ``launch.net`` subcommands (in-process; their deep cases are in
-``test_net_hardening.py``) get one bad value each. :func:`nettransplant.cli.run_main`
+``test_net_hardening.py``) get one bad value each. :func:`nettransplant.runtime.cli.run_main`
 itself is checked in-process: a divergence, a full disk or a read-only file system
 is one line (exit 2); a bug keeps its traceback and ends with how to report it.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from launch import net as net_cli
-from nettransplant import cli
-from nettransplant.training import NonFiniteError
+from nettransplant.runtime import cli
+from nettransplant.training.loop import NonFiniteError
 
 pytestmark = pytest.mark.slow  # ~25 interpreter starts with JAX
 
@@ -74,7 +74,7 @@ CASES = {
                                  "config.transfer.selection must be one of top, label, all"),
     "jacobian zero samples": ("jacobian_matching",
                               ["--workdir", "{w}", "--config",
-                               "configs/jacobian_matching.py:quick",
+                               "nettransplant/configs/jacobian_matching.py:quick",
                                "--config.distillation.samples_per_class=(0,)"],
                               "config.distillation.samples_per_class[0] must be"),
     "jacobian missing config": ("jacobian_matching", ["--workdir", "{w}", "--config",
@@ -82,29 +82,30 @@ CASES = {
     "jacobian unwritable": ("jacobian_matching", ["--workdir", "{ro}"], "{ro}"),
     # launch.growth: the growth section is checked before any teacher is trained.
     "growth lr nan": ("growth", ["--workdir", "{w}", "--config",
-                                 "configs/net_growth.py:quick",
+                                 "nettransplant/configs/net_growth.py:quick",
                                  "--config.growth.fine_tune_learning_rate=nan"],
                       "config.growth.fine_tune_learning_rate must be finite"),
     "growth samples -5": ("growth", ["--workdir", "{w}", "--config.growth.samples=-5"],
                           "config.growth.samples must be in [1,"),
     "growth unwritable": ("growth", ["--workdir", "{ro}", "--config",
-                                     "configs/net_growth.py:quick"], "{ro}"),
+                                     "nettransplant/configs/net_growth.py:quick"], "{ro}"),
     # The main job and the other absl commands.
     "reproduce missing config": ("reproduce", ["--workdir", "{w}", "--config", "{missing}"],
                                  "no config file"),
     "reproduce unwritable": ("reproduce", ["--workdir", "{ro}", "--config",
-                                           "configs/silhouettes.py:quick"], "{ro}"),
+                                           "nettransplant/configs/silhouettes.py:quick"], "{ro}"),
     "pretrain lr negative": ("pretrain", ["--workdir", "{w}", "--output_dir", "{w}/out",
                                           "--config.pretrain.learning_rate=-1"],
                              "config.pretrain.learning_rate must be > 0"),
     "pretrain unwritable": ("pretrain", ["--workdir", "{w}", "--output_dir", "{ro}",
-                                         "--config", "configs/silhouettes.py:quick"],
+                                         "--config", "nettransplant/configs/silhouettes.py:quick"],
                             "--output_dir {ro}"),
     "fit_probe zero samples": ("fit_probe", ["--workdir", "{w}", "--config",
-                                             "configs/silhouettes.py:quick", "--samples=0"],
+                                             "nettransplant/configs/silhouettes.py:quick",
+                                             "--samples=0"],
                                "--samples must be >= 1"),
     "fit_probe unwritable json": ("fit_probe", ["--workdir", "{w}", "--config",
-                                                "configs/silhouettes.py:quick",
+                                                "nettransplant/configs/silhouettes.py:quick",
                                                 "--json", "{ro}/r.json"], "--json {ro}"),
     # argparse commands.
     "demo zero samples": ("demo", ["--workdir", "{w}", "--num-samples", "0"],
@@ -148,7 +149,7 @@ def test_a_run_that_diverges_ends_in_one_line_naming_what_diverged(tmp_path):
     workdir = tmp_path / "w"
     result = subprocess.run(
         [sys.executable, "-m", "launch.jacobian_matching", "--workdir", str(workdir),
-         "--config", "configs/jacobian_matching.py:quick",
+         "--config", "nettransplant/configs/jacobian_matching.py:quick",
          "--config.teacher_training.learning_rate=1e30",
          "--config.teacher_training.log_every=5"], cwd=REPO, capture_output=True, text=True,
         timeout=240, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -245,7 +246,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(paths):
 
 @pytest.mark.parametrize("variant", [None, "quick"])
 def test_the_shipped_configs_pass_their_checks(variant):
-    from configs import jacobian_matching, net_growth
+    from nettransplant.configs import jacobian_matching, net_growth
     from nettransplant.experiments import growth
     from nettransplant.jacobian import experiments
 
@@ -290,7 +291,7 @@ def _set(config, field: str, value) -> None:
      "config.teacher.learning_rate must be finite"),
 ])
 def test_each_config_field_is_checked_and_named(command, field, value, message):
-    from configs import jacobian_matching, net_growth
+    from nettransplant.configs import jacobian_matching, net_growth
     from nettransplant.experiments import growth
     from nettransplant.jacobian import experiments
 

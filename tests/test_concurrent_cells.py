@@ -16,13 +16,13 @@ import optax
 import pytest
 from job_configs import trimmed_quick_config
 
-from nettransplant import problem
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments import fit_probe
 from nettransplant.experiments.config import validate_config
 from nettransplant.experiments.results import Results
 from nettransplant.experiments.runner import concurrent_cells
-from nettransplant.training import Trainings
+from nettransplant.training.loop import Trainings
+from nettransplant.transplant import problem
 
 COUNTS = [0, 10, 20]
 

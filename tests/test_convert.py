@@ -19,7 +19,9 @@ import safetensors
 from safetensors.numpy import save_file
 
 from launch import convert_torchvision
-from nettransplant import checkpoint, convert, modules
+from nettransplant.core import modules
+from nettransplant.interop import state_dicts, torch_check, vgg16
+from nettransplant.training import checkpoint
 
 try:  # the "torch" extra; without it these tests are skipped (conftest.py), not broken
     import torch
@@ -43,7 +45,7 @@ RELATIVE_TOLERANCE = 1e-4
 def torch_vgg16() -> nn.Module:
     """PyTorch VGG-16, He-normal weights and N(0, 0.1) biases, eval mode."""
     torch.manual_seed(0)
-    model = convert.torch_vgg16()
+    model = torch_check.torch_vgg16()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
@@ -59,7 +61,7 @@ def state_dict(torch_vgg16) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def converted(torch_vgg16):
-    return convert.load_torchvision_vgg16(torch_vgg16.state_dict())
+    return vgg16.load_torchvision_vgg16(torch_vgg16.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +106,16 @@ def test_reference_network_has_torchvisions_module_layout(torch_vgg16):
     assert [type(m) for m in torch_vgg16.classifier] == [
         nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
     shapes = {k: tuple(v.shape) for k, v in torch_vgg16.state_dict().items()}
-    assert shapes == convert.torchvision_vgg16_shapes()
+    assert shapes == vgg16.torchvision_vgg16_shapes()
     assert shapes["classifier.0.weight"] == (4096, 25088)
 
 
 def test_feature_indices_of_plain_and_batch_norm_vgg16():
-    assert [i for _, i in convert.vgg16_conv_names()] == [
+    assert [i for _, i in vgg16.vgg16_conv_names()] == [
         0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-    assert convert.vgg_feature_indices((2, 2, 3, 3, 3), batch_norm=True) == (
+    assert vgg16.vgg_feature_indices((2, 2, 3, 3, 3), batch_norm=True) == (
         0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40)
-    assert [n for n, _ in convert.vgg16_conv_names()][:3] == ["conv1_1", "conv1_2", "conv2_1"]
+    assert [n for n, _ in vgg16.vgg16_conv_names()][:3] == ["conv1_1", "conv1_2", "conv2_1"]
 
 
 def test_fc6_kernel_follows_pytorchs_chw_flatten_order():
@@ -121,7 +123,7 @@ def test_fc6_kernel_follows_pytorchs_chw_flatten_order():
     features = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)  # (B, C, H, W)
     weight = rng.standard_normal((5, 3 * 4 * 4)).astype(np.float32)
     expected = torch.flatten(torch.from_numpy(features), 1).numpy() @ weight.T
-    kernel = convert.fc6_kernel_from_torch(weight, channels=3, size=4)
+    kernel = vgg16.fc6_kernel_from_torch(weight, channels=3, size=4)
     assert kernel.shape == (4, 4, 3, 5)
     actual = np.einsum("bhwc,hwco->bo", features.transpose(0, 2, 3, 1), kernel)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
@@ -160,7 +162,7 @@ def test_logits_equal_torchvision_vgg16_at_224(converted, torch_vgg16):
 def test_enlarged_input_gives_the_conv_ified_pytorch_score_map(converted, torch_vgg16):
     model, params = converted
     images = np.random.default_rng(2).standard_normal((1, 288, 288, 3)).astype(np.float32)
-    fully_convolutional = convert.torch_vgg16_fully_convolutional(torch_vgg16)
+    fully_convolutional = torch_check.torch_vgg16_fully_convolutional(torch_vgg16)
     with torch.no_grad():
         nchw = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
         expected = fully_convolutional(nchw).numpy().transpose(0, 2, 3, 1)
@@ -177,7 +179,7 @@ def test_enlarged_input_gives_the_conv_ified_pytorch_score_map(converted, torch_
 
 def test_safetensors_file_is_read_without_torch(safetensors_file, converted, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now fails
-    _, params = convert.load_torchvision_vgg16(safetensors_file)
+    _, params = vgg16.load_torchvision_vgg16(safetensors_file)
     monkeypatch.undo()
     _assert_trees_equal(params, converted[1])
 
@@ -185,7 +187,7 @@ def test_safetensors_file_is_read_without_torch(safetensors_file, converted, mon
 def test_pth_file_gives_the_same_params(tmp_path, torch_vgg16, converted):
     path = tmp_path / "vgg16-random.pth"
     torch.save(torch_vgg16.state_dict(), path)
-    _, from_pth = convert.load_torchvision_vgg16(path)
+    _, from_pth = vgg16.load_torchvision_vgg16(path)
     _assert_trees_equal(from_pth, converted[1])
 
 
@@ -194,12 +196,12 @@ def test_pth_file_without_torch_is_a_clear_error(tmp_path, monkeypatch):
     path.write_bytes(b"PK")
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match="needs PyTorch.*safetensors"):
-        convert.load_torchvision_vgg16(path)
+        vgg16.load_torchvision_vgg16(path)
 
 
 def test_data_parallel_module_prefix_is_stripped(state_dict, converted):
     prefixed = {f"module.{k}": v for k, v in state_dict.items()}
-    _, params = convert.load_torchvision_vgg16(prefixed)
+    _, params = vgg16.load_torchvision_vgg16(prefixed)
     _assert_trees_equal(params, converted[1])
 
 
@@ -213,7 +215,7 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed(state_dict):
     broken["features.5.weight"] = _zeros(128, 64, 5, 5)
     broken["classifier.0.weight"] = _zeros(4096, 512)
     with pytest.raises(ValueError) as error:
-        convert.load_torchvision_vgg16(broken)
+        vgg16.load_torchvision_vgg16(broken)
     message = str(error.value)
     assert "not a torchvision vgg16 state dict" in message
     assert "missing keys (2): features.0.bias; classifier.3.weight" in message
@@ -242,13 +244,13 @@ def test_each_malformed_key_is_named(state_dict, problem, match):
     else:
         broken["features.0.bias"] = np.zeros(64, np.int64)
     with pytest.raises(ValueError, match=match):
-        convert.load_torchvision_vgg16(broken)
+        vgg16.load_torchvision_vgg16(broken)
 
 
 def _torchvision_vgg_shapes(convs_per_block, batch_norm: bool) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of torchvision's vgg11/13/16/19(_bn) state dicts."""
     shapes: dict[str, tuple[int, ...]] = {}
-    indices = iter(convert.vgg_feature_indices(convs_per_block, batch_norm=batch_norm))
+    indices = iter(vgg16.vgg_feature_indices(convs_per_block, batch_norm=batch_norm))
     c = 3
     for channels, n in zip((64, 128, 256, 512, 512), convs_per_block):
         for _ in range(n):
@@ -289,50 +291,50 @@ ALEXNET_SHAPES = {
 ])
 def test_other_architectures_are_refused_by_name(architecture, shapes):
     state = {k: _zeros(*s) for k, s in shapes.items()}
-    assert convert.detect_architecture(shapes) == architecture
+    assert vgg16.detect_architecture(shapes) == architecture
     with pytest.raises(ValueError, match=f"holds a torchvision {architecture} state dict; "
                                          "only vgg16 \\(without batch norm\\)"):
-        convert.load_torchvision_vgg16(state)
+        vgg16.load_torchvision_vgg16(state)
 
 
 def test_vgg16_bn_refusal_explains_the_batch_norm_layout():
     state = {k: _zeros(*s) for k, s in _torchvision_vgg_shapes((2, 2, 3, 3, 3), True).items()}
     with pytest.raises(ValueError, match="running statistics.*plain vgg16 weights"):
-        convert.load_torchvision_vgg16(state)
+        vgg16.load_torchvision_vgg16(state)
 
 
 def test_vgg16_layout_is_detected(state_dict):
     shapes = {k: v.shape for k, v in state_dict.items()}
-    assert convert.detect_architecture(shapes) == "vgg16"
-    assert convert.detect_architecture({"foo.weight": (3, 3)}) is None
+    assert vgg16.detect_architecture(shapes) == "vgg16"
+    assert vgg16.detect_architecture({"foo.weight": (3, 3)}) is None
 
 
 def test_unrecognised_state_dict_lists_every_expected_key():
     with pytest.raises(ValueError, match=r"(?s)missing keys \(32\).*unexpected keys \(1\): foo"):
-        convert.load_torchvision_vgg16({"foo": _zeros(2)})
+        vgg16.load_torchvision_vgg16({"foo": _zeros(2)})
 
 
 def test_a_wrapped_checkpoint_is_unwrapped(state_dict, converted):
-    _, params = convert.load_torchvision_vgg16({"state_dict": dict(state_dict),
-                                                "epoch": _zeros(1)})
+    _, params = vgg16.load_torchvision_vgg16({"state_dict": dict(state_dict),
+                                              "epoch": _zeros(1)})
     _assert_trees_equal(params, converted[1])
-    _, params = convert.load_torchvision_vgg16({"model": {"weights": dict(state_dict)}})
+    _, params = vgg16.load_torchvision_vgg16({"model": {"weights": dict(state_dict)}})
     _assert_trees_equal(params, converted[1])
 
 
 def test_bad_files_are_clear_errors(tmp_path, state_dict):
     with pytest.raises(FileNotFoundError, match="no weights file at .*absent.pth"):
-        convert.load_torchvision_vgg16(tmp_path / "absent.pth")
+        vgg16.load_torchvision_vgg16(tmp_path / "absent.pth")
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     with pytest.raises(ValueError, match="cannot read .*corrupt.safetensors as a safetensors"):
-        convert.load_torchvision_vgg16(bad)
+        vgg16.load_torchvision_vgg16(bad)
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="cannot read .*corrupt.pth as a PyTorch state dict"):
-        convert.load_torchvision_vgg16(bad)
+        vgg16.load_torchvision_vgg16(bad)
     with pytest.raises(TypeError, match="got int"):
-        convert.load_torchvision_vgg16(3)  # type: ignore[arg-type]
+        vgg16.load_torchvision_vgg16(3)  # type: ignore[arg-type]
 
 
 class _RecordingSafeOpen:
@@ -365,7 +367,7 @@ class _RecordingSafeOpen:
 @pytest.fixture
 def recording_safe_open(monkeypatch):
     monkeypatch.setattr(_RecordingSafeOpen, "loaded", [])
-    monkeypatch.setattr(convert.safetensors, "safe_open", _RecordingSafeOpen)
+    monkeypatch.setattr(state_dicts.safetensors, "safe_open", _RecordingSafeOpen)
     return _RecordingSafeOpen
 
 
@@ -381,11 +383,11 @@ def test_a_safetensors_layout_is_refused_before_its_data_is_loaded(tmp_path,
                "module.features.0.bias": np.zeros(64, np.float32)}, str(path))
     with pytest.raises(ValueError, match=r"partial\.safetensors is not a torchvision vgg16 "
                                          r"state dict: missing keys \(30\)"):
-        convert.load_torchvision_vgg16(path)
+        vgg16.load_torchvision_vgg16(path)
     assert recording_safe_open.loaded == []
     # The check sees the names (prefix stripped), shapes and read dtypes; the data follow.
     seen = {}
-    state, _ = convert.read_state_dict(path, check=lambda layout, origin: seen.update(
+    state, _ = state_dicts.read_state_dict(path, check=lambda layout, origin: seen.update(
         {k: (v.shape, v.dtype) for k, v in layout.items()}))
     assert seen == {"features.0.weight": ((64, 3, 3, 3), np.float32),
                     "features.0.bias": ((64,), np.float32)}
@@ -402,7 +404,7 @@ def test_an_unreadable_safetensors_dtype_is_refused_before_any_data_is_loaded(
     with pytest.raises(ValueError, match=r"^cannot read .*fp8\.safetensors as a safetensors "
                                          r"file: tensor 'b' has dtype F8_E4M3, which cannot "
                                          r"be read exactly"):
-        convert.read_state_dict(path)
+        state_dicts.read_state_dict(path)
     assert recording_safe_open.loaded == []
 
 
@@ -414,7 +416,7 @@ def test_a_tensor_named_twice_is_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + np.float32(1.5).tobytes())
     with pytest.raises(ValueError, match=r"^cannot read .*twice\.safetensors as a safetensors "
                                          r"file: its header names 'a' twice$"):
-        convert.read_state_dict(path)
+        state_dicts.read_state_dict(path)
 
 
 def test_a_safetensors_refusal_is_one_line_naming_the_file(tmp_path, monkeypatch):
@@ -424,11 +426,11 @@ def test_a_safetensors_refusal_is_one_line_naming_the_file(tmp_path, monkeypatch
     def refuse(*args, **kwargs):
         raise safetensors.SafetensorError("Error while deserializing header:\nsome new rule")
 
-    monkeypatch.setattr(convert.safetensors, "safe_open", refuse)
+    monkeypatch.setattr(state_dicts.safetensors, "safe_open", refuse)
     # Nothing in the header is at fault, so safetensors' own reason is given, on one line.
     with pytest.raises(ValueError, match=r"^cannot read .*w\.safetensors as a safetensors file: "
                                          r"Error while deserializing header: some new rule$"):
-        convert.read_state_dict(path)
+        state_dicts.read_state_dict(path)
 
 
 def test_bfloat16_safetensors_from_pytorch_are_read_as_float32(tmp_path):
@@ -437,7 +439,7 @@ def test_bfloat16_safetensors_from_pytorch_are_read_as_float32(tmp_path):
     weights = {"w": torch.randn(4, 3, 3, 3).bfloat16(), "b": torch.randn(4).bfloat16()}
     path = tmp_path / "bf16.safetensors"
     safetensors.torch.save_file(weights, str(path))
-    state, _ = convert.read_state_dict(path)
+    state, _ = state_dicts.read_state_dict(path)
     for name, tensor in weights.items():
         assert state[name].dtype == np.float32
         np.testing.assert_array_equal(state[name], tensor.float().numpy())
@@ -447,14 +449,14 @@ def test_bfloat16_safetensors_from_pytorch_are_read_as_float32(tmp_path):
 
 
 def test_num_outputs_gives_a_fresh_seeded_head_on_the_same_trunk(state_dict, converted):
-    model, params = convert.load_torchvision_vgg16(state_dict, num_outputs=5, key=3)
+    model, params = vgg16.load_torchvision_vgg16(state_dict, num_outputs=5, key=3)
     head = params["classification_module"]["fc8"]
     assert head["kernel"].shape == (1, 1, 4096, 5) and head["bias"].shape == (5,)
     np.testing.assert_array_equal(head["bias"], 0)
     assert 0.005 < float(jnp.std(head["kernel"])) < 0.02  # the task module's N(0, 0.01)
     # Seeded: the same seed (or key) gives the same head, another seed another head.
-    _assert_trees_equal(head, convert.fresh_head(5, jax.random.key(3)))
-    assert not np.array_equal(head["kernel"], convert.fresh_head(5, 4)["kernel"])
+    _assert_trees_equal(head, vgg16.fresh_head(5, jax.random.key(3)))
+    assert not np.array_equal(head["kernel"], vgg16.fresh_head(5, 4)["kernel"])
     trunk = {**params, "classification_module": {
         k: v for k, v in params["classification_module"].items() if k != "fc8"}}
     reference = {**converted[1], "classification_module": {
@@ -464,7 +466,7 @@ def test_num_outputs_gives_a_fresh_seeded_head_on_the_same_trunk(state_dict, con
                             jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32))
     assert logits.shape == (2, 5)
     with pytest.raises(ValueError, match="num_outputs must be >= 1"):
-        convert.load_torchvision_vgg16(state_dict, num_outputs=0)
+        vgg16.load_torchvision_vgg16(state_dict, num_outputs=0)
 
 
 # --------------------------------------------------------------------------- FCN-8s
@@ -472,7 +474,7 @@ def test_num_outputs_gives_a_fresh_seeded_head_on_the_same_trunk(state_dict, con
 
 @pytest.fixture(scope="module")
 def teacher(state_dict):
-    return convert.load_torchvision_teacher(state_dict, num_outputs=1, num_classes=3)
+    return vgg16.load_torchvision_teacher(state_dict, num_outputs=1, num_classes=3)
 
 
 def test_fcn8s_initialisation_from_vgg16(teacher, converted):
@@ -497,8 +499,8 @@ def test_fcn8s_initialisation_from_vgg16(teacher, converted):
 
 def test_the_main_job_starts_teachers_from_the_torchvision_weights(tmp_path, safetensors_file,
                                                                   converted):
-    from configs import voc_vgg16
     from nettransplant import experiments
+    from nettransplant.configs import voc_vgg16
 
     config = voc_vgg16.get_config()
     config.voc.manual_dir = str(tmp_path)
@@ -547,7 +549,7 @@ def test_cli_writes_a_checkpoint_with_the_converted_params(tmp_path, safetensors
     assert metadata["architecture"] == "vgg16"
     assert metadata["num_outputs"] == 1000 and metadata["head"] == "stored"
     assert metadata["nettransplant_version"] == __import__("nettransplant").__version__
-    model = convert.make_vgg16_classifier(metadata["num_outputs"])
+    model = vgg16.make_vgg16_classifier(metadata["num_outputs"])
     assert model == converted[0]
 
 

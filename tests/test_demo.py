@@ -5,7 +5,7 @@ import json
 import pytest
 
 from launch import demo
-from nettransplant import checkpoint
+from nettransplant.training import checkpoint
 
 
 def test_demo_runs_end_to_end_and_the_zero_sample_transplant_reproduces_the_teacher(tmp_path):

@@ -37,12 +37,18 @@ import numpy as np
 import optax
 import pytest
 
-from nettransplant import closed_form as C
-from nettransplant import modules as M
-from nettransplant import objectives as O
-from nettransplant import train as T
-from nettransplant.adapter import Adapter
-from nettransplant.transplant import Transplant, split_params
+from nettransplant.core import modules as M
+from nettransplant.core.adapter import Adapter
+from nettransplant.training.loop import IndexStream, NonFiniteError, create_train_state
+from nettransplant.transplant import closed_form as C
+from nettransplant.transplant import objectives as O
+from nettransplant.transplant.step import (
+    AdapterTrainState,
+    make_train_step,
+    raw_draws,
+    train_adapter,
+)
+from nettransplant.transplant.wiring import Transplant, split_params
 
 WIDTH = 1 / 8
 IMAGE = 32
@@ -187,11 +193,11 @@ def recording(inner: optax.GradientTransformation, traces: list):
     return optax.GradientTransformation(init, update)
 
 
-def recorded_gradient(state: T.AdapterTrainState):
+def recorded_gradient(state: AdapterTrainState):
     return state.opt_state[0]
 
 
-def with_learning_rate(state: T.AdapterTrainState, lr: float) -> T.AdapterTrainState:
+def with_learning_rate(state: AdapterTrainState, lr: float) -> AdapterTrainState:
     grads, adam = state.opt_state
     old = adam.hyperparams["learning_rate"]
     adam = adam._replace(hyperparams={**adam.hyperparams,
@@ -212,14 +218,14 @@ def training():
     cached_opt, naive_opt = optimizer("cached"), optimizer("recomputed")
     return types.SimpleNamespace(
         adapter=adapter, traces=traces, optimizer=cached_opt, naive_optimizer=naive_opt,
-        step=T.make_train_step(TRAINED, "back-distill", cached_opt),
-        naive_step=T.make_train_step(TRAINED, "back-distill", naive_opt,
-                                     recompute_chains=True))
+        step=make_train_step(TRAINED, "back-distill", cached_opt),
+        naive_step=make_train_step(TRAINED, "back-distill", naive_opt,
+                                   recompute_chains=True))
 
 
 def fresh_state(setup=None, params=None):
     setup = setup or training()
-    return T.create_train_state(setup.adapter if params is None else params, setup.optimizer)
+    return create_train_state(setup.adapter if params is None else params, setup.optimizer)
 
 
 def naive_back_distill_loss(adapter_params, frozen, output_gradients, mask_keys, scalars):
@@ -254,7 +260,7 @@ def naive_back_distill_loss(adapter_params, frozen, output_gradients, mask_keys,
 def naive_reference():
     """Naive loss and gradient (jitted once) on the transfer bank's DRAW_INDEX draws."""
     setup = transfer()
-    draws = T.raw_draws(jax.random.key(1), NUM_DRAWS, setup.shape).take(DRAW_INDEX)
+    draws = raw_draws(jax.random.key(1), NUM_DRAWS, setup.shape).take(DRAW_INDEX)
     return jax.jit(jax.value_and_grad(naive_back_distill_loss))(
         training().adapter, setup.frozen, draws.output_gradients, draws.mask_keys,
         setup.scalars)
@@ -469,7 +475,7 @@ def test_output_gradient_draw_depends_only_on_its_index():
                                   jax.random.key_data(keys[4:12]))
     # Draws are distinct, and raw_draws are the draws build_chain_cache caches.
     assert not np.array_equal(g[0], g[1])
-    raw = T.raw_draws(key, 16, shape)
+    raw = raw_draws(key, 16, shape)
     np.testing.assert_array_equal(raw.output_gradients, g)
 
 
@@ -646,11 +652,11 @@ def test_closed_form_3x3_is_a_stationary_point_and_a_minimum():
 def test_closed_form_matches_the_optimum_adam_converges_to():
     s = transfer()
     optimizer = optax.adam(optax.cosine_decay_schedule(1e-2, 300))
-    step = T.make_train_step(EXP1_1X1, "back-distill", optimizer)
+    step = make_train_step(EXP1_1X1, "back-distill", optimizer)
     start = adapter_with_kernel(jnp.zeros((1, 1, CHANNELS, CHANNELS)))
-    state, history = T.train_adapter(step, T.create_train_state(start, optimizer), s.frozen,
-                                     s.scalars, num_steps=300, draws=s.cache,
-                                     draws_per_step=NUM_DRAWS, progress=False, log_every=50)
+    state, history = train_adapter(step, create_train_state(start, optimizer), s.frozen,
+                                   s.scalars, num_steps=300, draws=s.cache,
+                                   draws_per_step=NUM_DRAWS, progress=False, log_every=50)
     assert history[0]["loss"] == pytest.approx(LAMBDA0, rel=1e-5)
     solution = C.solve_single_conv_adapter(EXP1_1X1, s.cache, s.scalars)
     best = float(O.back_distill_term(EXP1_1X1, solution, s.cache, s.scalars))
@@ -764,9 +770,9 @@ def central_difference(fn, params, direction, eps: float) -> float:
 
 def test_cached_and_recomputed_chains_give_identical_losses_gradients_and_params():
     setup, s = training(), transfer()
-    raw = T.raw_draws(jax.random.key(1), NUM_DRAWS, s.shape)
+    raw = raw_draws(jax.random.key(1), NUM_DRAWS, s.shape)
     cached = fresh_state()
-    recomputed = T.create_train_state(setup.adapter, setup.naive_optimizer)
+    recomputed = create_train_state(setup.adapter, setup.naive_optimizer)
     indices = [DRAW_INDEX, DRAW_INDEX[::-1] + 0, (DRAW_INDEX + 5) % NUM_DRAWS]
     for i, index in enumerate(indices):
         cached, m_cached = setup.step(cached, s.frozen, s.scalars, None, s.cache, None, index)
@@ -810,14 +816,15 @@ def test_a_second_cell_of_equal_shapes_does_not_retrace(monkeypatch):
     # Two cells (runs) on two problems of one shape, labelled and zero-sample: the
     # step is traced once for each kind, however many steps and cells run.
     chex.clear_trace_counter()
-    monkeypatch.setattr(T, "objective_terms", chex.assert_max_traces(O.objective_terms, n=2))
+    monkeypatch.setattr("nettransplant.transplant.step.objective_terms",
+                        chex.assert_max_traces(O.objective_terms, n=2))
     optimizer = optax.adam(1e-2)
-    step = T.make_train_step(TRAINED, "back-distill", optimizer)
+    step = make_train_step(TRAINED, "back-distill", optimizer)
     for s in (exp1(), transfer()):
         for data in (padded_samples(), None):
-            T.train_adapter(step, T.create_train_state(training().adapter, optimizer), s.frozen,
-                            s.scalars, num_steps=3, data=data, num_samples=5, batch_size=8,
-                            draws=s.cache, progress=False)
+            train_adapter(step, create_train_state(training().adapter, optimizer), s.frozen,
+                          s.scalars, num_steps=3, data=data, num_samples=5, batch_size=8,
+                          draws=s.cache, progress=False)
 
 
 def test_fewer_samples_than_a_batch_train_on_the_real_rows_as_the_padded_batch_does():
@@ -825,13 +832,13 @@ def test_fewer_samples_than_a_batch_train_on_the_real_rows_as_the_padded_batch_d
     # loss); the run equals steps on the padded batch. SGD: parameters compare like
     # gradients (float32 sums in another order).
     s, data, optimizer = exp1(), padded_samples(), optax.sgd(0.1)
-    step = T.make_train_step(TRAINED, "back-distill", optimizer)
-    state, history = T.train_adapter(
-        step, T.create_train_state(training().adapter, optimizer), s.frozen, s.scalars,
+    step = make_train_step(TRAINED, "back-distill", optimizer)
+    state, history = train_adapter(
+        step, create_train_state(training().adapter, optimizer), s.frozen, s.scalars,
         num_steps=3, data=data, num_samples=5, batch_size=8, draws=s.cache, seed=2,
         progress=False)
-    padded = T.create_train_state(training().adapter, optimizer)
-    draws = T.IndexStream(NUM_DRAWS, 8, seed=3)
+    padded = create_train_state(training().adapter, optimizer)
+    draws = IndexStream(NUM_DRAWS, 8, seed=3)
     for i in range(3):
         padded, metrics = step(padded, s.frozen, s.scalars, data, s.cache, jnp.arange(8),
                                jnp.asarray(draws.next()))
@@ -848,8 +855,8 @@ def full_bank_loss(params, setup) -> float:
 def test_back_distill_training_from_a_random_adapter_decreases_the_loss():
     s = exp1()  # Exp. 1, zero samples: the distillation term alone
     before = full_bank_loss(training().adapter, s)
-    state, history = T.train_adapter(training().step, fresh_state(), s.frozen, s.scalars,
-                                     num_steps=30, draws=s.cache, progress=False)
+    state, history = train_adapter(training().step, fresh_state(), s.frozen, s.scalars,
+                                   num_steps=30, draws=s.cache, progress=False)
     assert len(history) == 30 and int(state.step) == 30
     after = full_bank_loss(state.params, s)
     assert after < 0.3 * before, (before, after)
@@ -859,8 +866,8 @@ def test_same_seed_gives_bit_identical_params():
     s = exp1()
 
     def run(seed):
-        return T.train_adapter(training().step, fresh_state(), s.frozen, s.scalars, num_steps=4,
-                               draws=s.cache, seed=seed, progress=False)[0].params
+        return train_adapter(training().step, fresh_state(), s.frozen, s.scalars, num_steps=4,
+                             draws=s.cache, seed=seed, progress=False)[0].params
 
     first = run(0)
     assert_trees_equal(first, run(0))
@@ -898,17 +905,17 @@ def test_train_adapter_raises_non_finite_error_carrying_the_last_good_state():
     def huge_lr_state():
         return with_learning_rate(fresh_state(), 1e30)
 
-    with pytest.raises(T.NonFiniteError, match="non-finite .*loss.* at step 1") as error:
-        T.train_adapter(setup.step, huge_lr_state(), s.frozen, s.scalars, num_steps=5,
-                        draws=s.cache, progress=False)
+    with pytest.raises(NonFiniteError, match="non-finite .*loss.* at step 1") as error:
+        train_adapter(setup.step, huge_lr_state(), s.frozen, s.scalars, num_steps=5,
+                      draws=s.cache, progress=False)
     last_good = error.value.state
     assert int(last_good.step) == 1
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(last_good.params))
     assert float(jnp.abs(last_good.params["adapter_conv1"]["kernel"]).max()) > 1e29
     assert not math.isfinite(error.value.metrics["loss"])
     # It is exactly the state after the one good step.
-    replay, _ = T.train_adapter(setup.step, huge_lr_state(), s.frozen, s.scalars, num_steps=1,
-                                draws=s.cache, progress=False)
+    replay, _ = train_adapter(setup.step, huge_lr_state(), s.frozen, s.scalars, num_steps=1,
+                              draws=s.cache, progress=False)
     assert_trees_equal(snapshot(last_good), snapshot(replay))
 
 
@@ -949,10 +956,10 @@ def test_each_method_has_its_loss_terms(method, with_batch, terms):
 def test_back_distill_step_with_samples_adds_the_task_loss():
     s, data = exp1(), transfer_data()
     optimizer = optax.adam(1e-2)
-    step = T.make_train_step(TRAINED, "back-distill", optimizer)
+    step = make_train_step(TRAINED, "back-distill", optimizer)
     expected = O.objective_terms("back-distill", TRAINED, training().adapter, s.frozen,
                                  s.scalars, data.take(jnp.arange(4)), s.cache.take(DRAW_INDEX))
-    state, metrics = step(T.create_train_state(training().adapter, optimizer), s.frozen,
+    state, metrics = step(create_train_state(training().adapter, optimizer), s.frozen,
                           s.scalars, data, s.cache, jnp.arange(4), DRAW_INDEX)
     assert bool(metrics["finite"]) and int(state.step) == 1
     for name in ("task", "back_distill"):

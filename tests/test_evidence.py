@@ -1,4 +1,4 @@
-"""nettransplant.evidence: intervals against scipy's, the three verdicts, and the seeds'
+"""nettransplant.experiments.evidence: intervals against scipy's, the three verdicts, and the seeds'
 results merged into one results dict."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nettransplant import evidence, report
+from nettransplant.experiments import evidence, report
 
 
 def test_the_interval_is_students_t():

@@ -35,17 +35,19 @@ import pytest
 from chain_assertions import assert_relatively_close
 from test_fuzz import loose_config
 
-from configs import silhouettes
-from nettransplant import experiments, ops, problem
-from nettransplant import layers as L
-from nettransplant import modules as M
-from nettransplant import objectives as O
-from nettransplant import train as T
-from nettransplant.adapter import Adapter
+from nettransplant import experiments
+from nettransplant.configs import silhouettes
+from nettransplant.core import layers as L
+from nettransplant.core import modules as M
+from nettransplant.core import ops
+from nettransplant.core.adapter import Adapter
 from nettransplant.experiments import cells
 from nettransplant.experiments.runner import Runner
 from nettransplant.net import ModuleRef, TransplantSettings, build_problem
-from nettransplant.transplant import Transplant, split_params
+from nettransplant.transplant import objectives as O
+from nettransplant.transplant import problem
+from nettransplant.transplant.step import raw_draws
+from nettransplant.transplant.wiring import Transplant, split_params
 
 WIDTH = 1 / 8
 IMAGE = 32
@@ -107,7 +109,7 @@ def test_literal_output_gradients_are_exactly_ones_with_the_same_mask_keys():
     np.testing.assert_array_equal(jax.random.key_data(keys),
                                   jax.random.key_data(randomised_keys))
     # raw_draws (the naive step's) are the same draws.
-    raw = T.raw_draws(key, NUM_DRAWS, shape, draws="literal")
+    raw = raw_draws(key, NUM_DRAWS, shape, draws="literal")
     np.testing.assert_array_equal(raw.output_gradients, g)
 
 
@@ -169,7 +171,7 @@ def literal_chains():
     _, frozen = setup()
     shape = O.output_gradient_shape(LITERAL, image_size=IMAGE, score_size=SCORE_SIZE)
     cache = O.build_chain_cache(LITERAL, frozen, jax.random.key(1), 4, shape, chunk=4)
-    raw = T.raw_draws(jax.random.key(1), 4, shape, draws="literal")
+    raw = raw_draws(jax.random.key(1), 4, shape, draws="literal")
     side = CLASSIFICATION.enlarged_gradient_shape(SCORE_SIZE)
     x = jnp.zeros((4, *side, CHANNELS))
 

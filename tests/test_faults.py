@@ -24,14 +24,15 @@ import numpy as np
 import pytest
 from job_configs import TRIMMED, trimmed_quick_config
 
-from configs import silhouettes
-from nettransplant import checkpoint, experiments, teachers
+from nettransplant import experiments
+from nettransplant.configs import silhouettes
 from nettransplant.data import benchmarks
+from nettransplant.training import checkpoint, teachers
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The trimmed quick config: what the subprocesses run (flags) and in-process tests run.
-TINY = ["--config", f"{REPO}/configs/silhouettes.py:quick",
+TINY = ["--config", f"{REPO}/nettransplant/configs/silhouettes.py:quick",
         *(f"--config.{k}={v!r}" for k, v in TRIMMED.items())]
 TIMING = ("runtime_s", "stage_seconds")
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from job_configs import trimmed_quick_config
 
-from nettransplant import problem
 from nettransplant.experiments import fit_probe
 from nettransplant.experiments.zoo import generic_name
+from nettransplant.transplant import problem
 
 REPO = Path(__file__).resolve().parents[1]
 

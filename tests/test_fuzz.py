@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from configs import silhouettes
-from nettransplant import convert, experiments
+from nettransplant import experiments
+from nettransplant.configs import silhouettes
 from nettransplant.data import silhouettes as silhouettes_data
 from nettransplant.experiments import config as config_checks
+from nettransplant.interop import state_dicts, vgg16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,13 +119,15 @@ def test_the_valid_boundaries_pass():
     (["--config.model.widht", "2"], "--config.model.widht: config.model has no field 'widht'; "
                                     "valid fields: dropout_rate, image_size, num_classes, width"),
     (["--config.seed.x=1"], "--config.seed.x: config.seed has no field 'x'"),
-    (["--config=configs/silhouettes.py:fast"], "--config configs/silhouettes.py:fast: unknown "
-                                               "variant 'fast'"),
+    (["--config=nettransplant/configs/silhouettes.py:fast"],
+     "--config nettransplant/configs/silhouettes.py:fast: unknown "
+     "variant 'fast'"),
     (["--config", "configs/absent.py"], "--config configs/absent.py: no config file"),
     (["--config.model.width=2"], None),
 ])
 def test_unknown_config_flags_are_named_with_the_valid_fields(args, expected):
-    found = config_checks.override_error(args, str(REPO / "configs" / "silhouettes.py"))
+    found = config_checks.override_error(args, str(REPO / "nettransplant" / "configs"
+                                                   / "silhouettes.py"))
     if expected is None:
         assert found is None
     else:
@@ -144,7 +147,8 @@ def run_launcher(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     (["--config.teacher.learning_rate=nan"], "error: config.teacher.learning_rate must be "
                                              "finite"),
     (["--config.model.width=abc"], "error: flag --config.model.width=abc"),
-    (["--config=configs/silhouettes.py:fast"], "error: --config configs/silhouettes.py:fast"),
+    (["--config=nettransplant/configs/silhouettes.py:fast"],
+     "error: --config nettransplant/configs/silhouettes.py:fast"),
     (["extra"], "error: unexpected arguments"),
 ])
 def test_the_launcher_prints_one_line_and_keeps_what_was_written(tmp_path, args, message):
@@ -154,7 +158,7 @@ def test_the_launcher_prints_one_line_and_keeps_what_was_written(tmp_path, args,
             workdir / "teachers" / "cat" / "checkpoint.json": "{}"}
     for path, text in kept.items():
         path.write_text(text)
-    result = run_launcher(workdir, "--config", "configs/silhouettes.py:quick", *args)
+    result = run_launcher(workdir, "--config", "nettransplant/configs/silhouettes.py:quick", *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(message), result.stderr
     assert {p: p.read_text() for p in kept} == kept
@@ -200,7 +204,7 @@ def malicious_files(tmp_path: Path) -> list[Path]:
 def test_weights_that_try_to_run_code_are_refused_and_nothing_runs(tmp_path, which):
     path = malicious_files(tmp_path)[which]
     with pytest.raises(ValueError, match=r"torch\.load\(weights_only=True\) refused it") as error:
-        convert.read_state_dict(path)
+        state_dicts.read_state_dict(path)
     assert "\n" not in str(error.value) and str(path) in str(error.value)
     assert not (tmp_path / "code-ran").exists()
 
@@ -221,7 +225,7 @@ def test_a_truncated_safetensors_file_is_one_named_error(small_safetensors, keep
     path.write_bytes(data[:keep] if keep >= 0 else data[:-1])
     with pytest.raises(ValueError, match=r"^cannot read .*w\.safetensors as a safetensors "
                                          r"file: ") as error:
-        convert.read_state_dict(path)
+        state_dicts.read_state_dict(path)
     assert "\n" not in str(error.value)
 
 
@@ -255,7 +259,7 @@ def test_a_lying_safetensors_header_is_one_named_error(tmp_path, lie):
     write_with_header(path, change(header), np.arange(4, dtype=np.float32).tobytes(), length)
     with pytest.raises(ValueError, match=r"^cannot read .*lying\.safetensors as a safetensors "
                                          r"file: " + (f".*{match}" if match else "")) as error:
-        convert.read_state_dict(path)
+        state_dicts.read_state_dict(path)
     assert "\n" not in str(error.value)
 
 
@@ -276,10 +280,10 @@ def test_half_precision_weights_convert_to_the_same_float32_kernels(tmp_path, dt
         "w": {"dtype": dtype, "shape": list(weight.shape), "data_offsets": [0, len(data)]},
         "b": {"dtype": "F32", "shape": [4], "data_offsets": [len(data), len(data) + 16]}},
         data + bias.tobytes())
-    state, _ = convert.read_state_dict(path)
+    state, _ = state_dicts.read_state_dict(path)
     assert state["w"].dtype == (np.float16 if dtype == "F16" else np.float32)
     np.testing.assert_array_equal(state["w"].astype(np.float32), exact)
-    params = convert._conv_params(convert.conv_kernel_from_torch(state["w"]), state["b"])
+    params = vgg16._conv_params(vgg16.conv_kernel_from_torch(state["w"]), state["b"])
     assert params["kernel"].dtype == np.float32
     np.testing.assert_array_equal(params["kernel"], np.transpose(exact, (2, 3, 1, 0)))
     np.testing.assert_array_equal(params["bias"], bias)
@@ -298,7 +302,7 @@ def test_a_wrapped_state_dict_is_found_and_unwrapped(small_safetensors, wrapper)
     wrapped = fill(wrapper)
     if "epoch" in wrapped:
         wrapped["epoch"] = np.asarray(3)
-    state, origin = convert.read_state_dict(wrapped)
+    state, origin = state_dicts.read_state_dict(wrapped)
     assert origin.startswith("the state dict[")
     assert set(state) == set(arrays)
     for name, array in arrays.items():
@@ -383,7 +387,7 @@ def test_ctrl_c_while_converting_is_one_line_and_leaves_out_as_it_was(tmp_path, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "read_state_dict", interrupted)
+    monkeypatch.setattr(state_dicts, "read_state_dict", interrupted)
     weights = tmp_path / "w.safetensors"
     save_file({"a": np.zeros(2, np.float32)}, str(weights))
     code = convert_torchvision.main(["--weights", str(weights), "--out", str(tmp_path / "out")])

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from configs import net_growth
+from nettransplant.configs import net_growth
 from nettransplant.experiments import growth
 
 

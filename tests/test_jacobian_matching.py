@@ -11,12 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from configs import jacobian_matching as jm_config
-from nettransplant import layers as L
+from nettransplant.configs import jacobian_matching as jm_config
+from nettransplant.core import layers as L
 from nettransplant.jacobian import experiments, losses
 from nettransplant.jacobian.models import ConvClassifier
 from nettransplant.jacobian.train import fit, make_train_step
-from nettransplant.training import NonFiniteError, create_train_state
+from nettransplant.training.loop import NonFiniteError, create_train_state
 
 
 def tiny_classifier(heads=(("logits", 3),), channels=4, hidden=6) -> ConvClassifier:

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from chain_assertions import assert_relatively_close
 
-from nettransplant import layers as L
-from nettransplant import modules as M
+from nettransplant.core import layers as L
+from nettransplant.core import modules as M
 
 # float32 with Precision.HIGHEST. The explicit chains lower to the same XLA ops
 # as JAX's transposes; measured on CPU: bit-identical, jitted and un-jitted. The

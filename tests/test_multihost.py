@@ -20,9 +20,10 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from nettransplant import checkpoint, modules
+from nettransplant.core import modules
 from nettransplant.data import benchmarks
 from nettransplant.experiments import zoo
+from nettransplant.training import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 1200
@@ -56,7 +57,7 @@ def _start(workdir: Path, devices: int, distributed: list[str], log: Path) -> su
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     command = [sys.executable, "-m", "launch.reproduce", f"--workdir={workdir}",
-               "--config=configs/silhouettes.py:quick", *OVERRIDES, *distributed]
+               "--config=nettransplant/configs/silhouettes.py:quick", *OVERRIDES, *distributed]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT)
 

@@ -13,9 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import silhouettes
 from launch import net as net_cli
-from nettransplant import checkpoint, data, modules, teachers
+from nettransplant import data
+from nettransplant.configs import silhouettes
+from nettransplant.core import modules
 from nettransplant.data import benchmarks
 from nettransplant.net import (
     NetSpecError,
@@ -27,8 +28,10 @@ from nettransplant.net import (
     export_net,
     load_net,
     load_teacher,
+    operations,
     verify,
 )
+from nettransplant.training import checkpoint, teachers
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = TransplantSettings(num_draws=8, draws_per_step=4, closed_form_draws=8, num_steps=4,
@@ -108,25 +111,25 @@ def grown(config, bench):
     net = TransplantNet().add_teacher(dog).add_teacher(cat)
     stages.append(("two teachers", net, _outputs(net, probe)))
 
-    net, zero = net.transplant(horse, onto="dog.classification", samples=None,
-                               beta_images=beta_images, settings=SETTINGS)
+    net, zero = operations.transplant(net, horse, onto="dog.classification", samples=None,
+                                      beta_images=beta_images, settings=SETTINGS)
     stages.append(("transplant, 0 samples", net, _outputs(net, probe)))
 
     horse10 = dataclasses.replace(horse, name="horse10")
-    net, ten = net.transplant(horse10, onto="dog.segmentation",
-                              samples=_samples(bench, "horse", "segmentation", 10),
-                              beta_images=beta_images, settings=SETTINGS,
-                              test=_samples(bench, "horse", "segmentation", 8))
+    net, ten = operations.transplant(net, horse10, onto="dog.segmentation",
+                                     samples=_samples(bench, "horse", "segmentation", 10),
+                                     beta_images=beta_images, settings=SETTINGS,
+                                     test=_samples(bench, "horse", "segmentation", 8))
     stages.append(("transplant, 10 samples", net, _outputs(net, probe)))
 
-    net, connected = net.connect("cat", "dog.classification",
-                                 samples=_samples(bench, "cat", "classification", 10),
-                                 beta=1.0, settings=SETTINGS)
+    net, connected = operations.connect(net, "cat", "dog.classification",
+                                        samples=_samples(bench, "cat", "classification", 10),
+                                        beta=1.0, settings=SETTINGS)
     stages.append(("connect", net, _outputs(net, probe)))
 
     template = net.task_module("dog.classification").module
-    net, added = net.add_task("shared.classification", template, settings=TASK_SETTINGS,
-                              data={"dog": _samples(bench, "dog", "classification", 12),
+    net, added = operations.add_task(net, "shared.classification", template, settings=TASK_SETTINGS,
+                                     data={"dog": _samples(bench, "dog", "classification", 12),
                                     "cat": _samples(bench, "cat", "classification", 12)})
     stages.append(("add task", net, _outputs(net, probe)))
     reports = {"zero": zero, "ten": ten, "connect": connected, "add_task": added}
@@ -170,8 +173,8 @@ def test_the_zero_sample_transplant_of_a_teachers_own_task_module_reproduces_it(
     dog = grown["teachers"][0]
     net = TransplantNet().add_teacher(dog, tasks=["classification"])
     twin = dataclasses.replace(dog, name="dog_twin")
-    net, report = net.transplant(twin, onto="dog.classification", beta=1.0,
-                                 settings=dataclasses.replace(SETTINGS, adapter=(1, 1)))
+    net, report = operations.transplant(net, twin, onto="dog.classification", beta=1.0,
+                                        settings=dataclasses.replace(SETTINGS, adapter=(1, 1)))
     probe = grown["probe"]
     x = net.normalize(probe, category="dog")
     own = np.asarray(net.apply(x, category="dog", task="dog.classification"))
@@ -224,8 +227,8 @@ def test_growing_a_loaded_net_changes_no_existing_route(grown, bench, tmp_path):
         [dataclasses.astuple(r) for r in net.routes()]
     before = _outputs(loaded, probe)
     _assert_unchanged(before, net, probe)  # import itself changes nothing
-    bigger, _ = loaded.connect("horse", "dog.segmentation", reference="horse.segmentation",
-                               beta=1.0, settings=SETTINGS)
+    bigger, _ = operations.connect(loaded, "horse", "dog.segmentation",
+                                   reference="horse.segmentation", beta=1.0, settings=SETTINGS)
     _assert_unchanged(before, bigger, probe)
     # ... and a re-export of the grown net still holds the old routes bit for bit
     export_net(bigger, tmp_path / "bigger")

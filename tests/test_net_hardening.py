@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from launch import net as net_cli
-from nettransplant import checkpoint, modules
-from nettransplant.adapter import Adapter
+from nettransplant.core import modules
+from nettransplant.core.adapter import Adapter
 from nettransplant.net import (
     NetSpecError,
     TeacherParts,
@@ -39,6 +39,7 @@ from nettransplant.net import (
 )
 from nettransplant.net import images as net_images
 from nettransplant.net import io as net_io
+from nettransplant.training import checkpoint
 
 WIDTH, SIDE = 0.0625, 32
 

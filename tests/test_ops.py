@@ -20,8 +20,8 @@ import pytest
 from absl.testing import parameterized
 from chain_assertions import assert_relatively_close
 
-from nettransplant import layers as L
-from nettransplant import ops
+from nettransplant.core import layers as L
+from nettransplant.core import ops
 
 # float32 with Precision.HIGHEST: an explicit backward map may only differ from
 # JAX's by rounding. Measured on CPU: bit-identical to jax.vjp / linear_transpose

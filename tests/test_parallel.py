@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from nettransplant import parallel
+from nettransplant.runtime import parallel
 
 COUNTS = (1, 2, 4, 8)
 RTOL, ATOL = 1e-5, 1e-6
@@ -142,7 +142,8 @@ def test_a_bfloat16_teacher_step_keeps_float32_parameters_and_learns():
     import jax.numpy as jnp
     import optax
 
-    from nettransplant import modules, teachers
+    from nettransplant.core import modules
+    from nettransplant.training import teachers
 
     teacher = modules.make_teacher(width=1 / 16, input_size=32)
     optimizer = optax.sgd(0.1)

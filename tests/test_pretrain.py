@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import silhouettes
-from nettransplant import teachers
+from nettransplant.configs import silhouettes
 from nettransplant.data import benchmarks
 from nettransplant.experiments import pretrain
 from nettransplant.experiments.zoo import TeacherZoo
-from nettransplant.files import file_sha256
+from nettransplant.runtime.files import file_sha256
+from nettransplant.training import teachers
 
 
 def tree(seed: int = 0, shape=(3, 3, 2, 4)):

@@ -1,4 +1,4 @@
-"""The main job's training protocol (nettransplant.protocol): one rule for every method.
+"""The main job's training protocol (nettransplant.transplant.protocol): one rule for every method.
 
 A run that has not fit its labelled samples is retrained from a re-drawn start — a
 fresh random initialisation, or back-distill's warm start plus ``restart_noise`` times
@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from job_configs import trimmed_quick_config
 
-from nettransplant import problem, report
-from nettransplant.experiments import fit_probe
+from nettransplant.experiments import fit_probe, report
 from nettransplant.experiments.cell_training import CellRun
 from nettransplant.experiments.cells import RANDOM_INIT, Cell
 from nettransplant.experiments.config import validate_config
 from nettransplant.experiments.results import Results
 from nettransplant.experiments.runner import Runner
 from nettransplant.experiments.timing import CellClock
-from nettransplant.protocol import Protocol
+from nettransplant.transplant import problem
+from nettransplant.transplant.protocol import Protocol
 
 METHODS = ("direct-learn", "jacobian", "back-distill", RANDOM_INIT)
 
@@ -109,7 +109,7 @@ def test_the_protocol_is_read_from_the_config_once():
 
 
 def problem_task(name):
-    from nettransplant import tasks
+    from nettransplant.core import tasks
     return tasks.get(name)
 
 
@@ -258,7 +258,7 @@ def test_learning_curves_average_the_steps_every_run_of_a_row_has(tmp_path, monk
 
 
 def test_a_checkpoint_callback_that_returns_true_ends_the_training():
-    from nettransplant.training import train_loop
+    from nettransplant.training.loop import train_loop
 
     def step(state, x):
         return state + x, {"loss": jnp.asarray(state, jnp.float32), "finite": jnp.asarray(True)}

@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import silhouettes
-from nettransplant import checkpoint, experiments, modules, objectives, problem, report, teachers
-from nettransplant.adapter import Adapter
+from nettransplant import experiments
+from nettransplant.configs import silhouettes
+from nettransplant.core import modules
+from nettransplant.core.adapter import Adapter
 from nettransplant.data import benchmarks
-from nettransplant.experiments import paper
-from nettransplant.transplant import Transplant
+from nettransplant.experiments import paper, report
+from nettransplant.training import checkpoint, teachers
+from nettransplant.transplant import objectives, problem
+from nettransplant.transplant.wiring import Transplant
 
 METHODS = {"back-distill", "direct-learn", "distill", "jacobian", "back-distill-random-init"}
 
@@ -217,7 +220,7 @@ def test_dead_draws_are_dropped_and_the_bank_keeps_its_size():
 
 
 def test_experiment_dummies_follow_the_paper():
-    from nettransplant.modules import ClassificationTaskModule
+    from nettransplant.core.modules import ClassificationTaskModule
     module = ClassificationTaskModule(width=0.125, input_size=32)
     assert problem.task_dummies("exp1", module) == "random_mask"
     exp2 = problem.task_dummies("exp2", module)

@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from nettransplant import evaluation, modules, teachers
+from nettransplant.core import evaluation, modules
+from nettransplant.training import teachers
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from nettransplant import objectives, train
-from nettransplant.adapter import Adapter
-from nettransplant.experiments import torch_reference as tr
-from nettransplant.modules import CategoryModule, ClassificationTaskModule, category_channels
-from nettransplant.transplant import Transplant, split_params
+from nettransplant.benchmarks import torch_reference as tr
+from nettransplant.core.adapter import Adapter
+from nettransplant.core.modules import CategoryModule, ClassificationTaskModule, category_channels
+from nettransplant.training.loop import create_train_state
+from nettransplant.transplant import objectives
+from nettransplant.transplant.step import make_train_step, raw_draws
+from nettransplant.transplant.wiring import Transplant, split_params
 
 pytestmark = pytest.mark.torch
 
@@ -47,7 +49,7 @@ def problem():
     key = jax.random.key(1)
     shape = objectives.output_gradient_shape(transplant, image_size=IMAGE, score_size=SCORE)
     cache = objectives.build_chain_cache(transplant, frozen, key, DRAWS, shape, chunk=DRAWS)
-    raw = train.raw_draws(key, DRAWS, shape)
+    raw = raw_draws(key, DRAWS, shape)
     scalars = objectives.compute_scalars(cache, 0.7, 10.0)
     images = jax.random.uniform(jax.random.key(2), (BATCH, IMAGE, IMAGE, 3))
     labels = jnp.arange(BATCH) % 2
@@ -87,8 +89,8 @@ def test_one_step_matches_the_library_step(problem, method, with_batch):
     cache = p["cache"] if uses_draws else None
 
     optimizer = optax.adam(LR)
-    step = train.make_train_step(p["transplant"], method, optimizer)
-    state, metrics = step(train.create_train_state(p["adapter_params"], optimizer), p["frozen"],
+    step = make_train_step(p["transplant"], method, optimizer)
+    state, metrics = step(create_train_state(p["adapter_params"], optimizer), p["frozen"],
                           p["scalars"], data, cache, batch_index if with_batch else None,
                           draw_index if uses_draws else None)
     jax_terms = {k: metrics[k] for k in ("task", "distill", "back_distill", "jacobian",

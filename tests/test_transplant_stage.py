@@ -3,7 +3,7 @@ real rows, runs that end once they fit, and a runs axis that gives the numbers o
 trained one at a time.
 
 Every check is against an independent computation: the batched runs against the same
-runs one after another (:func:`nettransplant.train.train_adapter`), an early end against
+runs one after another (:func:`nettransplant.transplant.step.train_adapter`), an early end against
 the same run stopped by hand at that step, trace counts against the shapes a problem's
 runs need.
 """
@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 from job_configs import trimmed_quick_config
 
-from nettransplant import problem, runs, train
+import nettransplant.transplant.step
 from nettransplant.experiments import fit_probe
 from nettransplant.experiments.cell_training import ProblemSetup, batched_runs
 from nettransplant.experiments.cells import Cell
 from nettransplant.experiments.config import validate_config
+from nettransplant.training.loop import NonFiniteError, create_train_state
+from nettransplant.transplant import problem, runs
+from nettransplant.transplant.step import objective_loss, train_adapter
 
 # The one-at-a-time and the batched runs sum their floats in other orders.
 RTOL, ATOL = 1e-4, 1e-5
@@ -50,11 +53,11 @@ def _one_at_a_time(cell, method, data, n, *, rate=None, scalars=None, stop_when=
                    check_every=0, num_steps=6):
     tc, prob = cell.config.transplant, cell.problem
     steps = cell.runner.trainer.steps("segmentation")
-    state = train.create_train_state(_init(cell, method), steps.optimizer)
+    state = create_train_state(_init(cell, method), steps.optimizer)
     if rate is not None:
         state = problem.with_learning_rate(state, rate)
     try:
-        state, history = train.train_adapter(
+        state, history = train_adapter(
             steps(prob.transplant, method), state, prob.frozen, scalars or prob.scalars,
             num_steps=num_steps, data=data, num_samples=n, batch_size=tc.batch_size,
             draws=prob.cache if method == "back-distill" else None,
@@ -62,13 +65,13 @@ def _one_at_a_time(cell, method, data, n, *, rate=None, scalars=None, stop_when=
             log_every=tc.log_every, mesh=cell.runner.mesh, stop_when=stop_when,
             check_every=check_every)
         return state, history, None
-    except train.NonFiniteError as e:
+    except NonFiniteError as e:
         return e.state, [], e
 
 
 def _run(cell, method, data, n, *, rate=None, scalars=None, stop_when=None, num_steps=6):
     steps = cell.runner.trainer.steps("segmentation")
-    state = train.create_train_state(_init(cell, method), steps.optimizer)
+    state = create_train_state(_init(cell, method), steps.optimizer)
     if rate is not None:
         state = problem.with_learning_rate(state, rate)
     return runs.Run(state, scalars or cell.problem.scalars, data, n, cell.config.seed + n,
@@ -89,7 +92,7 @@ def _count_traces(monkeypatch, module, *, n: int) -> list:
     """Every loss ``module`` makes from here on, wrapped in ``chex.assert_max_traces(n)``;
     returns the list they are added to."""
     made = []
-    loss = train.objective_loss
+    loss = objective_loss
     chex.clear_trace_counter()
 
     def counted(*args, **kwargs):
@@ -160,7 +163,7 @@ def test_one_compiled_step_per_method_for_every_count_rate_and_restart(cell, lab
 
     (chex counts the traces of every loss made at one place together: two methods, two
     shapes each.)"""
-    made = _count_traces(monkeypatch, train, n=4)
+    made = _count_traces(monkeypatch, nettransplant.transplant.step, n=4)
     runner = cell.runner
     runner.trainer._steps.clear()  # steps made from here on are counted
     prob = cell.problem

@@ -27,7 +27,7 @@ from nettransplant.data.silhouettes import (
     build_silhouettes,
     load_silhouettes,
 )
-from nettransplant.files import write_atomically
+from nettransplant.runtime.files import write_atomically
 
 OVERLAY_COLOUR = np.array([255, 40, 40], np.float32)
 

@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from nettransplant.data.animal_mnist import CATEGORIES, DataFileError, load_animal_mnist
 from nettransplant.data.composite import composite_batch, silhouette_supports
-from nettransplant.files import file_sha256
+from nettransplant.runtime.files import file_sha256
 
 TRAIN_PER_CLASS = 800
 SPLIT_SEED = 0

@@ -1,6 +1,7 @@
-"""How the main job trains its cells: the one training rule (:mod:`nettransplant.protocol`)
-applied to one method's cells of a transplant problem, one after another or batched on a
-runs axis, with restarts, failed runs and each cell's clock."""
+"""How the main job trains its cells: the one training rule
+(:mod:`nettransplant.transplant.protocol`) applied to one method's cells of a transplant
+problem, one after another or batched on a runs axis, with restarts, failed runs and each
+cell's clock."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from nettransplant import metric_writers, problem
-from nettransplant import runs as runs_lib
-from nettransplant import train as adapter_training
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments.cells import Cell, CellResult, objective_of
 from nettransplant.experiments.timing import CellClock
 from nettransplant.experiments.zoo import stable_hash
-from nettransplant.progress import message
-from nettransplant.protocol import RESTART_SALT, Protocol
-from nettransplant.training import NonFiniteError
+from nettransplant.runtime import metric_writers
+from nettransplant.runtime.progress import message
+from nettransplant.training.loop import NonFiniteError, create_train_state
+from nettransplant.transplant import problem
+from nettransplant.transplant import runs as runs_lib
+from nettransplant.transplant.protocol import RESTART_SALT, Protocol
+from nettransplant.transplant.step import batch_rows
 
 
 def problem_key(seed: int, experiment: str, target: str):
@@ -50,7 +52,7 @@ def batched_runs(config) -> bool:
 
 def jacobian_weights(config):
     """The Jacobian-matching baseline's loss weights (``config.jacobian_baseline``)."""
-    from nettransplant.objectives import ObjectiveWeights
+    from nettransplant.transplant.objectives import ObjectiveWeights
     jb = config.get("jacobian_baseline")
     if jb is None:
         return None
@@ -93,7 +95,7 @@ class CellRun:
 @dataclasses.dataclass(frozen=True)
 class Attempt:
     """One training of a run: where it starts, its name, log and early end (the problem,
-    rate and budget are the run's: :mod:`nettransplant.protocol`)."""
+    rate and budget are the run's: :mod:`nettransplant.transplant.protocol`)."""
 
     run: CellRun
     init: Any
@@ -156,8 +158,8 @@ class CellTrainer:
     def fit(self, prob, method: str, transfer, n: int, init, what: str, writer=None, *,
             steps: problem.StepCache | None = None, num_steps: int | None = None,
             stop_when=None, check_every: int | None = None, clock: CellClock | None = None):
-        """:func:`nettransplant.problem.fit` with the config's budget, batch size, draws and
-        batch order; returns ``(params, history)``.
+        """:func:`nettransplant.transplant.problem.fit` with the config's budget, batch size,
+        draws and batch order; returns ``(params, history)``.
 
         ``steps`` / ``num_steps``: another optimiser or budget than the config's
         (:mod:`nettransplant.experiments.fit_probe`); ``stop_when(params)``: checked
@@ -178,7 +180,7 @@ class CellTrainer:
         if clock is not None:
             clock.attempts += 1
             clock.steps += steps_run
-            clock.images += steps_run * (adapter_training.batch_rows(
+            clock.images += steps_run * (batch_rows(
                 n, tc.batch_size, steps.mesh) if n else 0)
         return params, history
 
@@ -194,7 +196,7 @@ class CellTrainer:
         """Train ``attempts`` of ``method`` on ``prob``; ``(params, history, error)`` each.
 
         One after another (:meth:`fit`), or all at once on a runs axis
-        (:func:`nettransplant.runs.train_runs`) when :func:`batched_runs` says so; the
+        (:func:`nettransplant.transplant.runs.train_runs`) when :func:`batched_runs` says so; the
         numbers agree within float tolerance. Each attempt's clock gets its time
         (batched: an equal share of the round's), steps and images.
         """
@@ -218,7 +220,7 @@ class CellTrainer:
         with shared.phase("train"):
             jobs = []
             for a in attempts:
-                state = adapter_training.create_train_state(a.init, steps.optimizer)
+                state = create_train_state(a.init, steps.optimizer)
                 jobs.append(runs_lib.Run(
                     state, prob.scalars, a.run.transfer if a.run.n else None,
                     a.run.n, batch_seed(self.seed, a.run.n), tc.num_steps,
@@ -259,7 +261,7 @@ class CellTrainer:
                        ) -> None:
         """Retrain ``runs`` of ``method`` that have not fit their samples, a round per
         restart (each round's runs trained together by :meth:`train_runs`), as
-        :class:`~nettransplant.protocol.Protocol` says: attempt ``k`` starts from
+        :class:`~nettransplant.transplant.protocol.Protocol` says: attempt ``k`` starts from
         ``protocol.start(…, k, key, …)``, the same draw for every method, with the
         first attempt's objective, λ, rate and budget. Updates each run's kept
         ``params`` and ``history`` (the attempt that fits best) and its ``fits``
@@ -295,7 +297,7 @@ class CellTrainer:
         Each round of trainings (the first attempts, then each restart of the runs
         still unfit) goes through :meth:`train_runs`: one after another, or as one
         batched computation (``config.transplant.runs_axis``).
-        A run that diverges (:class:`~nettransplant.training.NonFiniteError`) is a
+        A run that diverges (:class:`~nettransplant.training.loop.NonFiniteError`) is a
         *failed* cell: it keeps the last finite parameters, is evaluated with them
         and is named in its ``failed``; the job goes on.
         """

@@ -47,10 +47,10 @@ from typing import Any
 
 import numpy as np
 
-from nettransplant import parallel
-from nettransplant.cli import one_line
-from nettransplant.files import write_atomically
-from nettransplant.progress import message
+from nettransplant.runtime import parallel
+from nettransplant.runtime.cli import one_line
+from nettransplant.runtime.files import write_atomically
+from nettransplant.runtime.progress import message
 
 CELLS_DIR = "cells"
 CHECKSUM = "checksum"

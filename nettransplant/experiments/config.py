@@ -17,9 +17,11 @@ from pathlib import Path
 
 from absl import flags
 
-from nettransplant import cli, convert, runs
 from nettransplant.data import benchmarks
-from nettransplant.transplant import check_draws
+from nettransplant.interop import vgg16
+from nettransplant.runtime import cli
+from nettransplant.transplant import runs
+from nettransplant.transplant.wiring import check_draws
 
 EXPERIMENTS = ("exp1", "exp2", "exp3", "table4")
 
@@ -212,7 +214,7 @@ def validate_config(config) -> None:
                              "two initialisations of the teachers; set num_steps to 0")
         if not Path(weights).is_file():
             raise ValueError(f"config.pretrain.weights: no file {weights}")
-        size = convert.INPUT_SIZE
+        size = vgg16.INPUT_SIZE
         if config.model.width != 1.0 or config.model.image_size != size:
             raise ValueError(
                 f"config.pretrain.weights holds torchvision's full VGG-16: it needs "
@@ -293,3 +295,23 @@ def flags_parser(default_config: str) -> Callable[[list[str]], list[str]]:
             _exit_with_one_line(e, argv[1:], default_config)
 
     return parse
+
+
+def config_flags_parser(default_config: str) -> Callable[[list[str]], list[str]]:
+    """absl's flag parsing for ``app.run(..., flags_parser=)`` of a command with a
+    ``--config`` flag: every error (an unknown or mistyped ``--config.*`` field, a config
+    file that is missing or fails to load) is one ``error:`` line and exit code 2."""
+    parse = flags_parser(default_config)
+
+    def checked(argv: list[str]) -> list[str]:
+        rest = parse(argv)
+        if "config" in flags.FLAGS:
+            try:  # ml_collections keeps a file that did not load as an error, raised on use
+                flags.FLAGS["config"].value.keys()
+            except Exception as e:  # noqa: BLE001 - a config file may raise anything
+                found = override_error(argv[1:], default_config)
+                print(f"error: {cli.one_line(found or cli.error_message(e))}", file=sys.stderr)
+                sys.exit(cli.EXIT_USAGE)
+        return rest
+
+    return checked

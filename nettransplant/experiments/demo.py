@@ -22,11 +22,15 @@ import jax
 import numpy as np
 import optax
 
-from nettransplant import checkpoint, data, modules, parallel, problem, teachers
-from nettransplant.adapter import Adapter
+from nettransplant import data
+from nettransplant.core import modules
+from nettransplant.core.adapter import Adapter
 from nettransplant.data import benchmarks
-from nettransplant.files import write_atomically
 from nettransplant.net import TeacherParts, TransplantNet, TransplantSettings, build_problem
+from nettransplant.runtime import parallel
+from nettransplant.runtime.files import write_atomically
+from nettransplant.training import checkpoint, teachers
+from nettransplant.transplant import problem
 
 
 def train_category_teacher(config, benchmark: benchmarks.Benchmark, category: str, *,

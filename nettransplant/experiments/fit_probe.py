@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import optax
 
-from nettransplant import data, problem
+from nettransplant import data
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments import paper
 from nettransplant.experiments.cell_training import jacobian_weights
 from nettransplant.experiments.runner import Runner
 from nettransplant.experiments.zoo import TeacherZoo, generic_name
-from nettransplant.progress import progress_bar
+from nettransplant.runtime.progress import progress_bar
+from nettransplant.transplant import problem
 
 EXPERIMENTS = ("exp1_1conv", "exp1_3conv", "exp2", "exp3", "table4_classification",
                "table4_segmentation")
@@ -154,7 +155,7 @@ def build_cell(config, workdir: Path | str, experiment: str, target: str, num_sa
 
 def job_optimizer(cell: Cell) -> OptimizerSpec:
     """The main job's optimiser for ``cell``: Adam at its task's rate
-    (:meth:`nettransplant.protocol.Protocol.rate`)."""
+    (:meth:`nettransplant.transplant.protocol.Protocol.rate`)."""
     return OptimizerSpec("adam", cell.runner.trainer.protocol.rate(cell.problem.task.name))
 
 
@@ -163,7 +164,7 @@ def probe(cell: Cell, method: str, optimizers, num_steps: int, init: str = "rand
     """Train ``method`` on ``cell`` once per optimiser; one record per run.
 
     ``init``: ``"random"`` (the main job's seeded initialisation of every row but
-    back-distill), ``"identity"`` (:func:`nettransplant.problem.identity_adapter`);
+    back-distill), ``"identity"`` (:func:`nettransplant.transplant.problem.identity_adapter`);
     back-distill itself starts at the closed-form warm start, as in the main job.
     """
     if init not in INITS:

@@ -1,7 +1,7 @@
 """Growing a transplant net on the embedded data: which task module to transplant onto, and
 what fine-tuning a shared task module costs the other routes.
 
-:func:`run` is what ``python -m launch.growth`` calls (``configs/net_growth.py``):
+:func:`run` is what ``python -m launch.growth`` calls (``nettransplant/configs/net_growth.py``):
 
 * **choosing the task module** — the paper leaves open which existing task
   module a new category should be transplanted onto. The library's proxy is the
@@ -32,16 +32,17 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from nettransplant import config_checks as check
-from nettransplant import data, tasks
+from nettransplant import data
+from nettransplant.core import tasks
 from nettransplant.data import benchmarks
 from nettransplant.experiments import config as job_config
 from nettransplant.experiments.workdir import WorkdirLock, check_writable
 from nettransplant.experiments.zoo import TeacherZoo
-from nettransplant.files import write_atomically
 from nettransplant.net import TaskTrainingSettings, TransplantNet, TransplantSettings, operations
 from nettransplant.net.graph import TeacherParts
-from nettransplant.progress import progress_bar
+from nettransplant.runtime import config_checks as check
+from nettransplant.runtime.files import write_atomically
+from nettransplant.runtime.progress import progress_bar
 
 
 def _samples(view: data.ImageSet, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +109,14 @@ def choose_task_modules(config, teachers: dict[str, TeacherParts], benchmark, se
             betas = {f"{c}.{task}": _beta(config, benchmark, teachers[c], teachers[target])
                      for c in others}
             bar.set_postfix_str(f"rank {task} {target}")
-            ranking = net.rank_task_modules(teachers[target], task=task,
-                                            candidates=sorted(betas), betas=betas,
-                                            settings=settings)
+            ranking = operations.rank_task_modules(net, teachers[target], task=task,
+                                                   candidates=sorted(betas), betas=betas,
+                                                   settings=settings)
             cells = []
             for entry in ranking:
                 bar.set_postfix_str(f"{task} {target} → {entry['task_module']}")
-                _, report = net.transplant(
-                    teachers[target], onto=entry["task_module"],
+                _, report = operations.transplant(
+                    net, teachers[target], onto=entry["task_module"],
                     samples=views.few(target, g.samples, config.seed), beta=entry["beta"],
                     settings=settings, test=views.test(target))
                 metric = next(iter(report["metrics"].values()))
@@ -170,11 +171,11 @@ def fine_tuning_forgetting(config, teachers: dict[str, TeacherParts], benchmark,
             if before_growth is None:
                 before_growth = _scores(net, views)
             if i == 0:
-                net, _ = net.transplant(teachers[target], onto=f"{generic}.{task}",
-                                        samples=samples, beta=beta, settings=settings)
+                net, _ = operations.transplant(net, teachers[target], onto=f"{generic}.{task}",
+                                               samples=samples, beta=beta, settings=settings)
             else:
-                net, _ = net.connect(target, f"{generic}.{task}", samples=samples, beta=beta,
-                                     settings=settings)
+                net, _ = operations.connect(net, target, f"{generic}.{task}", samples=samples,
+                                            beta=beta, settings=settings)
             bar.update()
     transplanted = _scores(net, views)
     unchanged = all(transplanted[k] == v for k, v in before_growth.items())
@@ -183,7 +184,7 @@ def fine_tuning_forgetting(config, teachers: dict[str, TeacherParts], benchmark,
     data_ = {c: views["classification"].few(c, g.fine_tune_samples, config.seed + 1)
              for c in tuned_on}
     bar.set_postfix_str(f"fine-tune {module}")
-    tuned, report = net.fine_tune(module, data=data_, settings=TaskTrainingSettings(
+    tuned, report = operations.fine_tune(net, module, data=data_, settings=TaskTrainingSettings(
         num_steps=g.fine_tune_steps, learning_rate=g.fine_tune_learning_rate,
         batch_size=g.fine_tune_batch_size, seed=config.seed))
     bar.update()
@@ -247,7 +248,7 @@ def results_markdown(results: dict) -> str:
 
 
 def validate_config(config) -> None:
-    """Check a growth config (``configs/net_growth.py``): the main job's fields
+    """Check a growth config (``nettransplant/configs/net_growth.py``): the main job's fields
     (:func:`nettransplant.experiments.config.validate_config`) and the ``growth`` section.
 
     ``growth.tasks`` among the tasks, sample counts, steps and the batch size >= 1, the

@@ -10,13 +10,13 @@
    builds each from the zoo net's modules by id
    (:func:`nettransplant.net.operations.build_problem`) and runs every method at
    every sample count of the config under the one training rule of
-   :mod:`nettransplant.protocol` (:mod:`~nettransplant.experiments.cell_training`);
+   :mod:`nettransplant.transplant.protocol` (:mod:`~nettransplant.experiments.cell_training`);
    a seed re-draws the labelled samples, the initialisations, the back-distillation
    draws and the batch order (the teachers are shared by every seed);
 3. every finished cell goes to one
    :class:`~nettransplant.experiments.results.Results`, which derives the results
    (every seed's cells, their means with 95 % intervals and the claims' verdicts,
-   :mod:`nettransplant.evidence`); they, paper-format tables, plots,
+   :mod:`nettransplant.experiments.evidence`); they, paper-format tables, plots,
    and the *transplant net* the experiments grew (Exps. 2-3, back-distill, the
    largest sample count, the first seed: the generic category's task modules
    serving every target) are written to the workdir, each file replaced in one
@@ -35,7 +35,6 @@ import contextlib
 import time
 from pathlib import Path
 
-from nettransplant import parallel, problem
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments.config import EXPERIMENTS, validate_config
@@ -49,7 +48,9 @@ from nettransplant.experiments.workdir import (
 )
 from nettransplant.experiments.zoo import TeacherZoo, generic_name
 from nettransplant.net.graph import TransplantNet
-from nettransplant.progress import progress_bar
+from nettransplant.runtime import parallel
+from nettransplant.runtime.progress import progress_bar
+from nettransplant.transplant import problem
 
 __all__ = ["EXPERIMENTS", "num_runs", "run", "transplant_seed", "validate_config"]
 

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from nettransplant.experiments.cells import flatten, unflatten
-from nettransplant.files import file_sha256, write_atomically
+from nettransplant.runtime.files import file_sha256, write_atomically
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 NAME = "silhouettes_backbone"
@@ -118,29 +118,3 @@ def load_backbone(template: Any, directory: str | Path | None = None, name: str 
                 f"{weights}: parameter {key!r} has shape {flat[key].shape}, the model "
                 f"{expected[key].shape}")
     return jax.tree.map(jax.numpy.asarray, unflatten(flat)), record
-
-
-def run(config, *, workdir: str | Path, output_dir: str | Path | None = None,
-        progress: bool = True) -> dict:
-    """Train the backbone of ``config`` (resumably, in ``workdir/teachers``) and ship it.
-
-    Returns the record written next to the weights.
-    """
-    from nettransplant.data import benchmarks
-    from nettransplant.experiments.zoo import TeacherZoo
-
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.pretrain.shipped = False  # train it, do not load it
-    zoo = TeacherZoo(config, Path(workdir), benchmarks.make_benchmark(config), progress)
-    start = time.monotonic()
-    params = zoo.backbone()
-    record = {"fingerprint": zoo.backbone_fingerprint(), "metrics": zoo.metrics["backbone"],
-              "history": zoo.curves["backbone"], "seed": config.seed,
-              "data": config.data, "data_version": zoo.benchmark.version,
-              "model": config.model.to_dict(),
-              "pretrain": {k: v for k, v in config.pretrain.to_dict().items()
-                           if k not in ("shipped", "weights")},
-              "train_seconds": round(time.monotonic() - start, 1),
-              "command": f"{COMMAND} --workdir {workdir}"}
-    return save_backbone(params, record, output_dir)

@@ -13,13 +13,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from nettransplant import evidence, parallel, report
 from nettransplant.experiments import cells as cells_lib
+from nettransplant.experiments import evidence, report
 from nettransplant.experiments.cells import CellResult
 from nettransplant.experiments.workdir import atomic_path, write_atomically
 from nettransplant.experiments.zoo import TeacherZoo, generic_name
 from nettransplant.net.graph import TransplantNet
-from nettransplant.protocol import Protocol
+from nettransplant.runtime import parallel
+from nettransplant.transplant.protocol import Protocol
 
 
 def with_avg(per_category: dict) -> dict:
@@ -207,7 +208,7 @@ class Results:
 
     def job(self, seeds: list[int]) -> dict:
         """``results.json`` but its timings: the head, every seed's results, their means
-        with intervals and the claims' verdicts (:mod:`nettransplant.evidence`)."""
+        with intervals and the claims' verdicts (:mod:`nettransplant.experiments.evidence`)."""
         per_seed = {str(seed): self.of_seed(seed) for seed in seeds}
         out = {**self.header, "seeds": seeds, "per_seed": per_seed}
         out.update(evidence.mean_over_seeds(list(per_seed.values())))

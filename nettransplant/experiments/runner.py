@@ -14,8 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from nettransplant import data, modules, parallel, problem
-from nettransplant.adapter import Adapter
+from nettransplant import data
+from nettransplant.core import modules
+from nettransplant.core.adapter import Adapter
 from nettransplant.data import benchmarks
 from nettransplant.experiments import cells as cells_lib
 from nettransplant.experiments.cell_training import (
@@ -30,7 +31,9 @@ from nettransplant.experiments.results import ProblemResult, Results
 from nettransplant.experiments.timing import CellClock
 from nettransplant.net import operations
 from nettransplant.net.graph import ModuleRef, TransplantNet
-from nettransplant.training import Trainings
+from nettransplant.runtime import parallel
+from nettransplant.training.loop import Trainings
+from nettransplant.transplant import problem
 
 
 def concurrent_cells(config, mesh: jax.sharding.Mesh) -> int:
@@ -104,7 +107,7 @@ class Runner:
     do not depend on how many ran together. :meth:`close` after an error.
     """
 
-    # The training rule's version (nettransplant.protocol): cells of another rule are
+    # The training rule's version (nettransplant.transplant.protocol): cells of another rule are
     # other cells, even where the config's numbers agree.
     RULE = 2
 

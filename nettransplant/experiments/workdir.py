@@ -6,7 +6,8 @@
   so the lock of a killed run never blocks the next one.
 * :func:`check_writable` — fails before any teacher is trained when the
   workdir (or a folder the job writes in it) cannot take a new file.
-* :func:`~nettransplant.files.write_atomically` / :func:`~nettransplant.files.atomic_path`
+* :func:`~nettransplant.runtime.files.write_atomically` /
+  :func:`~nettransplant.runtime.files.atomic_path`
   (re-exported) — files replaced whole, so a full disk or a kill leaves the
   previous version intact.
 """
@@ -19,7 +20,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from nettransplant.files import atomic_path, write_atomically  # noqa: F401 - re-exported
+from nettransplant.runtime.files import atomic_path, write_atomically  # noqa: F401 - re-exported
 
 LOCK_FILE = ".lock"
 

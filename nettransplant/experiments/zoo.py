@@ -2,7 +2,7 @@
 
 A :class:`TeacherZoo` owns ``W/teachers/``: the shared backbone (the stand-in
 for ImageNet pre-training), one teacher per category (category module +
-classification + segmentation task modules, :func:`nettransplant.teachers.train_teacher`)
+classification + segmentation task modules, :func:`nettransplant.training.teachers.train_teacher`)
 and Table 4's leave-one-out generic modules. Each is a checkpoint
 ``W/teachers/<name>`` with metadata (kind, categories, module specs, metrics,
 loss curve, the configuration's fingerprint) and is handed out as
@@ -38,14 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import checkpoint, convert, data, evaluation, metric_writers, modules, parallel
-from nettransplant import teachers as teacher_lib
+from nettransplant import data
+from nettransplant.core import evaluation, modules
 from nettransplant.data import benchmarks
 from nettransplant.experiments import pretrain
+from nettransplant.interop import vgg16
 from nettransplant.net import io as net_io
 from nettransplant.net.graph import TeacherParts
-from nettransplant.progress import message
-from nettransplant.training import TrainState
+from nettransplant.runtime import metric_writers, parallel
+from nettransplant.runtime.progress import message
+from nettransplant.training import checkpoint, resumable
+from nettransplant.training import teachers as teacher_lib
+from nettransplant.training.loop import TrainState
 
 
 def stable_hash(name: str) -> int:
@@ -194,7 +198,7 @@ class TeacherZoo:
         params = self._reusable(final, fingerprint, init_params)
         partial_dir = self.root / f"{name}.partial"
         if params is not None:
-            partial = checkpoint.TrainingCheckpoints(partial_dir, fingerprint)
+            partial = resumable.TrainingCheckpoints(partial_dir, fingerprint)
             # A kill between the final save and the clean-up leaves this teacher's
             # resumable state behind; one of another configuration is left alone.
             if partial.stored_fingerprint() == fingerprint:
@@ -205,7 +209,7 @@ class TeacherZoo:
             return params
         state = TrainState(jnp.zeros((), jnp.int32), init_params, optimizer.init(init_params))
         history: list = []
-        partial = checkpoint.TrainingCheckpoints(partial_dir, fingerprint)
+        partial = resumable.TrainingCheckpoints(partial_dir, fingerprint)
         try:
             resumed = partial.restore(state.as_tree())
         except checkpoint.CheckpointError as e:
@@ -317,7 +321,7 @@ class TeacherZoo:
         """torchvision's VGG-16 (``config.pretrain.weights``) as teacher parameters, FCN-8s
         segmentation module initialised from it (the paper's ImageNet initialisation)."""
         if "torchvision" not in self._params:
-            _, self._params["torchvision"] = convert.load_torchvision_teacher(
+            _, self._params["torchvision"] = vgg16.load_torchvision_teacher(
                 self.config.pretrain.weights, num_classes=self.config.model.num_classes)
         return self._params["torchvision"]
 

@@ -8,7 +8,7 @@ Layers, top to bottom:
 * :mod:`~nettransplant.jacobian.models` — small conv classifiers with named
   intermediates and one head per task;
 * :mod:`~nettransplant.jacobian.train` — the whole-student step factory on the
-  project's one loop (:mod:`nettransplant.training`);
+  project's one loop (:mod:`nettransplant.training.loop`);
 * :mod:`~nettransplant.jacobian.data` — the raw silhouette classification task;
 * :mod:`~nettransplant.jacobian.experiments` — distillation, robustness and
   transfer runs (``python -m launch.jacobian_matching``);

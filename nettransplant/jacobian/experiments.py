@@ -1,7 +1,7 @@
 """The Jacobian-matching experiments on the embedded silhouettes.
 
 ``python -m launch.jacobian_matching`` runs three experiments, every number from
-the config (``configs/jacobian_matching.py``):
+the config (``nettransplant/configs/jacobian_matching.py``):
 
 * **distillation** — a teacher trained on every training image; students
   distilled from ``n`` samples per class by matching outputs alone
@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import config_checks as check
 from nettransplant.experiments.workdir import check_writable
 from nettransplant.jacobian import losses, report
 from nettransplant.jacobian.data import (
@@ -49,8 +48,9 @@ from nettransplant.jacobian.data import (
 )
 from nettransplant.jacobian.models import ConvClassifier, make_classifier
 from nettransplant.jacobian.train import batched_apply, fit, make_train_step
-from nettransplant.progress import message, progress_bar
-from nettransplant.training import create_train_state
+from nettransplant.runtime import config_checks as check
+from nettransplant.runtime.progress import message, progress_bar
+from nettransplant.training.loop import create_train_state
 
 Array = jax.Array
 
@@ -427,7 +427,8 @@ def _check_samples_per_class(config, name: str) -> None:
 
 
 def validate_config(config) -> None:
-    """Check every field of a Jacobian-matching config (``configs/jacobian_matching.py``).
+    """Check every field of a Jacobian-matching config
+    (``nettransplant/configs/jacobian_matching.py``).
 
     Rates and temperatures finite and > 0, weights and noise levels finite and
     >= 0, steps, batch sizes and sample counts >= 1, seeds >= 0, methods,

@@ -1,6 +1,6 @@
 """Small image classifiers for Jacobian matching: a conv trunk and one or more linear heads.
 
-A :class:`ConvClassifier` is a :mod:`nettransplant.layers` stack (the trunk,
+A :class:`ConvClassifier` is a :mod:`nettransplant.core.layers` stack (the trunk,
 whose every layer output is a named intermediate, e.g. ``pool1``) followed by
 linear heads on the flattened trunk output, one per task (``"new"``, ``"old"``
 in transfer learning). Parameters are a plain pytree::
@@ -21,7 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from nettransplant import layers as L
+from nettransplant.core import layers as L
 
 Array = jax.Array
 Params = Mapping[str, Any]

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nettransplant.files import atomic_path, write_atomically
+from nettransplant.runtime.files import atomic_path, write_atomically
 
 PAPER_TRANSFER = {  # accuracy % at 25 / 50 / all samples per class
     "no transfer": {"25": 35.19, "50": 46.38, "all": 59.33},

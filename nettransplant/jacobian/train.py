@@ -2,9 +2,9 @@
 
 :func:`make_train_step` turns a loss ``loss_fn(params, frozen, batch, key) ->
 (loss, terms)`` into a jitted step with donated state whose update goes
-through :func:`~nettransplant.training.guarded_update`; :func:`fit` draws
-batches with :class:`~nettransplant.training.IndexStream` and runs
-:func:`~nettransplant.training.train_loop`. Every learned parameter is in the
+through :func:`~nettransplant.training.loop.guarded_update`; :func:`fit` draws
+batches with :class:`~nettransplant.training.loop.IndexStream` and runs
+:func:`~nettransplant.training.loop.train_loop`. Every learned parameter is in the
 state; everything held fixed (a teacher's parameters, cached teacher targets)
 is passed as ``frozen``, an argument of the step — never closed over, so XLA
 cannot constant-fold it and one compilation serves every teacher of a shape.
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant.training import IndexStream, TrainState, guarded_update, train_loop
+from nettransplant.training.loop import IndexStream, TrainState, guarded_update, train_loop
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -68,7 +68,7 @@ def fit(step, state: TrainState, frozen: Any, data: Mapping[str, np.ndarray], *,
       frozen: the step's fixed inputs (teacher parameters, …).
       data: ``{name: (N, …)}`` with a common ``N >= 1``.
     Returns:
-      ``(state, history)`` from :func:`~nettransplant.training.train_loop`.
+      ``(state, history)`` from :func:`~nettransplant.training.loop.train_loop`.
     """
     sizes = {name: len(v) for name, v in data.items()}
     if len(set(sizes.values())) != 1:

@@ -3,7 +3,8 @@
 * :mod:`~nettransplant.net.graph` — :class:`TransplantNet` (routes, ``apply``,
   ``predict``), :class:`TeacherParts`, :class:`InputSpec`;
 * :mod:`~nettransplant.net.operations` — transplant, connect, add a task
-  module, fine-tune, rank task modules (each returns the grown net);
+  module, fine-tune, rank task modules (each takes the net and returns the grown
+  net); :mod:`~nettransplant.net.task_training` trains the task modules;
 * :mod:`~nettransplant.net.io` — export / import of nets and single modules,
   teacher checkpoints as :class:`TeacherParts`;
 * :mod:`~nettransplant.net.verify` — a net's content hash, field and size checks
@@ -34,7 +35,6 @@ from nettransplant.net.io import (
     net_spec,
 )
 from nettransplant.net.operations import (
-    TaskTrainingSettings,
     TransplantSettings,
     add_task,
     build_problem,
@@ -44,6 +44,7 @@ from nettransplant.net.operations import (
     rank_task_modules,
     transplant,
 )
+from nettransplant.net.task_training import TaskTrainingSettings
 from nettransplant.net.verify import NetVerificationError
 
 __all__ = [

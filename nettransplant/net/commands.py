@@ -32,15 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nettransplant import checkpoint, tasks
-from nettransplant.cli import USER_ERRORS, UsageError, run_main
-from nettransplant.files import atomic_path
+from nettransplant.core import tasks
 from nettransplant.net import (
     TaskTrainingSettings,
     TransplantNet,
     TransplantSettings,
     load_net,
     load_teacher,
+    operations,
     outputs,
 )
 from nettransplant.net import io as net_io
@@ -52,6 +51,9 @@ from nettransplant.net.images import (  # noqa: F401 - part of this module's int
     read_images,
     read_samples,
 )
+from nettransplant.runtime.cli import USER_ERRORS, UsageError, run_main
+from nettransplant.runtime.files import atomic_path
+from nettransplant.training import checkpoint
 
 METHODS = ("back-distill", "direct-learn", "distill", "jacobian")
 PANEL_NAME = re.compile(r"\d{5}\.png")
@@ -135,7 +137,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_samples(args) -> None:
-    from configs import silhouettes
+    from nettransplant.configs import silhouettes
     from nettransplant.data import benchmarks
 
     out = outputs.check_output(args.out, flag="--out", replaceable=Path.is_file, what="file")
@@ -167,9 +169,9 @@ def cmd_transplant(args) -> None:
         beta_images = None
         if args.beta is None:
             beta_images = (read_images(args.beta_images[0]), read_images(args.beta_images[1]))
-        grown, report = net.transplant(teacher, onto=args.onto, method=args.method,
-                                       samples=samples, beta=args.beta,
-                                       beta_images=beta_images, settings=_settings(args))
+        grown, report = operations.transplant(net, teacher, onto=args.onto, method=args.method,
+                                              samples=samples, beta=args.beta,
+                                              beta_images=beta_images, settings=_settings(args))
         print(json.dumps(_brief(report)))
         _write_net(grown, out, args.overwrite)
 
@@ -183,10 +185,11 @@ def cmd_connect(args) -> None:
             raise UsageError(f"--category {args.category!r} is already connected to "
                              f"--task-module {args.task_module!r}")
         samples = _samples_for(net, args.samples, args.task_module)
-        grown, report = net.connect(args.category, args.task_module, reference=args.reference,
-                                    method=args.method, samples=samples,
-                                    beta=args.beta if args.beta is not None else 1.0,
-                                    settings=_settings(args))
+        grown, report = operations.connect(net, args.category, args.task_module,
+                                           reference=args.reference, method=args.method,
+                                           samples=samples,
+                                           beta=args.beta if args.beta is not None else 1.0,
+                                           settings=_settings(args))
         print(json.dumps(_brief(report)))
         _write_net(grown, out, args.overwrite)
 
@@ -215,8 +218,8 @@ def cmd_add_task(args) -> None:
         for category, path in pairs:
             net.category(category)
             data[category] = read_samples(path, task, num_classes(template.module))
-        grown, report = net.add_task(args.name, template.module, data=data,
-                                     settings=TaskTrainingSettings(num_steps=args.steps,
+        grown, report = operations.add_task(net, args.name, template.module, data=data,
+                                            settings=TaskTrainingSettings(num_steps=args.steps,
                                                                    seed=args.seed))
         print(json.dumps(_brief(report)))
         _write_net(grown, out, args.overwrite)

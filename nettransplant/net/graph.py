@@ -2,7 +2,7 @@
 
 A :class:`TransplantNet` is the paper's object (Fig. 1): category modules
 ``f`` (one per category), task modules ``g`` (each knows its task:
-:mod:`nettransplant.tasks`), and edges ``f → g``, each either direct (the
+:mod:`nettransplant.core.tasks`), and edges ``f → g``, each either direct (the
 teacher's own pairing) or through a learned adapter ``h`` (with its fixed
 re-scaling β). A *route* is a connected (category, task module) pair;
 :meth:`TransplantNet.apply` runs ``g(h(f(I)))`` on it and
@@ -13,10 +13,10 @@ Parameters are stored by module id::
     {"category_modules": {id: params}, "task_modules": {id: params},
      "adapters": {category id: {task module id: params}}}
 
-A net is immutable: every operation (:mod:`nettransplant.net.operations`, also
-reachable as methods) returns a new net that shares every existing module's
-parameter arrays, so an operation cannot change any route that existed before
-it (tested bitwise). Ids are names like ``cat`` or ``dog.segmentation``
+A net is immutable: every operation (the functions of
+:mod:`nettransplant.net.operations`, which take the net first) returns a new net that
+shares every existing module's parameter arrays, so an operation cannot change any route
+that existed before it (tested bitwise). Ids are names like ``cat`` or ``dog.segmentation``
 (letters, digits, ``_``, ``.``, ``-``).
 """
 
@@ -34,15 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nettransplant import evaluation, tasks
-from nettransplant.adapter import Adapter
-from nettransplant.data.tasks import IMAGENET_MEAN, IMAGENET_STD
-from nettransplant.modules import (
+from nettransplant.core import evaluation, tasks
+from nettransplant.core.adapter import Adapter
+from nettransplant.core.modules import (
     CategoryModule,
     ClassificationTaskModule,
     SegmentationTaskModule,
     Teacher,
 )
+from nettransplant.data.tasks import IMAGENET_MEAN, IMAGENET_STD
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -148,7 +148,7 @@ class ModuleRef:
 class TeacherParts:
     """A pre-trained teacher net: one category module and its task modules, by task name.
 
-    :meth:`from_teacher` splits a :class:`~nettransplant.modules.Teacher`;
+    :meth:`from_teacher` splits a :class:`~nettransplant.core.modules.Teacher`;
     :func:`nettransplant.net.io.load_teacher` reads a teacher checkpoint.
     """
 
@@ -195,8 +195,9 @@ def _route_predict(category_module, adapter, task_module, f_params, h_params, be
 class TransplantNet:
     """Category modules, task modules and adapters (see the module docstring).
 
-    Build one with :meth:`add_teacher` and grow it with :meth:`transplant`,
-    :meth:`connect`, :meth:`add_task` and :meth:`fine_tune`; save it with
+    Build one with :meth:`add_teacher` and grow it with the functions of
+    :mod:`nettransplant.net.operations` (``transplant``, ``connect``, ``add_task``,
+    ``fine_tune``), which take the net first; save it with
     :func:`nettransplant.net.io.export_net`.
     """
 
@@ -453,50 +454,6 @@ class TransplantNet:
         node = self.task_module(task_module)
         new = TaskNode(node.module, dict(node.provenance if provenance is None else provenance))
         return self._grown(replace_tasks={task_module: (new, params)})
-
-    # ------------------------------------------------------------------ operations
-
-    def transplant(self, teacher: TeacherParts, *, onto: str, **kwargs):
-        """Transplant a teacher's category module onto task module ``onto`` (paper Step 2).
-
-        See :func:`nettransplant.net.operations.transplant`; returns ``(net, report)``.
-        """
-        from nettransplant.net import operations
-        return operations.transplant(self, teacher, onto=onto, **kwargs)
-
-    def connect(self, category: str, task_module: str, **kwargs):
-        """Connect two modules of the net with a new adapter (paper Step 3); ``(net, report)``.
-
-        See :func:`nettransplant.net.operations.connect`.
-        """
-        from nettransplant.net import operations
-        return operations.connect(self, category, task_module, **kwargs)
-
-    def add_task(self, task_module: str, module: TaskModule, **kwargs):
-        """Learn a new task module on category modules' features (paper Step 1).
-
-        See :func:`nettransplant.net.operations.add_task`; returns ``(net, report)``.
-        """
-        from nettransplant.net import operations
-        return operations.add_task(self, task_module, module, **kwargs)
-
-    def fine_tune(self, task_module: str, **kwargs):
-        """Fine-tune a task module on several routes (paper §5); ``(net, report)``.
-
-        See :func:`nettransplant.net.operations.fine_tune`.
-        """
-        from nettransplant.net import operations
-        return operations.fine_tune(self, task_module, **kwargs)
-
-    def rank_task_modules(self, teacher: TeacherParts, *, task: str,
-                          candidates: Sequence[str] | None = None, **kwargs):
-        """Candidates to transplant onto, best first, by the zero-sample residual.
-
-        See :func:`nettransplant.net.operations.rank_task_modules`.
-        """
-        from nettransplant.net import operations
-        return operations.rank_task_modules(self, teacher, task=task, candidates=candidates,
-                                            **kwargs)
 
     def __repr__(self) -> str:
         return (f"TransplantNet({len(self._categories)} category modules, "

@@ -11,7 +11,7 @@ width × height from its header (at most :data:`MAX_IMAGE_PIXELS`), an ``.npz``
 member's shape and dtype from its ``.npy`` header (its bytes must be in the
 file, and at most :data:`MAX_INPUT_BYTES`), and the decoded total of a whole
 input (at most :data:`MAX_INPUT_BYTES`). Every error is one line naming the
-file (a :class:`~nettransplant.cli.UsageError`).
+file (a :class:`~nettransplant.runtime.cli.UsageError`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nettransplant.cli import UsageError, one_line
+from nettransplant.runtime.cli import UsageError, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_IMAGE_PIXELS = 1 << 24  # 16,777,216 pixels per image (4096 × 4096)

@@ -1,6 +1,6 @@
 """Export and import transplant nets and single modules: an orbax checkpoint + a JSON spec.
 
-A net on disk is a :mod:`nettransplant.checkpoint` directory whose parameters
+A net on disk is a :mod:`nettransplant.training.checkpoint` directory whose parameters
 are the net's tree by module id and whose metadata is::
 
     {"kind": "nettransplant.transplant_net", "spec_version": 1,
@@ -43,9 +43,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nettransplant import checkpoint
-from nettransplant.adapter import Adapter
-from nettransplant.modules import (
+from nettransplant.core.adapter import Adapter
+from nettransplant.core.modules import (
     CategoryModule,
     ClassificationTaskModule,
     SegmentationTaskModule,
@@ -64,6 +63,7 @@ from nettransplant.net.graph import (
     TransplantNet,
     check_id,
 )
+from nettransplant.training import checkpoint
 
 NET_KIND = "nettransplant.transplant_net"
 SPEC_VERSION = 1
@@ -193,7 +193,7 @@ def write_net(net: TransplantNet, directory: str | os.PathLike, *,
 
 def export_net(net: TransplantNet, directory: str | os.PathLike, *,
                overwrite: bool = False) -> Path:
-    """Write ``net`` to ``directory`` (atomically; see :mod:`nettransplant.checkpoint`).
+    """Write ``net`` to ``directory`` (atomically; see :mod:`nettransplant.training.checkpoint`).
 
     Holds ``directory``'s lock while writing (a second writer is refused with an
     :class:`~nettransplant.net.outputs.OutputBusyError`) and first removes the
@@ -466,13 +466,13 @@ def _teacher_modules(metadata: Mapping[str, Any], path: Path) -> dict[str, Any]:
             raise NetSpecError(str(e)) from None
         return {role: module_from_spec(spec, f"{path}: {role}") for role, spec in record.items()}
     if metadata.get("architecture") == "vgg16":  # launch.convert_torchvision
-        from nettransplant import convert
+        from nettransplant.interop import vgg16
         try:
             verify.check_field("num_outputs", "int", metadata.get("num_outputs"),
                                f"{path}: metadata")
         except ValueError as e:
             raise NetSpecError(str(e)) from None
-        model = convert.make_vgg16_classifier(int(metadata["num_outputs"]))
+        model = vgg16.make_vgg16_classifier(int(metadata["num_outputs"]))
         return {"category_module": model.category_module,
                 "classification_module": model.classification_module}
     config = metadata.get("config")
@@ -485,7 +485,7 @@ def _teacher_modules(metadata: Mapping[str, Any], path: Path) -> dict[str, Any]:
                                            f"{path}: config.model")
     except ValueError as e:
         raise NetSpecError(str(e)) from None
-    from nettransplant import modules
+    from nettransplant.core import modules
     teacher = modules.make_teacher(width=model["width"], input_size=model["image_size"],
                                    num_outputs=metadata.get("num_outputs", 1),
                                    num_classes=model["num_classes"],

@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nettransplant import objectives, problem, training
-from nettransplant.adapter import Adapter
+from nettransplant.core.adapter import Adapter
 from nettransplant.net.graph import ModuleRef, TaskModule, TeacherParts, TransplantNet
-from nettransplant.transplant import Draws, Transplant, check_draws
+from nettransplant.net.task_training import TaskTrainingSettings, train_task_module
+from nettransplant.transplant import objectives, problem
+from nettransplant.transplant.wiring import Draws, Transplant, check_draws
 
 Array = jax.Array
 Params = Mapping[str, Any]
@@ -59,10 +60,10 @@ class TransplantSettings:
 
     ``None`` fields take the task's default: adapter (num_convs, kernel) (3, 1) for
     classification and (1, 1) for segmentation; dummies Exp. 2's / Exp. 3's
-    protocol (:func:`nettransplant.problem.task_dummies`); λ0 10 / 1.
+    protocol (:func:`nettransplant.transplant.problem.task_dummies`); λ0 10 / 1.
 
     ``draws``: how the back-distillation draws are made (``"randomised"`` or
-    ``"literal"``: :attr:`nettransplant.transplant.Transplant.draws`).
+    ``"literal"``: :attr:`nettransplant.transplant.wiring.Transplant.draws`).
     """
 
     adapter: tuple[int, int] | None = None
@@ -87,7 +88,8 @@ class TransplantSettings:
 
     @classmethod
     def from_config(cls, transplant_config, *, seed: int = 0, **overrides) -> TransplantSettings:
-        """From a main-job config's ``transplant`` section (configs/silhouettes.py)."""
+        """From a main-job config's ``transplant`` section
+        (``nettransplant/configs/silhouettes.py``)."""
         c = transplant_config
         values = dict(positive_fraction=c.positive_fraction, score_size=c.score_size,
                       num_draws=c.num_draws, draws_per_step=c.draws_per_step,
@@ -372,52 +374,6 @@ def connect(net: TransplantNet, category: str, task_module: str, *,
     return grown, provenance
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskTrainingSettings:
-    """How a task module is trained on frozen features (:func:`add_task`, :func:`fine_tune`)."""
-
-    num_steps: int = 300
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    log_every: int = 25
-    seed: int = 0
-
-
-def _task_step(module: TaskModule, optimizer: optax.GradientTransformation):
-    """Jitted ``step(state, key, features, targets)``: the task loss, dropout on."""
-
-    def loss_fn(params, key, x, targets):
-        y = module.apply({"params": params}, x, train=True, rngs={"dropout": key})[0]
-        return module.task.loss(y, targets, jnp.ones((x.shape[0],), jnp.float32))
-
-    @partial(jax.jit, donate_argnums=0)
-    def step(state, key, x, targets):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, key, x, targets)
-        new_state, grad_norm, finite = training.guarded_update(state, grads, loss, optimizer)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
-
-    return step
-
-
-def _train_task_module(module: TaskModule, params: Params, features: np.ndarray,
-                       targets: np.ndarray, settings: TaskTrainingSettings, what: str
-                       ) -> tuple[Params, list[dict[str, float]]]:
-    optimizer = optax.adam(settings.learning_rate)
-    state = training.create_train_state(params, optimizer)
-    stream = training.IndexStream(len(targets), settings.batch_size, settings.seed,
-                                  padded=False)
-    key = jax.random.key(settings.seed)
-
-    def step_args(i):
-        rows = stream.next()
-        return jax.random.fold_in(key, i), features[rows], targets[rows]
-
-    state, history = training.train_loop(
-        _task_step(module, optimizer), state, step_args, num_steps=settings.num_steps,
-        log_every=settings.log_every, progress=what, what=what)
-    return state.params, history
-
-
 def _route_features(net: TransplantNet, category: str, task_module: str | None,
                     images: np.ndarray) -> np.ndarray:
     """``f(I)``, or ``h(f(I))`` when ``category`` reaches ``task_module`` through an adapter."""
@@ -476,7 +432,7 @@ def add_task(net: TransplantNet, task_module: str, module: TaskModule, *,
     x, y = _labelled_union(net, data, None)
     if init is None:
         init = module.init(jax.random.key(settings.seed), jnp.zeros((1, *x.shape[1:])))["params"]
-    params, history = _train_task_module(module, init, x, y, settings,
+    params, history = train_task_module(module, init, x, y, settings,
                                          f"add task module {task_module}")
     report = {"operation": "add_task", "categories": sorted(data), "samples": int(len(y)),
               "num_steps": settings.num_steps, "learning_rate": settings.learning_rate,
@@ -506,7 +462,7 @@ def fine_tune(net: TransplantNet, task_module: str, *, data: Mapping[str, Sample
         net.edge(category, task_module)
     x, y = _labelled_union(net, data, task_module)
     node = net.task_module(task_module)
-    params, history = _train_task_module(node.module, net.task_params(task_module), x, y,
+    params, history = train_task_module(node.module, net.task_params(task_module), x, y,
                                          settings, f"fine-tune {task_module}")
     report = {"operation": "fine_tune", "categories": sorted(data), "samples": int(len(y)),
               "num_steps": settings.num_steps, "learning_rate": settings.learning_rate,

@@ -121,7 +121,7 @@ def clean_staging(target: str | os.PathLike) -> list[Path]:
 
     Removes ``.NAME.tmp-*`` (and for a file ``.STEM.tmp-*SUFFIX``), and
     ``.NAME.old-*`` only while ``target`` exists: without it, an ``.old-*`` may be
-    the one copy a crash mid-replace left (:func:`nettransplant.checkpoint.recover`
+    the one copy a crash mid-replace left (:func:`nettransplant.training.checkpoint.recover`
     moves it back). Returns the paths removed.
     """
     target = Path(target).expanduser().absolute()

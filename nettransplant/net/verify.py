@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from nettransplant.modules import (
+from nettransplant.core.modules import (
     VGG16_BLOCKS,
     VGG16_FC_WIDTH,
     category_channels,
