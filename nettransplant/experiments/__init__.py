@@ -4,7 +4,7 @@
 * :mod:`~nettransplant.experiments.zoo` — :class:`TeacherZoo` (train, checkpoint,
   reuse, resume every teacher);
 * :mod:`~nettransplant.experiments.paper` — :func:`run` (the main job,
-  ``python -m launch.reproduce``) and its :class:`Runner`;
+  ``nettransplant reproduce``) and its :class:`Runner`;
 * :mod:`~nettransplant.experiments.cells` — :class:`CellStore` (finished transplant
   cells on disk, so a run resumes);
 * :mod:`~nettransplant.experiments.workdir` — the workdir's lock, writability check

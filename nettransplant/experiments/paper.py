@@ -1,6 +1,6 @@
 """The paper's experiments end to end (the main job): teachers, Exps. 1-3, Table 4, outputs.
 
-:func:`run` is what ``python -m launch.reproduce`` calls:
+:func:`run` is what ``nettransplant reproduce`` calls:
 
 1. the :class:`~nettransplant.experiments.zoo.TeacherZoo` trains or reuses every
    teacher, and all of them join one :class:`~nettransplant.net.TransplantNet`
@@ -136,7 +136,7 @@ def batched_runs(config) -> bool:
     """Whether a problem's runs of one method train at once on a runs axis
     (``config.transplant.runs_axis``): ``"batched"``, ``"one_at_a_time"``, or
     ``"auto"`` (default), batched on a GPU or TPU and one at a time on a CPU, where
-    one small run already keeps the cores busy (``python -m launch.benchmark``
+    one small run already keeps the cores busy (``nettransplant benchmark``
     measures both side by side)."""
     mode = config.transplant.get("runs_axis", "auto")
     if mode == "auto":
