@@ -24,7 +24,7 @@ from job_configs import TRIMMED
 
 from nettransplant.commands import COMMANDS
 
-pytestmark = pytest.mark.slow  # a wheel build, a venv and a short main job (~2 min)
+pytestmark = pytest.mark.slow  # a wheel build, a venv and a short main job (minutes)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "nettransplant")
@@ -114,7 +114,9 @@ def test_every_command_answers_help_from_outside_the_checkout(venv):
 
 def test_the_quick_main_job_runs_from_the_installed_wheel(venv):
     workdir = venv["cwd"] / "w"
-    overrides = [f"--config.{key}={value!r}" for key, value in TRIMMED.items()]
+    # The trimmed quick job with two sample counts: Exp. 3's cells for one category.
+    trimmed = {**TRIMMED, "sample_counts": (0, 10)}
+    overrides = [f"--config.{key}={value!r}" for key, value in trimmed.items()]
     result = subprocess.run(["nettransplant", "reproduce", "--config", "silhouettes:quick",
                              "--workdir", workdir, *overrides], cwd=venv["cwd"],
                             env=venv["env"], capture_output=True, text=True, timeout=900)

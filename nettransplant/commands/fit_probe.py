@@ -46,7 +46,7 @@ def define_flags(values: flags.FlagValues) -> None:
                       flag_values=values)
     flags.DEFINE_list("optimizers", [],
                       "NAME@RATE, NAME one of " + ", ".join(fit_probe.OPTIMIZERS)
-                      + " (default: the main job's, Adam at the cell's task's rate)",
+                      + "; none given: the main job's, Adam at the cell's task's rate",
                       flag_values=values)
     flags.DEFINE_enum("init", "random", fit_probe.INITS,
                       "the adapter's initialisation (back-distill: its warm start)",

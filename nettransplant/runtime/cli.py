@@ -1,6 +1,6 @@
 """What every command line of the project shares: one-line errors and exit codes.
 
-A launch script wraps its work in :func:`run_main`. An expected failure prints
+A command wraps its work in :func:`run_main`. An expected failure prints
 ``error: <one line>`` on stderr and exits with :data:`EXIT_USAGE` instead of a
 traceback: a bad input (a config field, a file, a module id), a full disk or a
 read-only, unwritable output (the line names the path), a training that
@@ -148,8 +148,6 @@ def flags_help(values: flags.FlagValues) -> str:
             continue
         seen.add(id(flag))
         spelled = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
-        if isinstance(flag.parser, flags.EnumParser):
-            spelled += f" <{'|'.join(flag.parser.enum_values)}>"
         if _is_required(flag):
             default = "required"
         elif flag.default is None:
