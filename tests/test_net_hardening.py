@@ -1,4 +1,4 @@
-"""Exported nets and ``launch.net`` against bad, tampered, huge and concurrent input.
+"""Exported nets and ``nettransplant net`` against bad, tampered, huge and concurrent input.
 
 Every test reuses one small net (width 1/16, 32² inputs, random parameters)
 exported once per session, so each runs in about a second: content hashes,

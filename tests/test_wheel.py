@@ -1,15 +1,16 @@
 """The wheel works on its own: built, installed in a fresh venv, run from outside the checkout.
 
 The wheel is built from a copy of the package's sources (so no build folder lands in the
-checkout) and installed without its dependencies into a fresh venv; the test
-environment's dependencies are made visible to that venv by a ``.pth`` file added after
-the install (the checkout's own, editable nettransplant is not). From a folder outside
-the checkout, ``nettransplant`` and every command's ``--help`` exit 0 and a trimmed quick
-main job writes its results.
+checkout), offline where this environment has the build backend, and installed without
+its dependencies into a fresh venv; the test environment's dependencies are made visible
+to that venv by a ``.pth`` file added after the install (the checkout's own, editable
+nettransplant is not). From a folder outside the checkout, ``nettransplant`` and every
+command's ``--help`` exit 0 and a trimmed quick main job writes its results.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -37,6 +38,15 @@ def _run(command: list, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def _has_build_backend() -> bool:
+    """Whether this environment has setuptools >= 77 (pyproject.toml's build requirement)."""
+    try:
+        major = int(importlib.metadata.version("setuptools").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return major >= 77
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The wheel built from a copy of the checkout's package sources."""
@@ -49,8 +59,10 @@ def wheel(tmp_path_factory) -> Path:
         else:
             source.mkdir(exist_ok=True)
             shutil.copy2(REPO / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-          "--no-index", "-w", root / "dist", source], timeout=600)
+    # With the build backend pyproject.toml asks for at hand, offline; else pip fetches it.
+    offline = ["--no-build-isolation", "--no-index"] if _has_build_backend() else []
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-w", root / "dist",
+          source], timeout=600)
     (built,) = (root / "dist").glob("nettransplant-*.whl")
     return built
 

@@ -432,8 +432,8 @@ def _define_growth(values: flags.FlagValues) -> None:
 
 def _define_build(values: flags.FlagValues) -> None:
     flags.DEFINE_multi_string("teacher", None, "a teacher checkpoint (W/teachers/<cat>, or "
-                              "nettransplant convert's output); repeat for several",
-                              flag_values=values, required=True)
+                              "nettransplant convert's output)", flag_values=values,
+                              required=True)
     _define_out(values, "folder of the net")
 
 
@@ -495,8 +495,7 @@ def _define_add_task(values: flags.FlagValues) -> None:
     flags.DEFINE_enum("task", None, sorted(tasks.TASKS), "the new module's task",
                       flag_values=values, required=True)
     flags.DEFINE_multi_string("data", None, "CATEGORY=FILE.npz: labelled samples of a "
-                              "category; repeat for several", flag_values=values,
-                              required=True)
+                              "category", flag_values=values, required=True)
     flags.DEFINE_integer("steps", 300, "Adam steps", lower_bound=1, upper_bound=10**7,
                          flag_values=values)
     _define_seed(values)
