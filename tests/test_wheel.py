@@ -121,7 +121,7 @@ def test_every_command_answers_help_from_outside_the_checkout(venv):
     unknown = subprocess.run(["nettransplant", "bogus"], cwd=venv["cwd"], env=venv["env"],
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1, unknown.stderr
-    assert unknown.stderr.startswith("error: unknown command 'bogus'")
+    assert unknown.stderr.startswith("error: nettransplant: unknown command 'bogus'")
 
 
 def test_the_quick_main_job_runs_from_the_installed_wheel(venv):

@@ -44,15 +44,6 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    """What ``nettransplant --help`` prints: every command and what it does."""
-    width = max(map(len, COMMANDS))
-    listed = "\n".join(f"  {name:<{width}}  {summary}"
-                       for name, (_, summary) in COMMANDS.items())
-    return (f"usage: {PROGRAM} <command> [flags]   ({PROGRAM} <command> --help: its flags "
-            f"and their defaults)\n\ncommands:\n{listed}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``nettransplant <command> [flags]`` on ``argv`` (default ``sys.argv[1:]``).
 
@@ -60,14 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown one is one ``error:`` line (``SystemExit`` with status 2).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in cli.HELP_FLAGS:
-        print(usage(), end="")
+    name = cli.choose_command(argv, {name: summary for name, (_, summary) in COMMANDS.items()},
+                              program=PROGRAM)
+    if name is None:  # --help
         return 0
-    if not argv or argv[0] not in COMMANDS:
-        given = f"unknown command {argv[0]!r}" if argv else "no command"
-        cli.refuse(f"{given}; commands: {', '.join(COMMANDS)} ({PROGRAM} --help)")
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    return importlib.import_module(COMMANDS[name][0]).main(argv[1:])
 
 
 def console() -> None:

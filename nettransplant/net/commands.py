@@ -550,15 +550,6 @@ COMMANDS = {
 }
 
 
-def usage() -> str:
-    """What ``nettransplant net --help`` prints: the commands and how they work."""
-    width = max(map(len, COMMANDS))
-    listed = "\n".join(f"  {name:<{width}}  {command.summary}"
-                        for name, command in COMMANDS.items())
-    return (f"usage: {PROGRAM} <command> [flags]   ({PROGRAM} <command> --help: its flags)"
-            f"\n\ncommands:\n{listed}\n\n{__doc__.strip()}\n")
-
-
 def _run(command: Command, values: flags.FlagValues) -> None:
     """The command, with operating-system errors (full disk, permissions) as one line."""
     try:
@@ -577,15 +568,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     refused while running is one line too, and returns 2.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in cli.HELP_FLAGS:
-        print(usage(), end="")
+    name = cli.choose_command(argv, {name: c.summary for name, c in COMMANDS.items()},
+                              program=PROGRAM, doc=__doc__)
+    if name is None:  # --help
         return 0
-    if not argv or argv[0] not in COMMANDS:
-        given = f"unknown command {argv[0]!r}" if argv else "no command"
-        cli.refuse(f"{PROGRAM}: {given}; commands: {', '.join(COMMANDS)} "
-                   f"({PROGRAM} --help)")
-    command = COMMANDS[argv[0]]
-    values = cli.parse_flags(argv[1:], command.define, program=f"{PROGRAM} {argv[0]}",
+    command = COMMANDS[name]
+    values = cli.parse_flags(argv[1:], command.define, program=f"{PROGRAM} {name}",
                              doc=command.summary[0].upper() + command.summary[1:] + ".")
     return run_main(lambda: _run(command, values),
                     interrupted="interrupted; the input net is unchanged")

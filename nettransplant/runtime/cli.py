@@ -26,7 +26,7 @@ import sys
 import tempfile
 import textwrap
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from absl import flags
@@ -166,6 +166,31 @@ def command_help(program: str, doc: str, values: flags.FlagValues | None = None)
     if values is not None:
         parts.append("flags:\n" + flags_help(values))
     return "\n\n".join(parts) + "\n"
+
+
+def commands_help(program: str, summaries: Mapping[str, str], doc: str = "") -> str:
+    """What ``--help`` of a program with commands prints: each command and what it does."""
+    width = max(map(len, summaries))
+    listed = "\n".join(f"  {name:<{width}}  {summary}" for name, summary in summaries.items())
+    text = (f"usage: {program} <command> [flags]   ({program} <command> --help: its flags and "
+            f"their defaults)\n\ncommands:\n{listed}\n")
+    return text + (f"\n{doc.strip()}\n" if doc else "")
+
+
+def choose_command(argv: Sequence[str], summaries: Mapping[str, str], *, program: str,
+                   doc: str = "") -> str | None:
+    """The command ``argv[0]`` names, among ``summaries``' keys.
+
+    Returns None after printing :func:`commands_help` for ``--help``. No command or an
+    unknown one is one ``error:`` line (``SystemExit`` with :data:`EXIT_USAGE`).
+    """
+    if argv and argv[0] in HELP_FLAGS:
+        print(commands_help(program, summaries, doc), end="")
+        return None
+    if not argv or argv[0] not in summaries:
+        given = f"unknown command {argv[0]!r}" if argv else "no command"
+        refuse(f"{program}: {given}; commands: {', '.join(summaries)} ({program} --help)")
+    return argv[0]
 
 
 def parse_flags(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], object], *,
