@@ -1,13 +1,12 @@
-"""End-to-end demo on the embedded silhouettes: train a teacher, transplant its category module.
+"""``python -m launch.demo``: in a checkout, the same as ``nettransplant demo``.
 
-    python -m launch.demo --workdir workdir/demo [--category cat] [--quick]
-
-Runs :func:`nettransplant.experiments.demo.run` (``--quick``: under a minute on a
-2-core CPU) and prints its table; writes ``demo_results.json`` and the teacher
-checkpoint to ``--workdir``.
+What the command does, its flags and their defaults: ``nettransplant demo --help``
+(:mod:`nettransplant.commands.demo`).
 """
 
-from nettransplant.commands.demo import main, run  # noqa: F401 - main: the command's API
+import sys
+
+from nettransplant.commands.demo import main
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main())

@@ -1,17 +1,12 @@
-"""Grow a transplant net on the embedded data: choose task modules, fine-tune, measure forgetting.
+"""``python -m launch.growth``: in a checkout, the same as ``nettransplant growth``.
 
-    python -m launch.growth --workdir W          # W: the main job's workdir (teachers reused)
-    python -m launch.growth --workdir W --config nettransplant/configs/net_growth.py:quick
-
-Runs :func:`nettransplant.experiments.growth.run`; writes ``W/growth/results.json``
-and ``W/growth/results.md`` (what they hold: ``nettransplant/configs/net_growth.py``).
+What the command does, its flags and their defaults: ``nettransplant growth --help``
+(:mod:`nettransplant.commands.growth`).
 """
 
-from absl import flags
+import sys
 
-from nettransplant.commands import growth
-
-flags.adopt_module_key_flags(growth)  # --help lists its flags
+from nettransplant.commands.growth import main
 
 if __name__ == "__main__":
-    growth.run()
+    sys.exit(main())

@@ -562,7 +562,7 @@ def test_cli_refuses_bad_arguments_and_weights(tmp_path, safetensors_file, capsy
             (["--weights", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "o")],
              "no such file"),
             (["--weights", str(safetensors_file), "--out", str(tmp_path / "o"),
-              "--num-outputs", "0"], "--num-outputs must be >= 1")):
+              "--num_outputs", "0"], "--num_outputs must be >= 1")):
         with pytest.raises(SystemExit) as exit_info:
             convert_torchvision.main(argv)
         assert exit_info.value.code == 2
@@ -577,8 +577,8 @@ def test_cli_refuses_bad_arguments_and_weights(tmp_path, safetensors_file, capsy
 def test_cli_verify_compares_a_fresh_head_with_pytorch(tmp_path, safetensors_file, capsys):
     out = tmp_path / "vgg16-k3"
     status = convert_torchvision.main([
-        "--weights", str(safetensors_file), "--out", str(out), "--num-outputs", "3",
-        "--seed", "7", "--verify", "--verify-sizes", "224"])
+        "--weights", str(safetensors_file), "--out", str(out), "--num_outputs", "3",
+        "--seed", "7", "--verify", "--verify_sizes", "224"])
     printed = capsys.readouterr().out
     assert status == 0, printed
     assert "verify 224²: output (1, 3), max abs diff" in printed

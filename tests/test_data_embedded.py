@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from launch import data_report
 from nettransplant import data
+from nettransplant.commands import data_report
 from nettransplant.data import baselines, composite, silhouettes
 
 IMAGE_SIZE = 32
@@ -203,8 +203,8 @@ def test_the_stride_8_oracle_keeps_block_masks_and_loses_detail_below_the_block(
 
 def test_data_report_writes_json_and_grids(data_dir, tmp_path):
     out = tmp_path / "report"
-    report = data_report.main(["--json", str(tmp_path / "r.json"), "--out", str(out),
-                               "--data-dir", str(data_dir)])
+    report = data_report.run(data_report.parse(["--json", str(tmp_path / "r.json"), "--out",
+                                                str(out), "--data_dir", str(data_dir)]))
     stored = json.loads((tmp_path / "r.json").read_text())
     assert stored["threshold_baseline_pixel_acc"] == pytest.approx(
         report["threshold_baseline_pixel_acc"])

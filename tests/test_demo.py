@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from launch import demo
+from nettransplant.commands import demo
 from nettransplant.training import checkpoint
 
 
 def test_demo_runs_end_to_end_and_the_zero_sample_transplant_reproduces_the_teacher(tmp_path):
-    results = demo.main(["--workdir", str(tmp_path), "--quick", "--category", "sheep"])
+    results = demo.run(demo.parse(["--workdir", str(tmp_path), "--quick", "--category",
+                                   "sheep"]))
     stored = json.loads((tmp_path / "demo_results.json").read_text())
     assert stored["category"] == "sheep"
     rows = stored["transplant_cls_error"]

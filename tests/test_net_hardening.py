@@ -1,4 +1,4 @@
-"""Exported nets and ``launch.net`` against bad, tampered, huge and concurrent input.
+"""Exported nets and ``nettransplant net`` against bad, tampered, huge and concurrent input.
 
 Every test reuses one small net (width 1/16, 32² inputs, random parameters)
 exported once per session, so each runs in about a second: content hashes,
@@ -34,6 +34,7 @@ from nettransplant.net import (
     TransplantNet,
     export_net,
     load_net,
+    operations,
     outputs,
     verify,
 )
@@ -166,7 +167,7 @@ def test_a_tampered_spec_is_one_line_naming_the_file(net_copy, capsys, name):
         _edit(net_copy, TAMPERING[name], rehash=False)
     with pytest.raises(verify.NetVerificationError, match="does not match net_sha256"):
         load_net(net_copy)
-    code, _, err = cli(capsys, "info", "--net", net_copy, "--allow-unverified")
+    code, _, err = cli(capsys, "info", "--net", net_copy, "--allow_unverified")
     assert_one_line_error(code, err, str(net_copy / "checkpoint.json"), "does not match")
 
 
@@ -195,18 +196,18 @@ def test_a_net_without_a_hash_is_refused_unless_allowed_then_warned(net_copy, ca
     with pytest.raises(verify.NetVerificationError, match="no content hash"):
         load_net(net_copy)
     code, _, err = cli(capsys, "info", "--net", net_copy)
-    assert_one_line_error(code, err, str(net_copy / "checkpoint.json"), "--allow-unverified",
-                          "launch.net export")
+    assert_one_line_error(code, err, str(net_copy / "checkpoint.json"), "--allow_unverified",
+                          "nettransplant net export")
 
     with pytest.warns(net_io.UnverifiedNetWarning, match="UNVERIFIED"):
         load_net(net_copy, allow_unverified=True)
-    code, out, err = cli(capsys, "info", "--net", net_copy, "--allow-unverified")
+    code, out, err = cli(capsys, "info", "--net", net_copy, "--allow_unverified")
     assert code == 0 and "routes" in out.replace("route", "routes")
     assert err.startswith("WARNING:") and "UNVERIFIED" in err and len(err.splitlines()) == 1
 
     # re-exported, it is verified again, and its modules and parameters are the same
     fresh = net_copy.parent / "fresh"
-    code, _, err = cli(capsys, "export", "--net", net_copy, "--allow-unverified", "--out", fresh)
+    code, _, err = cli(capsys, "export", "--net", net_copy, "--allow_unverified", "--out", fresh)
     assert code == 0, err
     with warnings.catch_warnings():
         warnings.simplefilter("error", net_io.UnverifiedNetWarning)
@@ -226,7 +227,7 @@ def test_a_record_without_the_parameters_hash_is_refused(net_copy):
 
 
 def test_export_writes_one_module_as_a_verified_net(small, tmp_path, capsys):
-    code, out, err = cli(capsys, "export", "--net", small["dir"], "--task-module",
+    code, out, err = cli(capsys, "export", "--net", small["dir"], "--task_module",
                          "dog.segmentation", "--out", tmp_path / "g")
     assert code == 0, err
     single = load_net(tmp_path / "g")
@@ -398,7 +399,7 @@ def test_a_net_a_crash_left_aside_mid_replace_is_moved_back_not_cleaned(small, t
 def test_transplant_checks_out_before_any_training(small, tmp_path, capsys, monkeypatch):
     def never(*_, **__):
         raise AssertionError("work started before --out was checked")
-    monkeypatch.setattr(TransplantNet, "transplant", never)
+    monkeypatch.setattr(operations, "transplant", never)
     monkeypatch.setattr("nettransplant.net.commands.load_teacher", never)
     monkeypatch.setattr("nettransplant.net.commands.load_net", never)
     args = ["transplant", "--net", small["dir"], "--teacher", small["teacher"], "--onto",
@@ -617,7 +618,7 @@ def test_a_reused_overlays_folder_keeps_no_stale_panels(small, tmp_path, capsys)
 ])
 def test_bad_numbers_are_one_line_before_anything_runs(tmp_path, capsys, args, needle):
     common = {"transplant": ["--net", "n", "--teacher", "t", "--onto", "o", "--out", "x"],
-              "connect": ["--net", "n", "--category", "c", "--task-module", "t", "--out", "x"],
+              "connect": ["--net", "n", "--category", "c", "--task_module", "t", "--out", "x"],
               "samples": ["--category", "cat", "--task", "segmentation", "--out", "x.npz"]}
     with pytest.raises(SystemExit) as exit_:
         net_cli.main([*args, *common[args[0]]])
@@ -635,10 +636,10 @@ def test_labels_outside_the_task_modules_classes_are_refused_before_training(
         small, tmp_path, capsys, monkeypatch, task_module, field, bad):
     def never(*_, **__):
         raise AssertionError("training started")
-    monkeypatch.setattr(TransplantNet, "connect", never)
+    monkeypatch.setattr(operations, "connect", never)
     np.savez(tmp_path / "s.npz", images=small["images"], **{field: bad})
     code, _, err = cli(capsys, "connect", "--net", small["dir"], "--category", "dog",
-                       "--task-module", task_module, "--samples", tmp_path / "s.npz",
+                       "--task_module", task_module, "--samples", tmp_path / "s.npz",
                        "--beta", "1", "--out", tmp_path / "out")
     assert_one_line_error(code, err, "s.npz", f"'{field}'")
     assert not (tmp_path / "out").exists()
@@ -651,7 +652,7 @@ def test_labels_outside_the_task_modules_classes_are_refused_before_training(
      "not valid"),
     (["add-task", "--name", "new", "--task", "classification", "--data", "cat"],
      "CATEGORY=FILE.npz"),
-    (["connect", "--category", "cat", "--task-module", "dog.segmentation", "--beta", "1"],
+    (["connect", "--category", "cat", "--task_module", "dog.segmentation", "--beta", "1"],
      "already connected"),
     (["transplant", "--teacher", "{teacher}", "--onto", "dog.classification"], "--beta"),
 ])
@@ -660,7 +661,7 @@ def test_names_and_routes_are_checked_before_training(small, tmp_path, capsys, m
     def never(*_, **__):
         raise AssertionError("training started")
     for operation in ("add_task", "connect", "transplant"):
-        monkeypatch.setattr(TransplantNet, operation, never)
+        monkeypatch.setattr(operations, operation, never)
     args = [a.format(npz=small["npz"], teacher=small["teacher"]) for a in args]
     code, _, err = cli(capsys, *args, "--net", small["dir"], "--out", tmp_path / "out")
     assert_one_line_error(code, err, needle)

@@ -1,6 +1,6 @@
 """Data-parallel scaling: a teacher step and an adapter step on 1, 2, 4, … devices.
 
-:func:`run` is what ``python -m launch.benchmark`` adds to its step-time
+:func:`run` is what ``nettransplant benchmark`` adds to its step-time
 table. For each device count ``n`` it builds a mesh of the first ``n``
 devices (:func:`nettransplant.runtime.parallel.data_mesh`) and times, at the same
 *global* batch (strong scaling):

@@ -1,6 +1,6 @@
 """Step-time benchmark of back-distillation against its baselines, side by side in one run.
 
-:func:`run` is what ``python -m launch.benchmark`` calls. Every step kind is
+:func:`run` is what ``nettransplant benchmark`` calls. Every step kind is
 compiled and warmed up first (compile time reported separately), then timed in
 interleaved rounds, so every kind sees the same machine noise; the reported time
 is the median over rounds of the mean step time in a round. Times are in seconds.

@@ -1,99 +1,128 @@
 """Step-time benchmark of back-distillation, side by side in one run, and its data-parallel scaling.
 
-The body of ``python -m launch.benchmark``: it calls :func:`run`. Usage, and what the
-command writes: the docstring of ``launch/benchmark.py``.
+    nettransplant benchmark --quick --json bench.json      # CPU, < 2 min + the PyTorch section
+    nettransplant benchmark --quick --device_counts 0 --json bench.json   # no scaling
+    nettransplant benchmark --quick --cpu_devices 8 --json bench.json   # + 1..8 fake devices
+    nettransplant benchmark --json bench_gpu.json          # VGG-16 at 224² (GPU)
+    nettransplant benchmark --json bench_gpu.json --dtype bfloat16  # teachers in bf16
+
+``--quick`` runs the embedded default's model sizes, adapter and S
+(nettransplant/configs/silhouettes.py); the full mode runs
+nettransplant/configs/voc_vgg16.py. The timing
+protocol is :mod:`nettransplant.benchmarks.step_benchmark`'s; the scaling
+section (step time, throughput and MFU per device count) is
+:mod:`nettransplant.benchmarks.scaling_benchmark`'s. Where PyTorch is
+installed, each method's step (direct-learn, distill, back-distill with 0
+samples and with a batch, jacobian) is also timed beside the same step written
+in PyTorch (:mod:`nettransplant.benchmarks.torch_reference`), with the Exp. 1
+1-conv adapter (or the first of ``--adapters``); ``--no_torch`` skips that
+section, and without PyTorch it is skipped with a one-line note. The threads
+section times whole trainings one after another and in ``--concurrent_cells``
+threads (the main job's ``config.concurrent_cells``; 0 skips it). The runs
+section times one problem's runs (``--runs_per_count`` seeds at every sample
+count) one at a time and batched on a runs axis (the main job's
+``config.transplant.runs_axis``; 0 skips it); its headline keys are
+``transplant_problem_batched_s``, ``transplant_problem_one_at_a_time_s``,
+``transplant_runs`` and the two ways' compile seconds.
 """
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from absl import flags
 
 from nettransplant.benchmarks import scaling_benchmark, step_benchmark, torch_comparison
 from nettransplant.configs import silhouettes, voc_vgg16
 from nettransplant.runtime import cli, parallel
 
+PROGRAM = "nettransplant benchmark"
+
 # --quick: the embedded default's main adapter and the single-conv Exp. 3 adapter.
 QUICK_ADAPTERS = ("exp1_1conv", "exp3")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU run at the embedded default's sizes (< 2 min)")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--adapters", default=None,
-                        help=f"comma-separated subset of {list(step_benchmark.ADAPTERS)} "
-                             f"(default: {QUICK_ADAPTERS} with --quick, all otherwise)")
-    parser.add_argument("--device_counts", "--device-counts", default=None,
-                        help="comma-separated device counts to scale over (default 1, 2, 4, "
-                             "… up to every device); 0 skips the scaling section")
-    parser.add_argument("--cpu_devices", "--cpu-devices", type=int, default=0,
-                        help="fake this many CPU devices (they share the same cores)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="the teachers' compute dtype in the scaling section")
-    parser.add_argument("--no_torch", "--no-torch", action="store_true",
-                        help="skip the JAX vs PyTorch section (skipped anyway without PyTorch)")
-    parser.add_argument("--torch_threads", "--torch-threads", type=int, default=None,
-                        help="PyTorch's threads in that section (default: its default, one "
-                             "per core)")
-    parser.add_argument("--concurrent_cells", "--concurrent-cells", type=int, default=2,
-                        help="threads of the threads section (default 2; 0 skips it)")
-    parser.add_argument("--runs_per_count", "--runs-per-count", type=int, default=2,
-                        help="seeds per sample count in the runs section (default 2; 0 "
-                             "skips it)")
-    parallel.add_distributed_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.concurrent_cells < 0:
-        parser.error(f"--concurrent_cells must be >= 0, got {args.concurrent_cells}")
-    if args.runs_per_count < 0:
-        parser.error(f"--runs_per_count must be >= 0, got {args.runs_per_count}")
-    if args.cpu_devices < 0:
-        parser.error(f"--cpu_devices must be >= 0, got {args.cpu_devices}")
-    if args.torch_threads is not None and args.torch_threads < 1:
-        parser.error(f"--torch_threads must be >= 1, got {args.torch_threads}")
+def define_flags(values: flags.FlagValues) -> None:
+    """The command's flags."""
+    flags.DEFINE_boolean("quick", False, "CPU run at the embedded default's sizes (< 2 min)",
+                         flag_values=values)
+    flags.DEFINE_string("json", None, "write the results as JSON to this path",
+                        flag_values=values)
+    flags.DEFINE_list("adapters", None,
+                      f"a subset of {', '.join(step_benchmark.ADAPTERS)} (default: "
+                      f"{', '.join(QUICK_ADAPTERS)} with --quick, all otherwise)",
+                      flag_values=values)
+    flags.DEFINE_list("device_counts", None,
+                      "device counts to scale over (default 1, 2, 4, … up to every device); "
+                      "0 skips the scaling section", flag_values=values)
+    flags.DEFINE_integer("cpu_devices", 0, "fake this many CPU devices (they share the same "
+                         "cores)", flag_values=values)
+    flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"),
+                      "the teachers' compute dtype in the scaling section", flag_values=values)
+    flags.DEFINE_boolean("no_torch", False, "skip the JAX vs PyTorch section (skipped anyway "
+                         "without PyTorch)", flag_values=values)
+    flags.DEFINE_integer("torch_threads", None, "PyTorch's threads in that section (default: "
+                         "its default, one per core)", flag_values=values)
+    flags.DEFINE_integer("concurrent_cells", 2, "threads of the threads section (0 skips it)",
+                         flag_values=values)
+    flags.DEFINE_integer("runs_per_count", 2, "seeds per sample count in the runs section (0 "
+                         "skips it)", flag_values=values)
+    parallel.define_distributed_flags(values)
+
+
+def parse(argv: Sequence[str] | None = None) -> flags.FlagValues:
+    """The command's flags parsed from ``argv`` (``--help`` and bad flags exit)."""
+    return cli.parse_flags(argv, define_flags, program=PROGRAM, doc=__doc__)
+
+
+def run(values: flags.FlagValues) -> dict:
+    """The benchmark of the parsed flags ``values``; returns its results."""
+    for name in ("concurrent_cells", "runs_per_count", "cpu_devices"):
+        if values[name].value < 0:
+            raise cli.UsageError(f"--{name} must be >= 0, got {values[name].value}")
+    if values.torch_threads is not None and values.torch_threads < 1:
+        raise cli.UsageError(f"--torch_threads must be >= 1, got {values.torch_threads}")
     try:
-        counts = (None if args.device_counts is None else
-                  [int(n) for n in args.device_counts.split(",") if int(n) > 0])
+        counts = (None if values.device_counts is None else
+                  [int(n) for n in values.device_counts if int(n) > 0])
     except ValueError:
-        parser.error(f"--device_counts must be comma-separated integers, got "
-                     f"{args.device_counts!r}")
-    default = QUICK_ADAPTERS if args.quick else tuple(step_benchmark.ADAPTERS)
-    names = [a for a in (args.adapters or ",".join(default)).split(",") if a]
+        raise cli.UsageError(f"--device_counts must be comma-separated integers, got "
+                             f"{','.join(values.device_counts)!r}") from None
+    names = list(values.adapters or (QUICK_ADAPTERS if values.quick
+                                     else step_benchmark.ADAPTERS))
     unknown = [a for a in names if a not in step_benchmark.ADAPTERS]
     if unknown or not names:
-        parser.error(f"--adapters: unknown {unknown or names}; choose from "
-                     f"{list(step_benchmark.ADAPTERS)}")
-    if args.json:
-        cli.check_output_folder(Path(args.json).parent, "--json")
-    if args.cpu_devices:
+        raise cli.UsageError(f"--adapters: unknown {unknown or names}; choose from "
+                             f"{list(step_benchmark.ADAPTERS)}")
+    if values.json:
+        cli.check_output_folder(Path(values.json).parent, "--json")
+    if values.cpu_devices:
         import jax
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before JAX starts
-    parallel.initialize_from_args(args)
-    config = silhouettes.get_config() if args.quick else voc_vgg16.get_config()
-    steps, rounds = (10, 5) if args.quick else (20, 5)
-    results = step_benchmark.run(
-        config, mode="quick" if args.quick else "full", adapters=names, steps=steps,
-        rounds=rounds, num_draws=64 if args.quick else config.transplant.num_draws)
+        jax.config.update("jax_num_cpu_devices", values.cpu_devices)  # before JAX starts
+    parallel.initialize_from_flags(values)
+    quick = values.quick
+    config = silhouettes.get_config() if quick else voc_vgg16.get_config()
+    steps, rounds = (10, 5) if quick else (20, 5)
+    num_draws = 64 if quick else config.transplant.num_draws
+    results = step_benchmark.run(config, mode="quick" if quick else "full", adapters=names,
+                                 steps=steps, rounds=rounds, num_draws=num_draws)
     print(step_benchmark.format_table(results))
-    if not args.no_torch:
-        adapter = "exp1_1conv" if "exp1_1conv" in names else names[0]
+    adapter = "exp1_1conv" if "exp1_1conv" in names else names[0]
+    if not values.no_torch:
         results["torch"] = torch_comparison.torch_section(
-            config, adapter, steps=steps, rounds=rounds,
-            num_draws=64 if args.quick else config.transplant.num_draws,
-            torch_threads=args.torch_threads)
+            config, adapter, steps=steps, rounds=rounds, num_draws=num_draws,
+            torch_threads=values.torch_threads)
         print(torch_comparison.format_torch_table(results["torch"]))
-    if args.concurrent_cells:
+    if values.concurrent_cells:
         results["threads"] = step_benchmark.threads_section(
-            config, "exp1_1conv" if "exp1_1conv" in names else names[0],
-            workers=args.concurrent_cells, fits=4, num_steps=20 if args.quick else 50,
-            rounds=3, num_draws=64 if args.quick else config.transplant.num_draws)
+            config, adapter, workers=values.concurrent_cells, fits=4,
+            num_steps=20 if quick else 50, rounds=3, num_draws=num_draws)
         print(step_benchmark.format_threads_table(results["threads"]))
-    if args.runs_per_count:
+    if values.runs_per_count:
         section = step_benchmark.runs_section(
-            config, "exp2",
-            runs_per_count=args.runs_per_count, num_steps=20 if args.quick else 50,
-            rounds=3, num_draws=64 if args.quick else config.transplant.num_draws)
+            config, "exp2", runs_per_count=values.runs_per_count,
+            num_steps=20 if quick else 50, rounds=3, num_draws=num_draws)
         results["runs"] = section
         for key in ("transplant_problem_batched_s", "transplant_problem_one_at_a_time_s",
                     "transplant_runs", "transplant_compile_batched_s",
@@ -102,16 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(step_benchmark.format_runs_table(section))
     if counts != []:
         results["scaling"] = scaling_benchmark.run(
-            config, device_counts=counts, steps=5 if args.quick else 10, rounds=3,
-            num_draws=64 if args.quick else config.transplant.num_draws,
-            compute_dtype=None if args.dtype == "float32" else args.dtype)
+            config, device_counts=counts, steps=5 if quick else 10, rounds=3,
+            num_draws=num_draws, compute_dtype=None if values.dtype == "float32" else
+            values.dtype)
         print(scaling_benchmark.format_table(results["scaling"]))
-    if args.json and parallel.is_primary():
-        step_benchmark.write_json(results, args.json)
-        print(f"wrote {args.json}")
+    if values.json and parallel.is_primary():
+        step_benchmark.write_json(results, values.json)
+        print(f"wrote {values.json}")
     return results
 
 
-def run() -> None:
-    """The command on ``sys.argv``: what ``python -m launch.benchmark`` runs."""
-    sys.exit(cli.run_main(main))
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nettransplant benchmark`` on ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    values = parse(argv)
+    return cli.run_main(lambda: run(values))

@@ -1,46 +1,53 @@
 """Grow a transplant net on the embedded data: choose task modules, fine-tune, measure forgetting.
 
-The body of ``python -m launch.growth``: it calls :func:`run`. Usage, and what the
-command writes: the docstring of ``launch/growth.py`` (absl prints it for ``--help``).
+    nettransplant growth --workdir W          # W: the main job's workdir (teachers reused)
+    nettransplant growth --workdir W --config net_growth:quick
+
+Runs :func:`nettransplant.experiments.growth.run`; writes ``W/growth/results.json``
+and ``W/growth/results.md`` (what they hold: ``nettransplant/configs/net_growth.py``).
+A bad flag or config field prints one ``error:`` line and exits with 2.
 """
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from nettransplant import configs
 from nettransplant.experiments import config as config_checks
 from nettransplant.experiments import growth
 from nettransplant.experiments.workdir import WorkdirLockedError
 from nettransplant.runtime import cli
 
-_DEFAULT_CONFIG = str(Path(configs.__file__).parent / "net_growth.py")
-_CONFIG = config_checks.define_config_flag(
-    _DEFAULT_CONFIG, "experiment config (nettransplant/configs/net_growth.py[:variant])")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/reproduce",
-                               "the main job's workdir (its teachers are reused)")
+PROGRAM = "nettransplant growth"
 
 
-def main(argv) -> None:
-    if not cli.start(argv):
-        sys.exit(cli.EXIT_USAGE)
+def define_flags(values: flags.FlagValues) -> None:
+    """The command's flags besides ``--config``."""
+    flags.DEFINE_string("workdir", "workdir/reproduce",
+                        "the main job's workdir (its teachers are reused)", flag_values=values)
+
+
+def parse(argv: Sequence[str] | None = None) -> flags.FlagValues:
+    """The command's flags parsed from ``argv`` (``--help`` and bad flags exit)."""
+    return config_checks.parse_config_flags(
+        argv, define_flags, program=PROGRAM, doc=__doc__, default_config="net_growth",
+        config_help="experiment config")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nettransplant growth`` on ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    values = parse(argv)
 
     def work():
         try:
-            results = growth.run(_CONFIG.value, Path(_WORKDIR.value))
+            results = growth.run(values.config, Path(values.workdir))
         except WorkdirLockedError as e:
             raise cli.UsageError(str(e)) from None
         print(growth.results_markdown(results))
         print(f"runtime {results['runtime_s']:.0f} s; results in "
-              f"{Path(_WORKDIR.value) / 'growth'}")
+              f"{Path(values.workdir) / 'growth'}")
 
-    sys.exit(cli.run_main(work, interrupted="interrupted; run the same command again: the "
-                                        "teachers already trained are reused"))
-
-
-def run() -> None:
-    """The command on ``sys.argv``: what ``python -m launch.growth`` runs."""
-    app.run(main, flags_parser=config_checks.config_flags_parser(_DEFAULT_CONFIG))
+    return cli.run_main(work, interrupted="interrupted; run the same command again: the "
+                                          "teachers already trained are reused")

@@ -1,29 +1,48 @@
-"""Pre-train the embedded benchmark's shared backbone and ship it with the package.
+"""Pre-train the embedded benchmark's shared backbone.
 
-The body of ``python -m launch.pretrain``: it calls :func:`run`. Usage, and what the
-command writes: the docstring of ``launch/pretrain.py`` (absl prints it for ``--help``).
+    nettransplant pretrain --workdir workdir/pretrain
+    nettransplant pretrain --workdir workdir/pretrain --output_dir nettransplant/pretrained
+
+trains the backbone of ``--config`` (default ``silhouettes``: its ``seed``, ``model`` and
+``pretrain`` sections; resumable in ``--workdir``) and writes
+``silhouettes_backbone.{npz,json}`` to ``--output_dir`` (default ``<workdir>/backbone``).
+Written to ``nettransplant/pretrained`` of a checkout, they ship with the package: the
+main job loads them instead of training the backbone when its configuration matches.
+The same config and seed give the same weights on the same CPU family. A bad flag or
+config field prints one ``error:`` line and exits with 2.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from nettransplant import configs
 from nettransplant.data import benchmarks
 from nettransplant.experiments import config as config_checks
 from nettransplant.experiments import pretrain
 from nettransplant.experiments.zoo import TeacherZoo
 from nettransplant.runtime import cli
 
-_DEFAULT_CONFIG = str(Path(configs.__file__).parent / "silhouettes.py")
-_CONFIG = config_checks.define_config_flag(_DEFAULT_CONFIG, "experiment config")
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/pretrain",
-                               "where the backbone trains (resumable checkpoints)")
-_OUTPUT = flags.DEFINE_string("output_dir", str(pretrain.SHIPPED_DIR),
-                              "where the .npz and .json are written")
+PROGRAM = "nettransplant pretrain"
+
+
+def define_flags(values: flags.FlagValues) -> None:
+    """The command's flags besides ``--config``."""
+    flags.DEFINE_string("workdir", "workdir/pretrain",
+                        "where the backbone trains (resumable checkpoints)", flag_values=values)
+    flags.DEFINE_string("output_dir", None,
+                        "where the .npz and .json are written (default: <workdir>/backbone)",
+                        flag_values=values)
+
+
+def parse(argv: Sequence[str] | None = None) -> flags.FlagValues:
+    """The command's flags parsed from ``argv`` (``--help`` and bad flags exit)."""
+    return config_checks.parse_config_flags(
+        argv, define_flags, program=PROGRAM, doc=__doc__, default_config="silhouettes",
+        config_help="experiment config")
 
 
 def train_and_ship(config, *, workdir: str | Path, output_dir: str | Path | None = None,
@@ -49,22 +68,18 @@ def train_and_ship(config, *, workdir: str | Path, output_dir: str | Path | None
     return pretrain.save_backbone(params, record, output_dir)
 
 
-def main(argv) -> int:
-    if not cli.start(argv):
-        return cli.EXIT_USAGE
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nettransplant pretrain`` on ``argv`` (default ``sys.argv[1:]``); the exit code."""
+    values = parse(argv)
+    output_dir = values.output_dir or str(Path(values.workdir) / "backbone")
 
     def work() -> None:
-        config = _CONFIG.value
+        config = values.config
         config_checks.validate_config(config)
-        cli.check_output_folder(_OUTPUT.value, "--output_dir")
-        cli.check_output_folder(_WORKDIR.value, "--workdir")
-        record = train_and_ship(config, workdir=_WORKDIR.value, output_dir=_OUTPUT.value)
+        cli.check_output_folder(output_dir, "--output_dir")
+        cli.check_output_folder(values.workdir, "--workdir")
+        record = train_and_ship(config, workdir=values.workdir, output_dir=output_dir)
         print(f"backbone {record['metrics']}: {record['num_params']:,} parameters in "
-              f"{_OUTPUT.value}")
+              f"{output_dir}")
 
     return cli.run_main(work)
-
-
-def run() -> None:
-    """The command on ``sys.argv``: what ``python -m launch.pretrain`` runs."""
-    app.run(main, flags_parser=config_checks.config_flags_parser(_DEFAULT_CONFIG))

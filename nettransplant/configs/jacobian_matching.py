@@ -1,8 +1,7 @@
 """Knowledge transfer with Jacobian matching on the embedded silhouettes.
 
-Run:    python -m launch.jacobian_matching --workdir workdir/jacobian_matching
-Quick:  python -m launch.jacobian_matching --workdir W \\
-            --config nettransplant/configs/jacobian_matching.py:quick
+Run:    nettransplant jacobian --workdir workdir/jacobian_matching
+Quick:  nettransplant jacobian --workdir W --config jacobian_matching:quick
 
 Raw 10-way animal-silhouette classification at 14×14 (grayscale, [0, 1]). A
 VGG-style teacher (2 blocks of 2 convs) and a smaller student (2 blocks of

@@ -1,7 +1,7 @@
 """Growing a transplant net on the embedded data: choosing the task module, fine-tuning.
 
-    python -m launch.growth --workdir W                        # after launch.reproduce --workdir W
-    python -m launch.growth --workdir W --config nettransplant/configs/net_growth.py:quick
+    nettransplant growth --workdir W     # after nettransplant reproduce --workdir W
+    nettransplant growth --workdir W --config net_growth:quick
 
 Reuses the main job's teachers in ``W/teachers`` (trains the missing ones with
 the main job's settings) and writes ``W/growth/results.json`` and

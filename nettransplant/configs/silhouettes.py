@@ -1,9 +1,9 @@
 """Embedded default: the paper's experiments on composited animal silhouettes.
 
-Run:  python -m launch.reproduce --workdir workdir/reproduce
-      (--config nettransplant/configs/silhouettes.py is the default; any field can be
-      overridden, e.g. --config.generic_category=elephant)
-Quick variant (CI smoke test):  --config nettransplant/configs/silhouettes.py:quick
+Run:  nettransplant reproduce --workdir workdir/reproduce
+      (--config silhouettes is the default; any field can be overridden,
+      e.g. --config.generic_category=elephant)
+Quick variant (CI smoke test):  --config silhouettes:quick
 
 VGG-16 topology at width 1/8 on 32×32 images: x = f(I) is 16×16×8, fc6 is a
 1×1 conv, and a 7×7 G_y' back-propagates to a 112×112 enlarged D'.
@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": -1})
     # Transplant cells trained at once, each in a thread, when the mesh is one device
     # of one process (else 1). A cell's steps are small: on 2 CPU cores a second cell
-    # fills the cores while the first waits on Python (`python -m launch.benchmark
+    # fills the cores while the first waits on Python (`nettransplant benchmark
     # --concurrent_cells 2` measures it). The numbers do not depend on it, so cells
     # stay reusable.
     config.concurrent_cells = 2
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The shared backbone every teacher starts from (10-way classification of
     # all categories + segmentation); 0 steps: teachers start from scratch.
     # These settings are the shipped backbone's (nettransplant/pretrained/, built by
-    # `python -m launch.pretrain`, ~25 min on a 2-core CPU): with ``shipped`` on, the
+    # `nettransplant pretrain`, ~25 min on a 2-core CPU): with ``shipped`` on, the
     # main job loads it instead of training it whenever seed, data, model and these
     # fields match; change any of them (or set shipped=False) and it trains.
     config.pretrain = ml_collections.ConfigDict()
@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transplant.restart_noise = 0.3  # back-distill's re-drawn start: warm start + this · draw
     # How a problem's runs of one method train: "one_at_a_time", "batched" (one vmapped
     # computation on a runs axis, spread over the devices), or "auto": batched on a GPU
-    # or TPU, one at a time on a CPU (`python -m launch.benchmark` times both).
+    # or TPU, one at a time on a CPU (`nettransplant benchmark` times both).
     config.transplant.runs_axis = "auto"
     config.transplant.closed_form_ridge = 1e-6
     # Draws the closed form's normal equations use: k²M unknowns per channel,

@@ -2,7 +2,7 @@
 
 Run (after fetching the data, see below):
 
-    python -m launch.reproduce --workdir workdir/voc --config nettransplant/configs/voc_vgg16.py \\
+    nettransplant reproduce --workdir workdir/voc --config voc_vgg16 \\
         --config.voc.manual_dir=/data/voc_sbd --config.pretrain.weights=vgg16-397923af.pth
 
 * ``voc.manual_dir`` holds the extracted VOC 2012 trainval archive

@@ -1,6 +1,6 @@
 """Benchmarks: every image set the main job trains and evaluates on, per dataset.
 
-``launch.reproduce`` asks a :class:`Benchmark` for views and never for a
+``nettransplant reproduce`` asks a :class:`Benchmark` for views and never for a
 dataset directly, so the same code runs the embedded benchmark on a laptop and
 VOC + SBD at paper scale:
 

@@ -1,6 +1,6 @@
 """The embedded benchmark's report: counts, balance, example grids, pixel baselines.
 
-:func:`data_report` is what ``python -m launch.data_report`` calls. In the
+:func:`data_report` is what ``nettransplant data-report`` calls. In the
 returned dict, in percent: ``threshold_baseline_pixel_acc`` (the best single
 global intensity threshold — on luminance or one channel, threshold and
 polarity chosen on ``train`` — evaluated on ``test``),

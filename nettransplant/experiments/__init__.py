@@ -4,7 +4,7 @@
 * :mod:`~nettransplant.experiments.zoo` — :class:`TeacherZoo` (train, checkpoint,
   reuse, resume every teacher);
 * :mod:`~nettransplant.experiments.paper` — :func:`run` (the main job,
-  ``python -m launch.reproduce``) and the experiments' problems;
+  ``nettransplant reproduce``) and the experiments' problems;
 * :mod:`~nettransplant.experiments.runner` — its :class:`Runner` (builds problems,
   schedules their cells); :mod:`~nettransplant.experiments.cell_training` trains them;
 * :mod:`~nettransplant.experiments.results` — :class:`Results` (every finished cell,

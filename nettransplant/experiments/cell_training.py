@@ -42,7 +42,7 @@ def batched_runs(config) -> bool:
     """Whether a problem's runs of one method train at once on a runs axis
     (``config.transplant.runs_axis``): ``"batched"``, ``"one_at_a_time"``, or
     ``"auto"`` (default), batched on a GPU or TPU and one at a time on a CPU, where
-    one small run already keeps the cores busy (``python -m launch.benchmark``
+    one small run already keeps the cores busy (``nettransplant benchmark``
     measures both side by side)."""
     mode = config.transplant.get("runs_axis", "auto")
     if mode == "auto":

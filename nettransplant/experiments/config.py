@@ -5,6 +5,11 @@ written — on categories, experiments, counts and settings that cannot run, and
 on every number outside its range (negative, zero, huge, NaN, of the wrong
 type). :func:`override_error` names a ``--config.<field>`` flag that names no
 field, with the valid ones.
+
+``--config`` names a packaged config (``silhouettes:quick`` is
+``nettransplant/configs/silhouettes.py`` called with ``quick``; :func:`config_file`) or a
+file (``path/to/file.py[:arg]``); :func:`parse_config_flags` parses a command's flags
+with it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from absl import flags
 
+from nettransplant import configs
 from nettransplant.data import benchmarks
 from nettransplant.interop import vgg16
 from nettransplant.runtime import cli
@@ -222,9 +228,38 @@ def validate_config(config) -> None:
                 f"{config.model.width} and {config.model.image_size}")
 
 
+CONFIGS_DIR = Path(configs.__file__).resolve().parent
+
+
+def packaged_configs() -> list[str]:
+    """The names of the configs shipped in ``nettransplant/configs``."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def config_file(spec: str) -> str:
+    """``path[:arg]`` of the config ``--config spec`` names.
+
+    A name (``silhouettes``, ``silhouettes:quick``: an identifier before the colon) is a
+    packaged config, ``nettransplant/configs/<name>.py``; anything else
+    (``path/to/file.py[:arg]``) is a file, returned as given.
+
+    Raises:
+      ValueError: a name that no packaged config has.
+    """
+    name, colon, arg = spec.partition(":")
+    if not name.isidentifier():
+        return spec
+    path = CONFIGS_DIR / f"{name}.py"
+    if name.startswith("_") or not path.is_file():
+        raise ValueError(f"no packaged config {name!r}; packaged configs: "
+                         f"{', '.join(packaged_configs())} (or give a path/to/file.py)")
+    return f"{path}{colon}{arg}"
+
+
 def load_config_file(spec: str):
-    """The config of ``path[:variant]`` (what ``--config`` names), via its ``get_config``."""
-    path, _, variant = spec.partition(":")
+    """The config of ``name[:arg]`` or ``path[:arg]`` (what ``--config`` names), via its
+    ``get_config``."""
+    path, _, variant = config_file(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_checked_config", path)
     if module_spec is None or not Path(path).is_file():
         raise ValueError(f"no config file {path}")
@@ -265,53 +300,67 @@ def override_error(args: Sequence[str], default_config: str) -> str | None:
 
 
 
-def _exit_with_one_line(error: BaseException, argv: Sequence[str], default_config: str):
-    message = override_error(argv, default_config) or cli.error_message(error)
-    print(f"error: {cli.one_line(message)}", file=sys.stderr)
-    sys.exit(cli.EXIT_USAGE)
+def _config_flag_values(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of each ``--config`` resolved by :func:`config_file`."""
+    def resolve(spec: str) -> str:
+        try:
+            return config_file(spec)
+        except ValueError as e:
+            raise ValueError(f"--config {spec}: {e}") from None
+
+    resolved, follows = [], False
+    for arg in argv:
+        if arg == "--":
+            resolved.append(arg)
+            break
+        if follows:
+            arg, follows = resolve(arg), False
+        elif arg == "--config":
+            follows = True
+        elif arg.startswith("--config="):
+            arg = "--config=" + resolve(arg.split("=", 1)[1])
+        resolved.append(arg)
+    return resolved + list(argv[len(resolved):])
 
 
-def define_config_flag(default_config: str, help_text: str):
-    """``config_flags.DEFINE_config_file("config", default_config, help_text)``, with the
-    errors it raises while reading ``--config.*`` overrides from the command line (it does
-    so when the flag is defined) as one ``error:`` line and exit code 2."""
+def parse_config_flags(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], object],
+                       *, program: str, doc: str, default_config: str,
+                       config_help: str) -> flags.FlagValues:
+    """:func:`nettransplant.runtime.cli.parse_flags` for a command with a ``--config``.
+
+    ``--config`` (default ``default_config``, a packaged name) takes a name or a file
+    (:func:`config_file`) and ``--config.<field>=<value>`` overrides; the parsed config is
+    ``values.config``. Every error (a config file that is missing or fails to load, an
+    unknown name, an unknown or mistyped ``--config.<field>``) is one ``error:`` line,
+    exit 2.
+    """
     from ml_collections import config_flags
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return config_flags.DEFINE_config_file("config", default_config, help_text)
-    except Exception as e:  # noqa: BLE001 - config files raise anything while loading
-        _exit_with_one_line(e, sys.argv[1:], default_config)
+        resolved = [] if cli.wants_help(argv) else _config_flag_values(argv)
+    except ValueError as e:
+        cli.refuse(e)
 
+    def describe(error: BaseException) -> str:
+        return override_error(argv, default_config) or cli.error_message(error)
 
-def flags_parser(default_config: str) -> Callable[[list[str]], list[str]]:
-    """absl's flag parsing for ``app.run(..., flags_parser=)``, with every error (an unknown
-    or mistyped ``--config.*`` field, a config file that fails to load) as one ``error:``
-    line and exit code 2."""
-
-    def parse(argv: list[str]) -> list[str]:
-        try:
-            return flags.FLAGS(argv)
+    def define_all(values: flags.FlagValues) -> None:
+        try:  # the --config.<field> overrides are defined here, from the command line
+            config_flags.DEFINE_config_file(
+                "config", config_file(default_config),
+                f"{config_help}: a packaged config's name[:arg] ({', '.join(packaged_configs())})"
+                " or a path/to/file.py[:arg]; --config.<field>=<value> sets a field",
+                flag_values=values, sys_argv=[program, *resolved])
         except Exception as e:  # noqa: BLE001 - config files raise anything while loading
-            _exit_with_one_line(e, argv[1:], default_config)
+            cli.refuse(describe(e))
+        values["config"].default_as_str = repr(default_config)
+        define(values)
 
-    return parse
-
-
-def config_flags_parser(default_config: str) -> Callable[[list[str]], list[str]]:
-    """absl's flag parsing for ``app.run(..., flags_parser=)`` of a command with a
-    ``--config`` flag: every error (an unknown or mistyped ``--config.*`` field, a config
-    file that is missing or fails to load) is one ``error:`` line and exit code 2."""
-    parse = flags_parser(default_config)
-
-    def checked(argv: list[str]) -> list[str]:
-        rest = parse(argv)
-        if "config" in flags.FLAGS:
-            try:  # ml_collections keeps a file that did not load as an error, raised on use
-                flags.FLAGS["config"].value.keys()
-            except Exception as e:  # noqa: BLE001 - a config file may raise anything
-                found = override_error(argv[1:], default_config)
-                print(f"error: {cli.one_line(found or cli.error_message(e))}", file=sys.stderr)
-                sys.exit(cli.EXIT_USAGE)
-        return rest
-
-    return checked
+    values = cli.parse_flags(argv if cli.wants_help(argv) else resolved, define_all,
+                             program=program, doc=doc, describe_error=describe)
+    try:  # ml_collections keeps a file that did not load as an error, raised on use
+        values.config.keys()
+    except Exception as e:  # noqa: BLE001 - a config file may raise anything
+        cli.refuse(describe(e))
+    return values

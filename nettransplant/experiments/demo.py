@@ -1,6 +1,6 @@
 """A short tour on the embedded data: train one teacher, transplant its category module.
 
-:func:`run` is what ``python -m launch.demo`` calls:
+:func:`run` is what ``nettransplant demo`` calls:
 
 1. trains a teacher for one category (category module + classification and
    FCN-8s segmentation task modules), puts it in a
@@ -113,7 +113,7 @@ def run(config, workdir: str | Path, *, category: str, num_samples: int,
 
 
 def format_results(results: dict) -> str:
-    """The demo's table, as printed by ``launch.demo``."""
+    """The demo's table, as printed by ``nettransplant demo``."""
     t, rows = results["teacher"], results["transplant_cls_error"]
     width = max(map(len, rows))
     lines = [f"{results['category']}: teacher test error {t['cls_error']:.1f} %, "

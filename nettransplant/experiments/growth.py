@@ -1,7 +1,7 @@
 """Growing a transplant net on the embedded data: which task module to transplant onto, and
 what fine-tuning a shared task module costs the other routes.
 
-:func:`run` is what ``python -m launch.growth`` calls (``nettransplant/configs/net_growth.py``):
+:func:`run` is what ``nettransplant growth`` calls (``nettransplant/configs/net_growth.py``):
 
 * **choosing the task module** — the paper leaves open which existing task
   module a new category should be transplanted onto. The library's proxy is the

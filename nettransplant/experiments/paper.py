@@ -1,6 +1,6 @@
 """The paper's experiments end to end (the main job): teachers, Exps. 1-3, Table 4, outputs.
 
-:func:`run` is what ``python -m launch.reproduce`` calls:
+:func:`run` is what ``nettransplant reproduce`` calls:
 
 1. the :class:`~nettransplant.experiments.zoo.TeacherZoo` trains or reuses every
    teacher, and all of them join one :class:`~nettransplant.net.TransplantNet`

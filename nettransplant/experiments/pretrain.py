@@ -1,4 +1,4 @@
-"""The shipped backbone: pre-trained once by ``python -m launch.pretrain``, loaded by the main job.
+"""The shipped backbone: pre-trained once by ``nettransplant pretrain``, loaded by the main job.
 
 The embedded benchmark's teachers all start from one backbone (10-way
 classification of every category + segmentation of every training image; the
@@ -34,7 +34,7 @@ from nettransplant.runtime.files import file_sha256, write_atomically
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 NAME = "silhouettes_backbone"
-COMMAND = "python -m launch.pretrain"
+COMMAND = "nettransplant pretrain"
 
 
 class ShippedBackboneError(ValueError):

@@ -11,7 +11,7 @@ Layers, top to bottom:
   project's one loop (:mod:`nettransplant.training.loop`);
 * :mod:`~nettransplant.jacobian.data` — the raw silhouette classification task;
 * :mod:`~nettransplant.jacobian.experiments` — distillation, robustness and
-  transfer runs (``python -m launch.jacobian_matching``);
+  transfer runs (``nettransplant jacobian``);
 * :mod:`~nettransplant.jacobian.report` — claims, ``results.md``, plots.
 """
 

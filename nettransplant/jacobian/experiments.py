@@ -1,6 +1,6 @@
 """The Jacobian-matching experiments on the embedded silhouettes.
 
-``python -m launch.jacobian_matching`` runs three experiments, every number from
+``nettransplant jacobian`` runs three experiments, every number from
 the config (``nettransplant/configs/jacobian_matching.py``):
 
 * **distillation** — a teacher trained on every training image; students

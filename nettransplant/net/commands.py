@@ -1,6 +1,16 @@
-"""The ``python -m launch.net`` commands: build, grow, inspect and use a transplant net.
+"""Build, grow, inspect and use a transplant net: the ``nettransplant net`` commands.
 
-Usage examples: :mod:`launch.net`.
+    nettransplant net build --teacher W/teachers/dog --out NET
+    nettransplant net samples --category horse --task segmentation --num 10 --out h.npz
+    nettransplant net transplant --net NET --teacher W/teachers/horse \\
+        --onto dog.segmentation --samples h.npz --out NET2
+    nettransplant net connect --net NET2 --category cat --task_module dog.segmentation \\
+        --samples cat.npz --out NET3
+    nettransplant net add-task --net NET --name shared.classification \\
+        --task classification --data cat=cat.npz --data dog=dog.npz --out NET4
+    nettransplant net info --net NET --json
+    nettransplant net predict --net NET --category cat --task cat.segmentation \\
+        --images imgs.npz --out preds.npz --overlays overlays/
 
 Every command that grows a net writes a new net (``--out``) and leaves the
 input net untouched. Labelled samples are ``.npz`` files with a uint8
@@ -9,8 +19,8 @@ or ``masks`` ``(N, H, W)`` (segmentation); ``samples`` writes such files from
 the embedded benchmark. Errors are one line naming the offending input (exit 2).
 
 Nets are verified when read (their content hash covers the spec and the
-parameters); a net written before the hash existed needs --allow-unverified,
-or re-export it with ``export --allow-unverified``. --out is checked before
+parameters); a net written before the hash existed needs --allow_unverified,
+or re-export it with ``export --allow_unverified``. --out is checked before
 any training (an existing one needs --overwrite) and locked while written: a
 second writer of the same path is refused. Images are read as uint8 RGB from
 8- or 16-bit gray, RGB, RGBA or palette files, at most 16,777,216 pixels each.
@@ -18,7 +28,6 @@ second writer of the same path is refused. Images are read as uint8 RGB from
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -27,10 +36,12 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
 from nettransplant.core import tasks
 from nettransplant.net import (
@@ -51,6 +62,7 @@ from nettransplant.net.images import (  # noqa: F401 - part of this module's int
     read_images,
     read_samples,
 )
+from nettransplant.runtime import cli
 from nettransplant.runtime.cli import USER_ERRORS, UsageError, run_main
 from nettransplant.runtime.files import atomic_path
 from nettransplant.training import checkpoint
@@ -63,7 +75,7 @@ PANEL_NAME = re.compile(r"\d{5}\.png")
 
 
 def _load(args) -> TransplantNet:
-    """``--net``, verified (or with a one-line warning under ``--allow-unverified``)."""
+    """``--net``, verified (or with a one-line warning under ``--allow_unverified``)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", net_io.UnverifiedNetWarning)
         net = load_net(args.net, allow_unverified=getattr(args, "allow_unverified", False))
@@ -124,7 +136,7 @@ def cmd_build(args) -> None:
 def cmd_export(args) -> None:
     """Write the net (or one module of it) again, with a fresh content hash."""
     if args.category and args.task_module:
-        raise UsageError("give at most one of --category and --task-module")
+        raise UsageError("give at most one of --category and --task_module")
     with _net_output(args.out, args.overwrite) as out:
         net = _load(args)
         if args.category or args.task_module:
@@ -159,7 +171,7 @@ def cmd_samples(args) -> None:
 
 def cmd_transplant(args) -> None:
     if args.beta is None and not args.beta_images:
-        raise UsageError("give --beta, or --beta-images OLD NEW (images of a category "
+        raise UsageError("give --beta, or --beta_images OLD,NEW (images of a category "
                          f"{args.onto!r} already serves, and of the new one)")
     with _net_output(args.out, args.overwrite) as out:
         net = _load(args)
@@ -183,7 +195,7 @@ def cmd_connect(args) -> None:
         net.task_module(args.task_module)
         if (args.category, args.task_module) in net.edges:
             raise UsageError(f"--category {args.category!r} is already connected to "
-                             f"--task-module {args.task_module!r}")
+                             f"--task_module {args.task_module!r}")
         samples = _samples_for(net, args.samples, args.task_module)
         grown, report = operations.connect(net, args.category, args.task_module,
                                            reference=args.reference, method=args.method,
@@ -374,151 +386,174 @@ def _brief(report: dict) -> dict:
     return {k: report[k] for k in keep if k in report}
 
 
-# --------------------------------------------------------------------------- parser
+# --------------------------------------------------------------------------- flags
+
+PROGRAM = "nettransplant net"
+MAX_SEED = 2**32 - 1
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one ``error:`` line (exit 2), without the usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
-def _int_at_least(low: int, high: int = 2**32 - 1):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be >= {low} and <= {high}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
+def _define_net(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("net", None, "the transplant net (a folder)", flag_values=values,
+                        required=True)
+    flags.DEFINE_boolean("allow_unverified", False,
+                         "load a net without a content hash (written by an older "
+                         "nettransplant); prints a warning", flag_values=values)
 
 
-def positive_finite(text: str) -> float:
-    """``--beta``: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def _define_out(values: flags.FlagValues, help_text: str = "the folder written") -> None:
+    flags.DEFINE_string("out", None, help_text, flag_values=values, required=True)
+    flags.DEFINE_boolean("overwrite", False, "replace an existing --out", flag_values=values)
 
 
-STEPS, SEED, COUNT = _int_at_least(1, 10**7), _int_at_least(0), _int_at_least(1, 10**6)
+def _define_beta(values: flags.FlagValues, help_text: str) -> None:
+    flags.DEFINE_float("beta", None, help_text, flag_values=values)
+    flags.register_validator("beta", lambda beta: beta is None or (math.isfinite(beta)
+                                                                   and beta > 0),
+                             message="--beta must be a finite number > 0", flag_values=values)
 
 
-def _add_net_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", required=True)
-    parser.add_argument("--allow-unverified", action="store_true",
-                        help="load a net without a content hash (written by an older "
-                             "nettransplant); prints a warning")
+def _define_seed(values: flags.FlagValues, help_text: str = "random seed") -> None:
+    flags.DEFINE_integer("seed", 0, help_text, lower_bound=0, upper_bound=MAX_SEED,
+                         flag_values=values)
 
 
-def _add_growth_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default="back-distill")
-    parser.add_argument("--samples", help="labelled samples .npz (default: 0 samples)")
-    parser.add_argument("--steps", type=STEPS, default=35, help="Adam steps (>= 1)")
-    parser.add_argument("--cold", action="store_true",
-                        help="start back-distill from random init, not the closed form")
-    parser.add_argument("--seed", type=SEED, default=0)
-    parser.add_argument("--out", required=True, help="folder of the grown net (new, or "
-                                                     "replaced with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true")
+def _define_growth(values: flags.FlagValues) -> None:
+    flags.DEFINE_enum("method", "back-distill", METHODS, "how the adapter is learnt",
+                      flag_values=values)
+    flags.DEFINE_string("samples", None, "labelled samples .npz (default: 0 samples)",
+                        flag_values=values)
+    flags.DEFINE_integer("steps", 35, "Adam steps", lower_bound=1, upper_bound=10**7,
+                         flag_values=values)
+    flags.DEFINE_boolean("cold", False, "start back-distill from random init, not the closed "
+                         "form", flag_values=values)
+    _define_seed(values)
+    _define_out(values, "folder of the grown net (new, or replaced with --overwrite)")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="python -m launch.net",
-        description="Build, grow, inspect and use a transplant net.",
-        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("build", help="a net from teacher checkpoints")
-    p.add_argument("--teacher", action="append", required=True,
-                   help="a teacher checkpoint (W/teachers/<cat>, or launch.convert_torchvision "
-                        "output); repeat for several")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_build)
-
-    p = sub.add_parser("export", help="write a net (or one module) again with a fresh "
-                                      "content hash")
-    _add_net_arg(p)
-    p.add_argument("--category", help="export only this category module")
-    p.add_argument("--task-module", help="export only this task module")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_export)
-
-    p = sub.add_parser("samples", help="labelled samples of the embedded benchmark → .npz")
-    p.add_argument("--category", required=True)
-    p.add_argument("--task", choices=sorted(tasks.TASKS), required=True)
-    p.add_argument("--split", choices=("train", "test"), default="train")
-    p.add_argument("--num", type=COUNT, default=10, help="how many samples (>= 1)")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(run=cmd_samples)
-
-    p = sub.add_parser("transplant", help="transplant a teacher's category module onto a task "
-                                          "module of the net")
-    _add_net_arg(p)
-    p.add_argument("--teacher", required=True, help="the teacher checkpoint")
-    p.add_argument("--name", help="the new category module's id (default: the teacher's)")
-    p.add_argument("--onto", required=True, help="the task module g_S")
-    p.add_argument("--beta", type=positive_finite,
-                   help="the re-scaling β, finite and > 0 (default: estimated)")
-    p.add_argument("--beta-images", nargs=2, metavar=("OLD", "NEW"),
-                   help="images of a category the task module serves, and of the new one")
-    _add_growth_args(p)
-    p.set_defaults(run=cmd_transplant)
-
-    p = sub.add_parser("connect", help="connect a category module to a task module")
-    _add_net_arg(p)
-    p.add_argument("--category", required=True)
-    p.add_argument("--task-module", required=True)
-    p.add_argument("--reference", help="the category's own task module used as g_T")
-    p.add_argument("--beta", type=positive_finite, help="the re-scaling β, finite and > 0")
-    _add_growth_args(p)
-    p.set_defaults(run=cmd_connect)
-
-    p = sub.add_parser("add-task", help="learn a new task module on category features")
-    _add_net_arg(p)
-    p.add_argument("--name", required=True, help="the new task module's id")
-    p.add_argument("--task", choices=sorted(tasks.TASKS), required=True)
-    p.add_argument("--data", action="append", required=True, metavar="CATEGORY=FILE.npz")
-    p.add_argument("--steps", type=STEPS, default=300)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(run=cmd_add_task)
-
-    p = sub.add_parser("info", help="routes, module sizes, provenance")
-    _add_net_arg(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=cmd_info)
-
-    p = sub.add_parser("predict", help="labels / masks of images")
-    _add_net_arg(p)
-    p.add_argument("--category", required=True)
-    p.add_argument("--task", required=True, help="a task module id connected to the category")
-    p.add_argument("--images", required=True,
-                   help=".npz with 'images', a PNG/JPEG file or a folder of them (8/16-bit, "
-                        f"gray/RGB/RGBA/palette; at most {MAX_IMAGE_PIXELS:,} pixels each)")
-    p.add_argument("--out", required=True, help=".npz of labels or masks (replaced if it exists)")
-    p.add_argument("--overlays", help="folder for PNG mask overlays (segmentation); replaced "
-                                      "whole if it holds overlays of an earlier run")
-    p.set_defaults(run=cmd_predict)
-    return parser
+def _define_build(values: flags.FlagValues) -> None:
+    flags.DEFINE_multi_string("teacher", None, "a teacher checkpoint (W/teachers/<cat>, or "
+                              "nettransplant convert's output)", flag_values=values,
+                              required=True)
+    _define_out(values, "folder of the net")
 
 
-def _run(args) -> None:
+def _define_export(values: flags.FlagValues) -> None:
+    _define_net(values)
+    flags.DEFINE_string("category", None, "export only this category module",
+                        flag_values=values)
+    flags.DEFINE_string("task_module", None, "export only this task module",
+                        flag_values=values)
+    _define_out(values, "folder of the exported net")
+
+
+def _define_samples(values: flags.FlagValues) -> None:
+    flags.DEFINE_string("category", None, "a category of the embedded benchmark",
+                        flag_values=values, required=True)
+    flags.DEFINE_enum("task", None, sorted(tasks.TASKS), "the task the samples are labelled "
+                      "for", flag_values=values, required=True)
+    flags.DEFINE_enum("split", "train", ("train", "test"), "the split drawn from",
+                      flag_values=values)
+    flags.DEFINE_integer("num", 10, "how many samples", lower_bound=1, upper_bound=10**6,
+                         flag_values=values)
+    _define_seed(values)
+    flags.DEFINE_string("out", None, "the .npz written", flag_values=values, required=True)
+
+
+def _define_transplant(values: flags.FlagValues) -> None:
+    _define_net(values)
+    flags.DEFINE_string("teacher", None, "the teacher checkpoint", flag_values=values,
+                        required=True)
+    flags.DEFINE_string("name", None, "the new category module's id (default: the teacher's)",
+                        flag_values=values)
+    flags.DEFINE_string("onto", None, "the task module g_S", flag_values=values, required=True)
+    _define_beta(values, "the re-scaling β, finite and > 0 (default: estimated from "
+                         "--beta_images)")
+    flags.DEFINE_list("beta_images", None, "OLD,NEW: images of a category the task module "
+                      "serves, and of the new one", flag_values=values)
+    flags.register_validator("beta_images", lambda files: files is None or len(files) == 2,
+                             message="--beta_images takes two files, OLD,NEW",
+                             flag_values=values)
+    _define_growth(values)
+
+
+def _define_connect(values: flags.FlagValues) -> None:
+    _define_net(values)
+    flags.DEFINE_string("category", None, "the category module", flag_values=values,
+                        required=True)
+    flags.DEFINE_string("task_module", None, "the task module", flag_values=values,
+                        required=True)
+    flags.DEFINE_string("reference", None, "the category's own task module used as g_T",
+                        flag_values=values)
+    _define_beta(values, "the re-scaling β, finite and > 0 (default: 1)")
+    _define_growth(values)
+
+
+def _define_add_task(values: flags.FlagValues) -> None:
+    _define_net(values)
+    flags.DEFINE_string("name", None, "the new task module's id", flag_values=values,
+                        required=True)
+    flags.DEFINE_enum("task", None, sorted(tasks.TASKS), "the new module's task",
+                      flag_values=values, required=True)
+    flags.DEFINE_multi_string("data", None, "CATEGORY=FILE.npz: labelled samples of a "
+                              "category", flag_values=values, required=True)
+    flags.DEFINE_integer("steps", 300, "Adam steps", lower_bound=1, upper_bound=10**7,
+                         flag_values=values)
+    _define_seed(values)
+    _define_out(values, "folder of the grown net (new, or replaced with --overwrite)")
+
+
+def _define_info(values: flags.FlagValues) -> None:
+    _define_net(values)
+    flags.DEFINE_boolean("json", False, "print the description as JSON", flag_values=values)
+
+
+def _define_predict(values: flags.FlagValues) -> None:
+    _define_net(values)
+    flags.DEFINE_string("category", None, "the category module the images show",
+                        flag_values=values, required=True)
+    flags.DEFINE_string("task", None, "a task module id connected to the category",
+                        flag_values=values, required=True)
+    flags.DEFINE_string("images", None, ".npz with 'images', a PNG/JPEG file or a folder of "
+                        "them (8/16-bit, gray/RGB/RGBA/palette; at most "
+                        f"{MAX_IMAGE_PIXELS:,} pixels each)", flag_values=values,
+                        required=True)
+    flags.DEFINE_string("out", None, ".npz of labels or masks (replaced if it exists)",
+                        flag_values=values, required=True)
+    flags.DEFINE_string("overlays", None, "folder for PNG mask overlays (segmentation); "
+                        "replaced whole if it holds overlays of an earlier run",
+                        flag_values=values)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One ``nettransplant net`` command: what it does, its flags and its body."""
+
+    summary: str
+    define: Callable[[flags.FlagValues], None]
+    run: Callable[[flags.FlagValues], None]
+
+
+COMMANDS = {
+    "build": Command("a net from teacher checkpoints", _define_build, cmd_build),
+    "export": Command("write a net (or one module) again with a fresh content hash",
+                      _define_export, cmd_export),
+    "samples": Command("labelled samples of the embedded benchmark → .npz", _define_samples,
+                       cmd_samples),
+    "transplant": Command("transplant a teacher's category module onto a task module of the "
+                          "net", _define_transplant, cmd_transplant),
+    "connect": Command("connect a category module to a task module", _define_connect,
+                       cmd_connect),
+    "add-task": Command("learn a new task module on category features", _define_add_task,
+                        cmd_add_task),
+    "info": Command("routes, module sizes, provenance", _define_info, cmd_info),
+    "predict": Command("labels / masks of images", _define_predict, cmd_predict),
+}
+
+
+def _run(command: Command, values: flags.FlagValues) -> None:
     """The command, with operating-system errors (full disk, permissions) as one line."""
     try:
-        args.run(args)
+        command.run(values)
     except OSError as err:
         if isinstance(err, USER_ERRORS):
             raise
@@ -526,6 +561,19 @@ def _run(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit code (2: bad input, one line)."""
-    args = make_parser().parse_args(argv)
-    return run_main(lambda: _run(args), interrupted="interrupted; the input net is unchanged")
+    """``nettransplant net <command>`` on ``argv`` (default ``sys.argv[1:]``); the exit code.
+
+    ``--help`` prints the commands (exit 0); ``<command> --help`` its flags. An unknown
+    command or a bad flag is one ``error:`` line (``SystemExit`` with status 2); an input
+    refused while running is one line too, and returns 2.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = cli.choose_command(argv, {name: c.summary for name, c in COMMANDS.items()},
+                              program=PROGRAM, doc=__doc__)
+    if name is None:  # --help
+        return 0
+    command = COMMANDS[name]
+    values = cli.parse_flags(argv[1:], command.define, program=f"{PROGRAM} {name}",
+                             doc=command.summary[0].upper() + command.summary[1:] + ".")
+    return run_main(lambda: _run(command, values),
+                    interrupted="interrupted; the input net is unchanged")

@@ -1,4 +1,4 @@
-"""Images and labelled samples for the ``launch.net`` commands, read with their sizes checked first.
+"""Images and labelled samples for ``nettransplant net``, read with their sizes checked first.
 
 Inputs are a folder of PNG/JPEG files, one PNG/JPEG file, or an ``.npz`` with
 an ``images`` array. Whatever their format (8- or 16-bit; gray, gray + alpha,

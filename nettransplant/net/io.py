@@ -28,7 +28,7 @@ while it writes, so two writers of one directory never race.
 
 :func:`load_teacher` reads a teacher checkpoint (the main job's
 ``W/teachers/<name>`` or a torchvision VGG-16 converted by
-``launch.convert_torchvision``) as :class:`~nettransplant.net.graph.TeacherParts`.
+``nettransplant convert``) as :class:`~nettransplant.net.graph.TeacherParts`.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class UnverifiedNetWarning(UserWarning):
     """A net without a content hash was loaded because the caller allowed it."""
 
 
-REEXPORT_HINT = ("Re-export it: python -m launch.net export --net {path} --out NEW "
-                 "--allow-unverified (once you trust its source), or pass --allow-unverified "
+REEXPORT_HINT = ("Re-export it: nettransplant net export --net {path} --out NEW "
+                 "--allow_unverified (once you trust its source), or pass --allow_unverified "
                  "to use it unverified.")
 
 
@@ -252,7 +252,7 @@ def _spec_of(path: Path, allow_unverified: bool = False) -> dict[str, Any]:
         reexport_hint=REEXPORT_HINT.format(path=path))
     if not verified:
         warnings.warn(f"{file} has no content hash: loading the net UNVERIFIED "
-                      "(--allow-unverified); an edited or damaged spec or parameter file "
+                      "(--allow_unverified); an edited or damaged spec or parameter file "
                       "would go unnoticed", UnverifiedNetWarning, stacklevel=3)
     try:
         verify.check_spec(spec, file, MODULE_KINDS, _CATEGORY_KINDS, _TASK_KINDS)
@@ -385,7 +385,7 @@ def load_teacher(directory: str | os.PathLike, name: str | None = None) -> Teach
     Reads the main job's teachers (``W/teachers/<name>``: category module +
     classification + segmentation task modules; the modules are rebuilt from
     the checkpoint's ``modules`` record or its ``config.model``) and
-    torchvision VGG-16 checkpoints written by ``launch.convert_torchvision``
+    torchvision VGG-16 checkpoints written by ``nettransplant convert``
     (category module + classification task module at 224²).
 
     Args:
@@ -465,7 +465,7 @@ def _teacher_modules(metadata: Mapping[str, Any], path: Path) -> dict[str, Any]:
         except ValueError as e:
             raise NetSpecError(str(e)) from None
         return {role: module_from_spec(spec, f"{path}: {role}") for role, spec in record.items()}
-    if metadata.get("architecture") == "vgg16":  # launch.convert_torchvision
+    if metadata.get("architecture") == "vgg16":  # nettransplant convert
         from nettransplant.interop import vgg16
         try:
             verify.check_field("num_outputs", "int", metadata.get("num_outputs"),

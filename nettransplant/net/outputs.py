@@ -1,6 +1,6 @@
 """Output folders and files with one writer at a time, checked before any work starts.
 
-Every net, module, prediction file and overlay folder the ``launch.net``
+Every net, module, prediction file and overlay folder the ``nettransplant net``
 commands write goes through :func:`exclusive_output`: an ``os.mkdir`` lock
 ``.NAME.lock`` beside ``NAME`` (atomic and exclusive on every local file
 system) that a second writer finds and is refused by, in one line. The lock

@@ -1,6 +1,6 @@
 """What every command line of the project shares: one-line errors and exit codes.
 
-A launch script wraps its work in :func:`run_main`. An expected failure prints
+A command wraps its work in :func:`run_main`. An expected failure prints
 ``error: <one line>`` on stderr and exits with :data:`EXIT_USAGE` instead of a
 traceback: a bad input (a config field, a file, a module id), a full disk or a
 read-only, unwritable output (the line names the path), a training that
@@ -9,22 +9,27 @@ prints one line (what to do next) and exits with :data:`EXIT_INTERRUPTED`.
 Anything else is a bug: its traceback is printed, then one line asking for a
 report, and the exit status is :data:`EXIT_BUG`.
 
-A command of absl flags parses them with
-:func:`nettransplant.experiments.config.config_flags_parser` (a ``--config`` file that
-is missing or fails to load is one line, exit 2); one of argparse builds its parser
-with :class:`ArgumentParser` (a bad argument is one line after the usage, exit 2).
+Every command parses its absl flags with :func:`parse_flags`, into a fresh
+``FlagValues`` of its own (so commands run one after another in one process):
+``--help`` prints the command's docstring and every flag with its default (exit 0);
+an unknown flag, a bad value or a positional argument is one ``error:`` line (exit 2).
+A command with a ``--config`` goes through
+:func:`nettransplant.experiments.config.parse_config_flags`, which adds the config
+flag and its one-line errors.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import sys
 import tempfile
+import textwrap
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
+
+from absl import flags
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -86,25 +91,6 @@ def expected_message(err: BaseException) -> str:
     return error_message(err)
 
 
-def unexpected_arguments(argv: Sequence[str]) -> bool:
-    """Whether ``argv`` (absl's, program name first) has positional arguments, which no
-    command takes; prints the one-line error (:func:`start` calls it)."""
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {list(argv[1:])}", file=sys.stderr)
-        return True
-    return False
-
-
-def start(argv: Sequence[str]) -> bool:
-    """Open a command's ``main``: whether it may go on (``if not cli.start(argv): return
-    cli.EXIT_USAGE``). Refuses positional arguments (:func:`unexpected_arguments`) and
-    keeps absl's log at WARNING (orbax logs every checkpoint save at INFO)."""
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)
-    return not unexpected_arguments(argv)
-
-
 def check_output_folder(folder: str | os.PathLike, flag: str, *, create: bool = True) -> None:
     """Create ``folder`` (and its parents) and write and remove a probe file in it, before
     any work: a folder that cannot take the command's output (read-only, no permission,
@@ -128,12 +114,122 @@ def check_output_folder(folder: str | os.PathLike, flag: str, *, create: bool = 
         raise UsageError(f"{flag} {folder}: cannot write there ({reason})") from None
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors end in one ``error: <message>`` line (exit 2)."""
+HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull")
 
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"error: {one_line(message)}\n")
+
+def refuse(message: object) -> NoReturn:
+    """Print ``error: <message>`` as one line on stderr and exit with :data:`EXIT_USAGE`."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` (no program name) asks for help before any ``--``."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg in HELP_FLAGS:
+            return True
+    return False
+
+
+def _is_required(flag: flags.Flag) -> bool:
+    # absl marks a required flag with a validator refusing None (mark_flag_as_required).
+    return any("must have a value other than None" in getattr(v, "message", "")
+               for v in flag.validators)
+
+
+def flags_help(values: flags.FlagValues) -> str:
+    """Every flag of ``values``, in the order defined: its name, help and default."""
+    lines, seen = [], set()
+    for name in values:
+        flag = values[name]
+        if id(flag) in seen or name != flag.name:
+            continue
+        seen.add(id(flag))
+        spelled = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+        if _is_required(flag):
+            default = "required"
+        elif flag.default is None:
+            default = "default: none"
+        else:
+            default = f"default: {flag.default_as_str}"
+        lines.append(textwrap.fill(f"{spelled}: {one_line(flag.help)}", width=88,
+                                   initial_indent="  ", subsequent_indent="      "))
+        lines.append(f"      ({default})")
+    return "\n".join(lines)
+
+
+def command_help(program: str, doc: str, values: flags.FlagValues | None = None) -> str:
+    """What ``--help`` prints: the usage line, ``doc`` and the flags of ``values``."""
+    parts = [f"usage: {program} [flags]", doc.strip()]
+    if values is not None:
+        parts.append("flags:\n" + flags_help(values))
+    return "\n\n".join(parts) + "\n"
+
+
+def commands_help(program: str, summaries: Mapping[str, str], doc: str = "") -> str:
+    """What ``--help`` of a program with commands prints: each command and what it does."""
+    width = max(map(len, summaries))
+    listed = "\n".join(f"  {name:<{width}}  {summary}" for name, summary in summaries.items())
+    text = (f"usage: {program} <command> [flags]   ({program} <command> --help: its flags and "
+            f"their defaults)\n\ncommands:\n{listed}\n")
+    return text + (f"\n{doc.strip()}\n" if doc else "")
+
+
+def choose_command(argv: Sequence[str], summaries: Mapping[str, str], *, program: str,
+                   doc: str = "") -> str | None:
+    """The command ``argv[0]`` names, among ``summaries``' keys.
+
+    Returns None after printing :func:`commands_help` for ``--help``. No command or an
+    unknown one is one ``error:`` line (``SystemExit`` with :data:`EXIT_USAGE`).
+    """
+    if argv and argv[0] in HELP_FLAGS:
+        print(commands_help(program, summaries, doc), end="")
+        return None
+    if not argv or argv[0] not in summaries:
+        given = f"unknown command {argv[0]!r}" if argv else "no command"
+        refuse(f"{program}: {given}; commands: {', '.join(summaries)} ({program} --help)")
+    return argv[0]
+
+
+def parse_flags(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], object], *,
+                program: str, doc: str,
+                describe_error: Callable[[BaseException], str | None] | None = None
+                ) -> flags.FlagValues:
+    """The flags a command defines (``define(values)``), parsed from ``argv``.
+
+    Args:
+      argv: the command line without the program name (default ``sys.argv[1:]``).
+      define: defines the command's flags on the fresh ``FlagValues`` it is given.
+      program: the command as typed (``nettransplant reproduce``), for the help.
+      doc: what the command does and how to run it, printed by ``--help``.
+      describe_error: the one line for a parse error (None: the error's own text);
+        given, errors other than absl's are reported too (config files raise anything).
+    Returns:
+      The parsed ``FlagValues`` (``values.workdir`` is ``--workdir``'s value).
+    Raises:
+      SystemExit: 0 after ``--help``; :data:`EXIT_USAGE` after one ``error:`` line for an
+        unknown flag, a bad or missing value, or a positional argument.
+    """
+    from absl import logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values = flags.FlagValues()
+    define(values)
+    if wants_help(argv):
+        print(command_help(program, doc, values), end="")
+        raise SystemExit(0)
+    try:
+        rest = values([program, *argv])
+    except Exception as err:  # noqa: BLE001 - sorted below: flag errors and config files'
+        if describe_error is None and not isinstance(err, flags.Error):
+            raise
+        refuse((describe_error and describe_error(err)) or error_message(err))
+    if rest[1:]:
+        refuse(f"unexpected arguments {rest[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint save at INFO
+    return values
 
 
 def run_main(work: Callable[[], object], *, interrupted: str = "interrupted") -> int:

@@ -30,7 +30,6 @@ process
 
 from __future__ import annotations
 
-import argparse
 import functools
 import logging
 import os
@@ -290,31 +289,18 @@ _FLAG_HELP = {
 }
 
 
-def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--coordinator_address``, ``--num_processes``, ``--process_id`` on an argparse parser."""
-    parser.add_argument("--coordinator_address", "--coordinator-address", default=None,
-                        help=_FLAG_HELP["coordinator_address"])
-    parser.add_argument("--num_processes", "--num-processes", type=int, default=None,
-                        help=_FLAG_HELP["num_processes"])
-    parser.add_argument("--process_id", "--process-id", type=int, default=None,
-                        help=_FLAG_HELP["process_id"])
-
-
-def initialize_from_args(args: argparse.Namespace) -> bool:
-    """:func:`initialize_distributed` from :func:`add_distributed_arguments`' flags."""
-    return initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-
-
-def define_distributed_flags() -> None:
-    """The same three flags as absl flags (for launchers built on ``absl.app``)."""
+def define_distributed_flags(values) -> None:
+    """``--coordinator_address``, ``--num_processes``, ``--process_id`` on ``values`` (an absl
+    ``FlagValues``)."""
     from absl import flags
-    flags.DEFINE_string("coordinator_address", None, _FLAG_HELP["coordinator_address"])
-    flags.DEFINE_integer("num_processes", None, _FLAG_HELP["num_processes"])
-    flags.DEFINE_integer("process_id", None, _FLAG_HELP["process_id"])
+    flags.DEFINE_string("coordinator_address", None, _FLAG_HELP["coordinator_address"],
+                        flag_values=values)
+    flags.DEFINE_integer("num_processes", None, _FLAG_HELP["num_processes"],
+                         flag_values=values)
+    flags.DEFINE_integer("process_id", None, _FLAG_HELP["process_id"], flag_values=values)
 
 
-def initialize_from_flags() -> bool:
+def initialize_from_flags(values) -> bool:
     """:func:`initialize_distributed` from :func:`define_distributed_flags`' parsed flags."""
-    from absl import flags
-    f = flags.FLAGS
-    return initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    return initialize_distributed(values.coordinator_address, values.num_processes,
+                                  values.process_id)

@@ -23,7 +23,7 @@ Where the hardware has room (a GPU or TPU, where one run of this size fills a
 sliver of the device) this turns R small steps into one; the runs axis can be
 spread over a ``runs`` mesh axis (independent runs need no all-reduce). On a
 CPU that one small run already keeps busy it is slower than running them one
-after another (``python -m launch.benchmark`` measures both).
+after another (``nettransplant benchmark`` measures both).
 """
 
 from __future__ import annotations
